@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The README's test command: sets up .venv on a fresh machine (pinned versions), then runs ruff and pytest.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/install.sh .venv all dev
+.venv/bin/ruff check .
+.venv/bin/python -m pytest -q "$@"
