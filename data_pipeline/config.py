@@ -1,0 +1,33 @@
+"""Typed configuration of the data pipeline (the `data:` section of an experiment config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how clips are cut and batched.
+
+    `train_shards` / `val_shards` are a local glob (`data/train/shard-*.tar`), a brace pattern
+    (`data/train/shard-{000000..000009}.tar`), a URL (`https://host/shard-{000..009}.tar`), a `pipe:` command
+    (`pipe:aws s3 cp s3://bucket/shard-000000.tar -`), or several of these separated by spaces.
+    """
+
+    train_shards: str = "data/moving_digits/train/shard-*.tar"
+    val_shards: str = "data/moving_digits/val/shard-*.tar"
+    num_context: int = 4  # frames given to a rollout before it predicts
+    num_target: int = 4  # frames after the context; a training clip has num_context + num_target frames
+    frame_step: int = 1  # take every frame_step-th frame of the video
+    image_size: int = 64  # frames are resized to image_size x image_size on decode (0 keeps the stored size)
+    batch_size: int = 16  # clips per batch, per process
+    num_workers: int = 2  # DataLoader worker processes per training process
+    shuffle_buffer: int = 64  # samples held by the shuffle buffer (per worker)
+    clips_per_video: int = 1  # clips cut from each decoded video (more = fewer decodes per clip)
+    epoch_batches: int = 100  # batches per process per epoch; equal on every rank so no rank waits
+    decoder: str = "decord"  # decord | pyav (decord falls back to pyav per video when it cannot read it)
+
+    @property
+    def clip_length(self) -> int:
+        """Frames per training clip (num_context + num_target)."""
+        return self.num_context + self.num_target

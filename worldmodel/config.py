@@ -1,0 +1,269 @@
+"""Typed, validated experiment configuration.
+
+A config is a YAML file whose sections map onto the dataclasses below; `load_config` reads it, applies dotted
+command-line overrides (`model.latent=adassl_v optim.lr=3e-4`) and validates every key and type. An unknown key
+or a value of the wrong type is a `ConfigError` that names the valid keys, so a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from data_pipeline.config import DataConfig
+
+LATENTS = ("none", "adassl_v", "adassl_s", "oracle")
+OBJECTIVES = ("jepa", "infonce")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message says which key and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    """The world model: encoder, predictor, latent module and objective.
+
+    Loss normalisation (read `beta` against it): the JEPA prediction loss is a *mean* over batch, predicted
+    frames, patches and embedding dims; the AdaSSL-V regulariser is KL *summed* over the latent dims and averaged
+    over batch and transitions; AdaSSL-S's is the expected number of active dims, averaged likewise.
+    """
+
+    latent: str = "adassl_v"  # none | adassl_v | adassl_s | oracle
+    objective: str = "jepa"  # jepa | infonce
+    img_size: int = 64
+    patch_size: int = 8
+    in_chans: int = 3
+    embed_dim: int = 192  # encoder width
+    depth: int = 6  # encoder blocks
+    num_heads: int = 3
+    pred_dim: int = 192  # predictor width
+    pred_depth: int = 4
+    pred_num_heads: int = 3
+    max_frames: int = 16  # longest clip the predictor's frame embedding supports
+    conditioning: str = "adaln"  # adaln | token : how r (or an action) enters the predictor
+    latent_dim: int = 8  # d_r
+    summary_dim: int = 128  # width of the pooled summaries s_t and s+_t
+    action_dim: int = 0  # oracle only: width of the action rows (0 = take it from the data at start-up)
+    beta: float = 0.01  # weight of the latent regulariser (see the normalisation above)
+    beta_warmup_steps: int = 500  # beta rises linearly from 0 over these steps
+    loss: str = "l1"  # l1 | smooth_l1 (jepa objective)
+    rollout_steps: int = 0  # >0 adds a term where the predictor consumes its own predictions this many steps
+    rollout_weight: float = 1.0
+    temperature: float = 0.1  # infonce
+    target_norm: str = "center_layernorm"  # layernorm | center_layernorm (DINO-style centring; stops collapse)
+    center_momentum: float = 0.9
+    ema_start: float = 0.996  # EMA momentum of the target encoder, cosine schedule ema_start -> ema_end
+    ema_end: float = 1.0
+    init_weights: str = ""  # optional local file with encoder weights (no hub downloads)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay; no weight decay on norms and biases."""
+
+    lr: float = 5e-4
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 100
+    grad_clip: float = 1.0  # max global grad norm (0 disables clipping)
+    grad_accum_steps: int = 1
+
+
+@dataclass
+class TrainConfig:
+    """Length of the run, checkpoints and logging."""
+
+    steps: int = 1000  # optimiser steps
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 3  # newest K complete checkpoints are kept
+    log_every: int = 10
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, no on CPU) | no | bf16 | fp16
+
+
+@dataclass
+class EvalConfig:
+    """Rollout evaluation defaults (evaluate.py flags override them)."""
+
+    horizon: int = 4  # steps predicted after num_context frames (<= num_target)
+    num_samples: int = 8  # K sampled futures for prior_sample / best-of-K
+    num_clips: int = 256  # held-out clips evaluated
+    batch_size: int = 32
+    probe_ridge: float = 1e-2  # ridge penalty of the state probes
+    num_strips: int = 4  # examples drawn as frame strips
+
+
+@dataclass
+class ExperimentConfig:
+    """The whole experiment: one YAML file, sections as below."""
+
+    run_dir: str = "runs/default"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _check_choices(cfg: ExperimentConfig) -> None:
+    choices = {
+        "model.latent": (cfg.model.latent, LATENTS),
+        "model.objective": (cfg.model.objective, OBJECTIVES),
+        "model.conditioning": (cfg.model.conditioning, ("adaln", "token")),
+        "model.loss": (cfg.model.loss, ("l1", "smooth_l1")),
+        "model.target_norm": (cfg.model.target_norm, ("layernorm", "center_layernorm")),
+        "train.mixed_precision": (cfg.train.mixed_precision, ("auto", "no", "bf16", "fp16")),
+        "data.decoder": (cfg.data.decoder, ("decord", "pyav")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    positive = {
+        "data.batch_size": cfg.data.batch_size,
+        "data.num_context": cfg.data.num_context,
+        "data.num_target": cfg.data.num_target,
+        "data.frame_step": cfg.data.frame_step,
+        "data.epoch_batches": cfg.data.epoch_batches,
+        "data.clips_per_video": cfg.data.clips_per_video,
+        "train.steps": cfg.train.steps,
+        "train.checkpoint_every": cfg.train.checkpoint_every,
+        "train.keep_checkpoints": cfg.train.keep_checkpoints,
+        "optim.grad_accum_steps": cfg.optim.grad_accum_steps,
+        "model.latent_dim": cfg.model.latent_dim,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be >= 1")
+    if cfg.data.clip_length > cfg.model.max_frames:
+        raise ConfigError(
+            f"data.num_context + data.num_target = {cfg.data.clip_length} exceeds model.max_frames="
+            f"{cfg.model.max_frames}; raise model.max_frames"
+        )
+    if cfg.data.image_size and cfg.data.image_size != cfg.model.img_size:
+        raise ConfigError(
+            f"data.image_size={cfg.data.image_size} differs from model.img_size={cfg.model.img_size}; set both"
+        )
+    if cfg.model.img_size % cfg.model.patch_size:
+        raise ConfigError(f"model.img_size={cfg.model.img_size} is not a multiple of model.patch_size")
+    if cfg.eval.horizon > cfg.data.num_target:
+        raise ConfigError(f"eval.horizon={cfg.eval.horizon} exceeds data.num_target={cfg.data.num_target}")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert `value` to the annotated type `tp`, or raise a ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        where = f"section '{prefix}'" if prefix else "the top level"
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)} in {where}; "
+            f"valid keys: {', '.join(prefix + k for k in fields)}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, raw: str) -> None:
+    """Set `a.b.c=raw` in a nested dict; the value is parsed as YAML (so 3e-4, true, [1, 2] work)."""
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+    value = yaml.safe_load(raw) if raw != "" else ""
+    node[parts[-1]] = value
+
+
+def config_from_dict(tree: dict[str, Any]) -> ExperimentConfig:
+    """Build and validate an ExperimentConfig from a nested dict (as read from YAML)."""
+    cfg = _build(ExperimentConfig, tree, "")
+    _check_choices(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read a YAML config (or the defaults when `path` is None) and apply `key=value` overrides.
+
+    Raises ConfigError for a missing file, an unknown key, a wrong type or a value outside its choices.
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; the shipped configs are in configs/")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(tree).__name__}")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. optim.lr=3e-4)")
+        _set_dotted(tree, key.strip(), raw.strip())
+    return config_from_dict(tree)
+
+
+def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The resolved config as a plain nested dict (what is written to RUN_DIR/config.yaml)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML; loading it back gives an equal config."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
