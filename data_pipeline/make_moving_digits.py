@@ -1,0 +1,174 @@
+"""Stochastic Moving digits: the default dataset, generated to shards deterministically from a seed.
+
+Real handwritten digits (scikit-learn's bundled 8x8 digits upscaled to 20x20, or MNIST IDX files) move on a 64x64
+canvas, bounce off the walls, and get random velocity kicks, so the future is one-to-many.
+
+Dynamics, for every digit i and transition t -> t+1:
+
+    v' = v_t + kick_t                      (kick_t = 0 unless the transition is kicked)
+    p_{t+1} = p_t + v'                     (reflected at the walls; the reflected axis of v' flips sign)
+    v_{t+1} = v'                           (the velocity that moved the digit into p_{t+1})
+
+JSON ground truth per video: `state` row t = [x0, y0, vx0, vy0, x1, ...] (digit centre in pixels, x = column,
+y = row; velocity in px/frame), `action` row t = the kick applied at transition t -> t+1 ([dvx0, dvy0, ...], zeros
+without a kick), `events` [t] = 1 if any digit was kicked in transition t -> t+1, `labels` = {"digit0": 7, ...}.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from einops import repeat
+from scipy import ndimage
+
+CANVAS = 64
+DIGIT_SIZE = 20
+FPS = 10.0
+MIN_SPEED, MAX_SPEED = 1.5, 3.5  # px/frame
+MIN_TURN = np.pi / 3  # a kick turns the velocity by at least 60 degrees
+
+
+@dataclass(frozen=True)
+class DigitBank:
+    """Digit images to draw from: `images` float32 [N, DIGIT_SIZE, DIGIT_SIZE] in [0, 1], `labels` int64 [N]."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+
+def _to_bank(images: np.ndarray, labels: np.ndarray) -> DigitBank:
+    """Rescale `images` [N, h, w] to DIGIT_SIZE x DIGIT_SIZE with a smooth (cubic) zoom, normalised to [0, 1]."""
+    zoom = (1.0, DIGIT_SIZE / images.shape[1], DIGIT_SIZE / images.shape[2])
+    scaled = ndimage.zoom(images.astype(np.float32), zoom, order=3)
+    scaled = np.clip(scaled / scaled.max(axis=(1, 2), keepdims=True), 0.0, 1.0)
+    return DigitBank(images=scaled.astype(np.float32), labels=labels.astype(np.int64))
+
+
+@lru_cache(maxsize=1)
+def sklearn_digits() -> DigitBank:
+    """The 1,797 8x8 handwritten digits shipped inside scikit-learn, upscaled to DIGIT_SIZE (no download)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return _to_bank(digits.images, digits.target)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read one MNIST IDX file (optionally gzipped) into a uint8 array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise ValueError(f"{path} is not a uint8 MNIST IDX file (header {data[:4]!r}); pass the raw IDX files")
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def mnist_digits(root: str | Path) -> DigitBank:
+    """MNIST training digits from IDX files in `root` (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz])."""
+    root = Path(root)
+    found = {}
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        candidates = [root / stem, root / f"{stem}.gz", root / stem.replace("-idx", ".idx")]
+        existing = [c for c in candidates if c.exists()]
+        if not existing:
+            raise FileNotFoundError(f"--mnist {root}: none of {[c.name for c in candidates]} found there")
+        found[stem] = existing[0]
+    images = _read_idx(found["train-images-idx3-ubyte"])
+    labels = _read_idx(found["train-labels-idx1-ubyte"])
+    return _to_bank(images.astype(np.float32) / 255.0, labels)
+
+
+def _random_velocity(rng: np.random.Generator, direction: float) -> np.ndarray:
+    speed = rng.uniform(MIN_SPEED, MAX_SPEED)
+    return np.array([speed * np.cos(direction), speed * np.sin(direction)])
+
+
+def _kicked_velocity(rng: np.random.Generator, v: np.ndarray) -> np.ndarray:
+    """A new velocity whose direction differs from `v`'s by at least MIN_TURN and whose speed is redrawn."""
+    turn = rng.uniform(MIN_TURN, 2 * np.pi - MIN_TURN)
+    return _random_velocity(rng, float(np.arctan2(v[1], v[0]) + turn))
+
+
+def _reflect(p: np.ndarray, v: np.ndarray, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
+    """Bounce position `p` [2] (already moved by `v` [2]) back into [lo, hi]; flip `v` on the axes that hit a wall."""
+    p, v = p.copy(), v.copy()
+    for axis in range(2):
+        if p[axis] < lo:
+            p[axis], v[axis] = 2 * lo - p[axis], -v[axis]
+        elif p[axis] > hi:
+            p[axis], v[axis] = 2 * hi - p[axis], -v[axis]
+    return p, v
+
+
+def _render(positions: np.ndarray, glyphs: list[np.ndarray]) -> np.ndarray:
+    """Draw the glyphs centred at `positions` [D, 2] (x, y) on a black canvas -> uint8 [CANVAS, CANVAS, 3]."""
+    canvas = np.zeros((CANVAS, CANVAS), dtype=np.float32)
+    half = DIGIT_SIZE / 2
+    for (x, y), glyph in zip(positions, glyphs, strict=True):
+        top, left = int(round(y - half)), int(round(x - half))
+        region = canvas[top : top + DIGIT_SIZE, left : left + DIGIT_SIZE]
+        np.maximum(region, glyph, out=region)
+    return repeat(np.round(canvas * 255).astype(np.uint8), "h w -> h w c", c=3)
+
+
+def simulate(
+    num_frames: int,
+    rng: np.random.Generator,
+    num_digits: int = 1,
+    kick_prob: float = 0.2,
+    digits: DigitBank | None = None,
+) -> tuple[np.ndarray, dict]:
+    """Simulate one moving-digits video.
+
+    Returns `frames`: uint8 [num_frames, 64, 64, 3] and its JSON metadata (fps, num_frames, height, width,
+    state [num_frames][4 * num_digits], state_names, action [num_frames - 1][2 * num_digits], action_names,
+    events [num_frames - 1], labels). Deterministic given the state of `rng`.
+    """
+    if num_frames < 2:
+        raise ValueError(f"num_frames must be >= 2 to have a transition, got {num_frames}")
+    if num_digits not in (1, 2):
+        raise ValueError(f"num_digits must be 1 or 2, got {num_digits}")
+    if not 0.0 <= kick_prob <= 1.0:
+        raise ValueError(f"kick_prob must be in [0, 1], got {kick_prob}")
+    bank = digits if digits is not None else sklearn_digits()
+    picks = rng.integers(0, len(bank.labels), size=num_digits)
+    glyphs = [bank.images[i] for i in picks]
+    lo, hi = DIGIT_SIZE / 2, CANVAS - DIGIT_SIZE / 2
+
+    p = rng.uniform(lo, hi, size=(num_digits, 2))
+    v = np.stack([_random_velocity(rng, rng.uniform(0, 2 * np.pi)) for _ in range(num_digits)])
+    states, actions, events = [np.concatenate([p, v], axis=1).reshape(-1)], [], []
+    frames = [_render(p, glyphs)]
+    for _ in range(num_frames - 1):
+        kicked = rng.random(num_digits) < kick_prob
+        kick = np.zeros((num_digits, 2))
+        for i in np.flatnonzero(kicked):
+            kick[i] = _kicked_velocity(rng, v[i]) - v[i]
+        moved = [_reflect(p[i] + v[i] + kick[i], v[i] + kick[i], lo, hi) for i in range(num_digits)]
+        p = np.stack([m[0] for m in moved])
+        v = np.stack([m[1] for m in moved])
+        states.append(np.concatenate([p, v], axis=1).reshape(-1))
+        actions.append(kick.reshape(-1))
+        events.append(int(kicked.any()))
+        frames.append(_render(p, glyphs))
+
+    meta = {
+        "fps": FPS,
+        "num_frames": num_frames,
+        "height": CANVAS,
+        "width": CANVAS,
+        "state": np.round(np.stack(states), 4).tolist(),
+        "state_names": [f"{n}{i}" for i in range(num_digits) for n in ("x", "y", "vx", "vy")],
+        "action": np.round(np.stack(actions), 4).tolist(),
+        "action_names": [f"{n}{i}" for i in range(num_digits) for n in ("dvx", "dvy")],
+        "events": events,
+        "labels": {f"digit{i}": int(bank.labels[j]) for i, j in enumerate(picks)},
+    }
+    return np.stack(frames), meta
