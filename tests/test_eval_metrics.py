@@ -1,0 +1,98 @@
+"""Rollout metrics on hand-made latents with known answers."""
+
+import pytest
+import torch
+
+from worldmodel.evaluation.rollout_metrics import (
+    ErrorAccumulator,
+    copy_last,
+    pairwise_diversity,
+    sample_errors,
+    step_errors,
+    step_events,
+)
+
+
+def test_identical_latents_have_zero_error():
+    x = torch.randn(3, 4, 5, 6)
+    errors = step_errors(x, x.clone())
+    for name in ("l1", "l2", "cos"):
+        assert errors[name].shape == (3, 4)
+        assert torch.allclose(errors[name], torch.zeros(3, 4), atol=1e-6)
+
+
+def test_known_errors():
+    target = torch.zeros(1, 2, 3, 4)
+    pred = torch.full((1, 2, 3, 4), 2.0)
+    errors = step_errors(pred, target + torch.tensor([1.0, 0, 0, 0]))
+    # |2-1| on one dim and |2-0| on three: mean 1.75; squares: (1 + 3*4)/4 = 3.25
+    assert torch.allclose(errors["l1"], torch.full((1, 2), 1.75))
+    assert torch.allclose(errors["l2"], torch.full((1, 2), 3.25))
+    # pred (2,2,2,2) vs target (1,0,0,0): cos = 2 / (4 * 1) = 0.5
+    assert torch.allclose(errors["cos"], torch.full((1, 2), 0.5))
+    opposite = step_errors(-pred, pred)["cos"]
+    assert torch.allclose(opposite, torch.full((1, 2), 2.0))
+
+
+def test_copy_last_equals_repeating_the_last_context_frame():
+    context = torch.randn(2, 3, 5, 4)
+    future = torch.randn(2, 4, 5, 4)
+    pred = copy_last(context, 4)
+    assert pred.shape == (2, 4, 5, 4)
+    expected = (future - context[:, -1:]).abs().mean(dim=(-1, -2))
+    assert torch.equal(step_errors(pred, future)["l1"], expected)
+    # a static scene: copy-last is exact
+    static = context[:, -1:].expand(-1, 4, -1, -1)
+    assert step_errors(pred, static)["l1"].abs().max() == 0
+
+
+def test_best_of_k_beats_mean_of_k_and_finds_the_true_future():
+    torch.manual_seed(0)
+    target = torch.randn(6, 3, 4, 5)
+    samples = target.unsqueeze(0) + torch.randn(5, 6, 3, 4, 5)
+    samples[2, 1] = target[1]  # one sample of clip 1 is exact
+    by_mode, best = sample_errors(samples, target)
+    best_l1 = by_mode["best_of_k"]["l1"].mean(dim=-1)
+    mean_l1 = by_mode["mean_of_k"]["l1"].mean(dim=-1)
+    assert (best_l1 <= mean_l1 + 1e-7).all()
+    assert best[1] == 2
+    assert torch.allclose(by_mode["best_of_k"]["l1"][1], torch.zeros(3))
+    # mean-of-K is the average error of one sample
+    per_sample = torch.stack([step_errors(s, target)["l1"] for s in samples])
+    assert torch.allclose(by_mode["mean_of_k"]["l1"], per_sample.mean(0))
+
+
+def test_diversity_zero_for_identical_samples_and_exact_for_two():
+    x = torch.randn(1, 2, 3, 4, 5)
+    assert torch.equal(pairwise_diversity(x.expand(4, -1, -1, -1, -1)), torch.zeros(2, 3))
+    pair = torch.cat([x, x + 0.5])
+    assert torch.allclose(pairwise_diversity(pair), torch.full((2, 3), 0.5))
+    three = torch.cat([x, x + 1.0, x + 3.0])  # distances 1, 3, 2 -> mean 2
+    assert torch.allclose(pairwise_diversity(three), torch.full((2, 3), 2.0))
+    assert torch.equal(pairwise_diversity(x), torch.zeros(2, 3))
+
+
+def test_step_events_index_the_predicted_transition():
+    # 3 context frames (transitions 0, 1 are inside the context), horizon 2 -> transitions 2 and 3
+    events = torch.tensor([[1.0, 1.0, 0.0, 1.0, 0.0]])
+    assert step_events(events, num_context=3, horizon=2).tolist() == [[False, True]]
+    with pytest.raises(ValueError, match="horizon 4"):
+        step_events(events, num_context=3, horizon=4)
+
+
+def test_accumulator_splits_by_event_and_averages_over_batches():
+    acc = ErrorAccumulator(horizon=2)
+    ones = {name: torch.ones(2, 2) for name in ("l1", "l2", "cos")}
+    threes = {name: torch.full((2, 2), 3.0) for name in ("l1", "l2", "cos")}
+    acc.add("m", ones, torch.tensor([[True, False], [False, False]]))
+    acc.add("m", threes, torch.tensor([[True, True], [False, False]]))
+    res = acc.result()["m"]
+    assert res["all"]["l1"] == [2.0, 2.0]
+    assert res["event"]["l1"] == [2.0, 3.0]  # step 1: one 1 and one 3; step 2: one 3
+    assert res["event"]["count"] == [2, 1]
+    assert res["no_event"]["l1"] == [2.0, 5.0 / 3.0]
+    acc.add("no_events", ones, None)
+    assert set(acc.result()["no_events"]) == {"all"}
+    empty = ErrorAccumulator(horizon=1)
+    empty.add("m", {name: torch.ones(1, 1) for name in ("l1", "l2", "cos")}, torch.tensor([[False]]))
+    assert empty.result()["m"]["event"]["l1"] == [None]

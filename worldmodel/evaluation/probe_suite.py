@@ -1,0 +1,144 @@
+"""The evaluator's probes over a whole eval set: state, labels and latent actions.
+
+Inputs are numpy arrays gathered over all clips (C clips of T frames; pooled latents are means over patches):
+all probes read the *target encoder's* space, because that is where the predictor's outputs live, so one probe
+fitted on encoded true frames can be applied unchanged to predicted latents.
+
+State probes use two feature sets:
+- single frame: z_t (pooled latent of frame t), for every frame;
+- pair: [z_{t-1}, z_t] (consecutive frames concatenated), for frames t >= 1. Velocities need two frames, and the
+  pair also holds z_t, so the pair probe is the headline (`encoded`); `encoded_single_frame` shows what one frame
+  alone keeps (positions should survive, velocities should not).
+Predicted latents at step h are scored with the pair probe on [z_{h-1}, z_h], where z_0 is the true last context
+frame and z_{h-1} for h > 1 is the model's own previous prediction.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from einops import rearrange
+
+from worldmodel.evaluation.probes import auc, logistic_accuracy, logistic_auc, nan_to_none, ridge_r2
+
+
+def _pairs(pooled: np.ndarray) -> np.ndarray:
+    """pooled [C, T, D] -> pair features [C, T-1, 2D] for frames 1..T-1."""
+    return np.concatenate([pooled[:, :-1], pooled[:, 1:]], axis=-1)
+
+
+def _rows(x: np.ndarray) -> np.ndarray:
+    return rearrange(x, "c t f -> (c t) f")
+
+
+def state_probes(
+    target_pooled: np.ndarray,
+    predicted_pooled: dict[str, np.ndarray],
+    state: np.ndarray,
+    state_names: list[str],
+    num_context: int,
+    fit: np.ndarray,
+    test: np.ndarray,
+    ridge: float,
+) -> dict:
+    """R² of ridge probes from pooled latents to ground-truth state, on held-out clips.
+
+    target_pooled: [C, T, D] target latents of the true frames; predicted_pooled: {mode: [C, H, D]};
+    state: [C, T, S]; fit, test: clip indices. Returns {"encoded": {name: r2}, "encoded_single_frame":
+    {name: r2}, "predicted": {mode: {name: [H]}}}; an R² is None where the test state is constant.
+    """
+    single = ridge_r2(
+        _rows(target_pooled[fit]), _rows(state[fit]), _rows(target_pooled[test]), _rows(state[test]), ridge
+    )
+    pairs = _pairs(target_pooled)
+    pair_fit_x, pair_fit_y = _rows(pairs[fit]), _rows(state[fit, 1:])
+    encoded = ridge_r2(pair_fit_x, pair_fit_y, _rows(pairs[test]), _rows(state[test, 1:]), ridge)
+
+    predicted: dict[str, dict[str, list]] = {}
+    for mode, pred in predicted_pooled.items():
+        horizon = pred.shape[1]
+        seq = np.concatenate([target_pooled[:, num_context - 1 : num_context], pred], axis=1)  # [C, 1 + H, D]
+        per_step = np.stack(
+            [
+                ridge_r2(pair_fit_x, pair_fit_y, _pairs(seq[test])[:, h], state[test, num_context + h], ridge)
+                for h in range(horizon)
+            ]
+        )  # [H, S]
+        predicted[mode] = {name: nan_to_none(per_step[:, i]) for i, name in enumerate(state_names)}
+    return {
+        "encoded": dict(zip(state_names, nan_to_none(encoded), strict=True)),
+        "encoded_single_frame": dict(zip(state_names, nan_to_none(single), strict=True)),
+        "predicted": predicted,
+    }
+
+
+def label_probes(
+    target_pooled: np.ndarray, labels: np.ndarray, label_names: list[str], fit: np.ndarray, test: np.ndarray
+) -> tuple[dict[str, float | None], list[str]]:
+    """Held-out accuracy of logistic probes from single pooled frames to per-clip labels.
+
+    target_pooled: [C, T, D]; labels: int [C, L]. Every frame of a clip is one sample carrying the clip's labels.
+    Returns ({name: accuracy or None}, notes) with a note for each label that could not be probed.
+    """
+    frames = target_pooled.shape[1]
+    out: dict[str, float | None] = {}
+    notes = []
+    for i, name in enumerate(label_names):
+        y_fit = np.repeat(labels[fit, i], frames)
+        y_test = np.repeat(labels[test, i], frames)
+        out[name] = logistic_accuracy(_rows(target_pooled[fit]), y_fit, _rows(target_pooled[test]), y_test)
+        if out[name] is None:
+            notes.append(f"label probe {name}: the fit split holds a single class; accuracy not computed")
+    return out, notes
+
+
+def latent_action_probes(
+    latents: dict[str, np.ndarray],
+    action: np.ndarray | None,
+    action_names: list[str] | None,
+    events: np.ndarray | None,
+    fit: np.ndarray,
+    test: np.ndarray,
+    ridge: float,
+) -> tuple[dict, list[str]]:
+    """How well the inferred per-transition latent reads out the ground-truth transition signal.
+
+    latents: {"innovation": [C, T-1, d_r], "mu_q": [C, T-1, d_r], "kl": [C, T-1]} from model.infer_latents;
+    action: [C, T-1, A] or None; events: [C, T-1] or None. For each feature ("innovation", the headline, and
+    "mu_q", the raw posterior mean): ridge R² per action column; `event_auc`, the held-out AUC of a logistic
+    detector of the event flag on [x, x²] (a kick of random direction shows in the magnitude, which a linear
+    read-out of x cannot see); `event_auc_norm`, the AUC of ||x|| itself (nothing fitted, all transitions).
+    The per-transition KL is scored directly as an event detector (AUC over all transitions, nothing fitted),
+    with its mean on event and no-event transitions (the bimodality health check).
+    """
+    out: dict = {}
+    notes = []
+    for feature in ("innovation", "mu_q"):
+        x = latents[feature]
+        entry: dict = {}
+        if action is not None:
+            r2 = ridge_r2(_rows(x[fit]), _rows(action[fit]), _rows(x[test]), _rows(action[test]), ridge)
+            names = action_names or [f"action{i}" for i in range(action.shape[-1])]
+            entry["action_r2"] = dict(zip(names, nan_to_none(r2), strict=True))
+            entry["action_r2_mean"] = None if np.isnan(r2).all() else float(np.nanmean(r2))
+        if events is not None:
+            quad = np.concatenate([x, x**2], axis=-1)  # a kick of random sign shows in magnitude, not direction
+            entry["event_auc"] = logistic_auc(
+                _rows(quad[fit]), events[fit].reshape(-1), _rows(quad[test]), events[test].reshape(-1)
+            )
+            entry["event_auc_norm"] = auc(np.linalg.norm(x, axis=-1).reshape(-1), events.reshape(-1))
+        out[feature] = entry
+    if action is None:
+        notes.append("latent-action probe: the shards have no `action` field; action R² skipped")
+    kl = latents["kl"]
+    if events is None:
+        notes.append("latent-action probe: the shards have no `events` field; event AUCs skipped")
+        out["kl"] = {"mean": float(kl.mean())}
+    else:
+        flags = events > 0.5
+        out["kl"] = {
+            "event_auc": auc(kl.reshape(-1), flags.reshape(-1)),
+            "mean": float(kl.mean()),
+            "mean_event": float(kl[flags].mean()) if flags.any() else None,
+            "mean_no_event": float(kl[~flags].mean()) if (~flags).any() else None,
+        }
+    return out, notes
