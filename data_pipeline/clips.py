@@ -1,0 +1,77 @@
+"""Clips: which frames of a video form a training clip, and the metadata rows that travel with them.
+
+A clip is `clip_length` frames taken every `frame_step` frames from a start frame:
+`indices = start + frame_step * arange(clip_length)`. Per-frame `state` rows are taken at those frames. Per-
+transition rows (`action`, `events`; row t belongs to transition t -> t+1 of the video) are merged over the video
+transitions between consecutive clip frames: actions are summed (the total control applied between the two frames),
+events are max-ed (an event anywhere in between counts).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class MetadataError(ValueError):
+    """A sample's JSON does not match the shard format (see docs/architecture.md)."""
+
+
+def clip_span(clip_length: int, frame_step: int) -> int:
+    """Number of video frames a clip covers, from its first to its last frame inclusive."""
+    return (clip_length - 1) * frame_step + 1
+
+
+def clip_starts(
+    num_frames: int, clip_length: int, frame_step: int, rng: np.random.Generator, count: int = 1
+) -> np.ndarray | None:
+    """`count` random start frames (int64 [count]) for clips in a video of `num_frames`, or None if it is too short."""
+    last_start = num_frames - clip_span(clip_length, frame_step)
+    if last_start < 0:
+        return None
+    return rng.integers(0, last_start + 1, size=count)
+
+
+def clip_indices(start: int, clip_length: int, frame_step: int) -> np.ndarray:
+    """Video frame indices of a clip: int64 [clip_length]."""
+    return start + frame_step * np.arange(clip_length, dtype=np.int64)
+
+
+def _rows(meta: dict, key: str, expected: int, num_frames: int) -> np.ndarray | None:
+    if key not in meta:
+        return None
+    try:
+        rows = np.asarray(meta[key], dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise MetadataError(f"{key!r} is not a rectangular array of numbers: {exc}") from exc
+    if rows.shape[:1] != (expected,):
+        per = "frame" if key == "state" else "transition t -> t+1"
+        raise MetadataError(
+            f"{key!r} has {rows.shape[0] if rows.ndim else 0} rows for a video of {num_frames} frames; "
+            f"expected {expected} (one per {per})"
+        )
+    return rows
+
+
+def cut_metadata(meta: dict, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """Cut a video's per-frame / per-transition arrays to the clip frames `indices` [T] (increasing).
+
+    Returns whichever of these the video has: `state` float32 [T, S], `action` float32 [T-1, A] (summed over the
+    video transitions between consecutive clip frames), `events` float32 [T-1] (max over them).
+    """
+    num_frames = int(meta["num_frames"])
+    out: dict[str, np.ndarray] = {}
+    state = _rows(meta, "state", num_frames, num_frames)
+    if state is not None:
+        out["state"] = state[indices]
+    # segment k of the clip spans video transitions indices[k] .. indices[k+1]-1
+    action = _rows(meta, "action", num_frames - 1, num_frames)
+    if action is not None:
+        sums = np.concatenate([np.zeros((1, *action.shape[1:])), np.cumsum(action, axis=0, dtype=np.float64)])
+        out["action"] = (sums[indices[1:]] - sums[indices[:-1]]).astype(np.float32)
+    events = _rows(meta, "events", num_frames - 1, num_frames)
+    if events is not None:
+        out["events"] = np.array(
+            [events[a:b].max() if b > a else 0.0 for a, b in zip(indices[:-1], indices[1:], strict=True)],
+            dtype=np.float32,
+        )
+    return out
