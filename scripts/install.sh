@@ -15,6 +15,7 @@ if [ ! -x "$venv/bin/python" ]; then
   echo "[install] creating virtual environment $venv"
   "$py" -m venv "$venv"
 fi
+venv=$(cd "$venv" && pwd)
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 stamp="$venv/.deps-$(sha256sum "$here/constraints.txt" "$here/pyproject.toml" | sha256sum | cut -c1-16)"
 
@@ -33,13 +34,14 @@ if [ "$what" = deps ] || [ "$what" = all ]; then
 fi
 if [ "$what" = project ] || [ "$what" = all ]; then
   spec="$here"
-  [ -n "$extras" ] && spec="$here[$extras]"
+  [ -n "$extras" ] && spec="${here}[${extras}]"
   if [ "${NO_EDITABLE:-0}" = 1 ]; then
     "${pip[@]}" install --no-deps --no-build-isolation -c "$here/constraints.txt" "$spec"
   else
     "${pip[@]}" install --no-deps --no-build-isolation -c "$here/constraints.txt" -e "$spec"
   fi
-  "$venv/bin/python" -c "import data_pipeline, worldmodel" \
+  # Checked from / so that a source tree in the working directory cannot stand in for the installed project.
+  (cd / && "$venv/bin/python" -c "import data_pipeline, worldmodel") \
     || { echo "[install] the project does not import from $venv" >&2; exit 1; }
   echo "[install] project installed in $venv"
 fi
