@@ -46,6 +46,7 @@ class ModelConfig:
     pred_dim: int = 192  # predictor width
     pred_depth: int = 4
     pred_num_heads: int = 3
+    pred_cond_depth: int = 2  # last predictor blocks: frame-local, conditioned on r; the rest is the causal trunk
     max_frames: int = 16  # longest clip the predictor's frame embedding supports
     conditioning: str = "adaln"  # adaln | token : how r (or an action) enters the predictor
     latent_dim: int = 8  # d_r

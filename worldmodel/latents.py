@@ -1,0 +1,198 @@
+"""The latent variable r of AdaSSL: where it is inferred from, how it is regularised, how it is drawn in rollouts.
+
+Per transition t -> t+1 (DESIGN.md section 1):
+
+- the context summary s_t comes from the online tokens of frames t-1 and t, mean-pooled over patches and
+  concatenated (frame 0 repeats itself), then projected: one frame alone carries no velocity;
+- the target summary s+_{t+1} comes from the EMA target encoder's normalised tokens of frame t+1, pooled and
+  projected (the caller passes them without gradient);
+- `adassl_v`: posterior q(r | s, s+) and conditional prior p(r | s), diagonal Gaussians, sigma = softplus + 1e-6,
+  reparameterised sample, regulariser KL(q || p) summed over the d_r dims;
+- `adassl_s`: one MLP on [s, s+] gives mask logits l and values v; m ~ Bernoulli(sigmoid(l)) by logistic noise and
+  a hard threshold with straight-through gradients; r = m * v; regulariser sum_i sigmoid(l_i). There is no learned
+  prior: `prior_mean` gives r = 0 (no dimension active), `prior_sample` draws the mask from the running marginal
+  activation rate of each dimension and the values from a running Gaussian fit of v (both updated in training);
+- `oracle`: r is a linear embedding of the transition's action.
+
+Regularisers are returned per transition, [B, T-1]; the model averages them over batch and transitions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, reduce
+from torch import Tensor, nn
+
+SIGMA_MIN = 1e-6
+STATS_MOMENTUM = 0.99  # running marginal statistics of adassl_s (rate and values), used by its prior_sample
+
+
+def gaussian_kl(mu_q: Tensor, sigma_q: Tensor, mu_p: Tensor, sigma_p: Tensor) -> Tensor:
+    """KL(N(mu_q, sigma_q^2) || N(mu_p, sigma_p^2)), diagonal, summed over the last dim: [..., d] -> [...]."""
+    var_ratio = (sigma_q / sigma_p) ** 2
+    mean_term = ((mu_q - mu_p) / sigma_p) ** 2
+    return 0.5 * (var_ratio + mean_term - 1.0 - torch.log(var_ratio)).sum(-1)
+
+
+def straight_through_bernoulli(logits: Tensor, sample: bool = True, generator: torch.Generator | None = None) -> Tensor:
+    """Hard 0/1 mask with straight-through gradients: forward 1[l + logistic noise > 0], backward d sigmoid(l + noise).
+
+    With `sample=False` the noise is left out (the mask is 1 where sigmoid(l) > 0.5).
+    """
+    noisy = logits
+    if sample:
+        u = torch.rand(logits.shape, device=logits.device, generator=generator).clamp(1e-6, 1 - 1e-6)
+        noisy = logits + torch.log(u) - torch.log1p(-u)
+    soft = torch.sigmoid(noisy)
+    hard = (noisy > 0).to(soft.dtype)
+    return hard + soft - soft.detach()
+
+
+def mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:
+    """Linear -> GELU -> Linear."""
+    return nn.Sequential(nn.Linear(dim_in, hidden), nn.GELU(), nn.Linear(hidden, dim_out))
+
+
+class Summaries(nn.Module):
+    """Context summaries s_t [B, T, S] from online tokens and target summaries s+_t [B, T, S] from target tokens."""
+
+    def __init__(self, embed_dim: int, summary_dim: int):
+        super().__init__()
+        self.context_proj = nn.Linear(2 * embed_dim, summary_dim)
+        self.target_proj = nn.Linear(embed_dim, summary_dim)
+
+    def context(self, tokens: Tensor) -> Tensor:
+        """tokens: [B, T, N, D] -> s [B, T, S]; s_t sees the pooled tokens of frames t-1 and t (t=0 repeats)."""
+        pooled = reduce(tokens, "b t n d -> b t d", "mean")
+        previous = torch.cat([pooled[:, :1], pooled[:, :-1]], dim=1)
+        return self.context_proj(torch.cat([previous, pooled], dim=-1))
+
+    def target(self, target_tokens: Tensor) -> Tensor:
+        """target_tokens: [B, T, N, D] -> s+ [B, T, S] (pass them detached: the posterior's view of x+ is no-grad)."""
+        return self.target_proj(reduce(target_tokens, "b t n d -> b t d", "mean"))
+
+
+class VariationalLatent(nn.Module):
+    """AdaSSL-V: posterior q(r | s, s+) and learned conditional prior p(r | s), diagonal Gaussians."""
+
+    def __init__(self, summary_dim: int, latent_dim: int):
+        super().__init__()
+        self.posterior_net = mlp(2 * summary_dim, summary_dim, 2 * latent_dim)
+        self.prior_net = mlp(summary_dim, summary_dim, 2 * latent_dim)
+
+    @staticmethod
+    def _gaussian(raw: Tensor) -> tuple[Tensor, Tensor]:
+        mu, raw_sigma = raw.float().chunk(2, dim=-1)
+        return mu, F.softplus(raw_sigma) + SIGMA_MIN
+
+    def posterior(self, s: Tensor, s_plus: Tensor) -> tuple[Tensor, Tensor]:
+        """s, s_plus: [..., S] -> (mu_q, sigma_q) [..., d_r]."""
+        return self._gaussian(self.posterior_net(torch.cat([s, s_plus], dim=-1)))
+
+    def prior(self, s: Tensor) -> tuple[Tensor, Tensor]:
+        """s: [..., S] -> (mu_p, sigma_p) [..., d_r]."""
+        return self._gaussian(self.prior_net(s))
+
+    def forward(self, s: Tensor, s_plus: Tensor) -> dict[str, Tensor]:
+        """s, s_plus: [B, T', S] -> r (reparameterised sample of q), reg = kl [B, T'], and the Gaussians' stats."""
+        mu_q, sigma_q = self.posterior(s, s_plus)
+        mu_p, sigma_p = self.prior(s)
+        kl = gaussian_kl(mu_q, sigma_q, mu_p, sigma_p)
+        r = mu_q + sigma_q * torch.randn_like(mu_q)
+        return {
+            "r": r,
+            "reg": kl,
+            "kl": kl,
+            "mu_q": mu_q,
+            "sigma_q": sigma_q,
+            "mu_p": mu_p,
+            "sigma_p": sigma_p,
+            "innovation": (mu_q - mu_p) / sigma_p,
+        }
+
+    def rollout_r(self, mode: str, s: Tensor, s_plus: Tensor | None, generator: torch.Generator | None) -> Tensor:
+        """r [B, d_r] for one rollout step: prior mean, prior sample, or posterior mean (needs s_plus)."""
+        if mode == "posterior":
+            return self.posterior(s, s_plus)[0]
+        mu_p, sigma_p = self.prior(s)
+        if mode == "prior_mean":
+            return mu_p
+        return mu_p + sigma_p * torch.randn(mu_p.shape, device=mu_p.device, generator=generator)
+
+
+class SparseLatent(nn.Module):
+    """AdaSSL-S: r = m * v with a straight-through Bernoulli mask m and values v from one MLP on [s, s+]."""
+
+    def __init__(self, summary_dim: int, latent_dim: int):
+        super().__init__()
+        self.net = mlp(2 * summary_dim, summary_dim, 2 * latent_dim)
+        self.register_buffer("rate", torch.full((latent_dim,), 0.5))
+        self.register_buffer("value_mean", torch.zeros(latent_dim))
+        self.register_buffer("value_var", torch.ones(latent_dim))
+
+    def mask_and_values(self, s: Tensor, s_plus: Tensor) -> tuple[Tensor, Tensor]:
+        """s, s_plus: [..., S] -> (logits, values) [..., d_r]."""
+        logits, values = self.net(torch.cat([s, s_plus], dim=-1)).float().chunk(2, dim=-1)
+        return logits, values
+
+    def forward(self, s: Tensor, s_plus: Tensor) -> dict[str, Tensor]:
+        """s, s_plus: [B, T', S] -> r = m * v (sampled mask), reg = expected active dims [B, T'], mask stats."""
+        logits, values = self.mask_and_values(s, s_plus)
+        mask = straight_through_bernoulli(logits, sample=self.training)
+        prob = torch.sigmoid(logits)
+        if self.training:
+            self._update_stats(prob, values)
+        return {
+            "r": mask * values,
+            "reg": prob.sum(-1),
+            "mask_prob": prob,
+            "mask": mask.detach(),
+            "values": values,
+            "expected_active": prob.sum(-1),
+        }
+
+    @torch.no_grad()
+    def _update_stats(self, prob: Tensor, values: Tensor) -> None:
+        flat_prob = rearrange(prob, "... d -> (...) d")
+        flat_values = rearrange(values, "... d -> (...) d")
+        for buffer, batch_value in (
+            (self.rate, flat_prob.mean(0)),
+            (self.value_mean, flat_values.mean(0)),
+            (self.value_var, flat_values.var(0, unbiased=False)),
+        ):
+            buffer.mul_(STATS_MOMENTUM).add_(batch_value, alpha=1.0 - STATS_MOMENTUM)
+
+    def rollout_r(self, mode: str, s: Tensor, s_plus: Tensor | None, generator: torch.Generator | None) -> Tensor:
+        """r [B, d_r] for one rollout step: posterior (deterministic mask), 0 (prior_mean) or a marginal sample."""
+        if mode == "posterior":
+            logits, values = self.mask_and_values(s, s_plus)
+            return (logits > 0).to(values.dtype) * values
+        shape = (s.shape[0], self.rate.shape[0])
+        if mode == "prior_mean":
+            return torch.zeros(shape, device=s.device)
+        mask = torch.rand(shape, device=s.device, generator=generator) < self.rate
+        noise = torch.randn(shape, device=s.device, generator=generator)
+        return mask * (self.value_mean + self.value_var.sqrt() * noise)
+
+
+class OracleLatent(nn.Module):
+    """Oracle baseline: r = W a + b, a linear embedding of the transition's action a [..., A]."""
+
+    def __init__(self, action_dim: int, latent_dim: int):
+        super().__init__()
+        if action_dim < 1:
+            raise ValueError(
+                f"latent=oracle needs model.action_dim >= 1 (got {action_dim}); set it to the width of the batch's "
+                "'action' rows (the trainer takes it from the data)"
+            )
+        self.action_dim = action_dim
+        self.embed = nn.Linear(action_dim, latent_dim)
+
+    def forward(self, action: Tensor | None) -> Tensor:
+        """action: float [..., A] -> r [..., d_r]."""
+        if action is None:
+            raise ValueError("latent=oracle needs the batch's 'action' [B, T-1, A]; this batch has none")
+        if action.shape[-1] != self.action_dim:
+            raise ValueError(f"action rows have width {action.shape[-1]}, but model.action_dim={self.action_dim}")
+        return self.embed(action.float())

@@ -1,0 +1,307 @@
+"""WorldModel: the one interface train.py and evaluate.py share (docs/architecture.md, "WorldModel").
+
+Token spaces. `encode` returns the online encoder's tokens normalised exactly as the training targets
+(`TokenNorm`: optional running-mean centring, then a parameter-free layer norm), so the predictor's inputs and
+outputs live in one space and a rollout can feed predictions back in. `encode_target` returns the targets: the EMA
+target encoder's normalised tokens (objective `jepa`), or the online encoder's under no grad (`infonce`, which
+needs no EMA; the target encoder still exists and `update_target` still moves it, unused).
+
+Indexing. For frames 0..T-1 the predictor's output at position t predicts frame t+1, conditioned on the latent
+(or action) of transition t -> t+1; latents, actions and regularisers are per transition, [B, T-1, ...].
+
+`rollout` is the only multi-step prediction there is: the training rollout term and every evaluator call it.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange, reduce, repeat
+from torch import Tensor, nn
+
+from worldmodel.config import LATENTS, OBJECTIVES, ModelConfig
+from worldmodel.encoder import FrameEncoder, TokenNorm, ema_update, make_target, preprocess
+from worldmodel.latents import OracleLatent, SparseLatent, Summaries, VariationalLatent
+from worldmodel.monitors import batch_variance, effective_rank, per_dim_std
+from worldmodel.objectives import infonce_loss, jepa_loss
+from worldmodel.predictor import Predictor, expand_cond
+
+ROLLOUT_MODES = ("prior_mean", "prior_sample", "posterior", "zero", "action")
+_MODES_BY_LATENT = {
+    "none": ROLLOUT_MODES,  # ignored: the predictor is deterministic
+    "adassl_v": ("prior_mean", "prior_sample", "posterior", "zero"),
+    "adassl_s": ("prior_mean", "prior_sample", "posterior", "zero"),
+    "oracle": ("action", "zero"),
+}
+_TRAIN_ROLLOUT_MODE = {"none": "zero", "adassl_v": "posterior", "adassl_s": "posterior", "oracle": "action"}
+
+
+class WorldModel(nn.Module):
+    """ViT encoder + EMA target encoder + latent module + frame-causal predictor + objective, from a ModelConfig."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.latent not in LATENTS:
+            raise ValueError(f"model.latent={cfg.latent!r} is not one of {', '.join(LATENTS)}")
+        if cfg.objective not in OBJECTIVES:
+            raise ValueError(f"model.objective={cfg.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        self.cfg = cfg
+        self.encoder = FrameEncoder(cfg)
+        self.target_encoder = make_target(self.encoder)
+        self.norm = TokenNorm(cfg.embed_dim, center=cfg.target_norm == "center_layernorm", momentum=cfg.center_momentum)
+        self.predictor = Predictor(
+            embed_dim=cfg.embed_dim,
+            num_patches=(cfg.img_size // cfg.patch_size) ** 2,
+            max_frames=cfg.max_frames,
+            dim=cfg.pred_dim,
+            depth=cfg.pred_depth,
+            cond_depth=cfg.pred_cond_depth,
+            num_heads=cfg.pred_num_heads,
+            cond_dim=0 if cfg.latent == "none" else cfg.latent_dim,
+            conditioning=cfg.conditioning,
+        )
+        self.summaries = None
+        self.latent: nn.Module | None = None
+        if cfg.latent in ("adassl_v", "adassl_s"):
+            self.summaries = Summaries(cfg.embed_dim, cfg.summary_dim)
+            latent_cls = VariationalLatent if cfg.latent == "adassl_v" else SparseLatent
+            self.latent = latent_cls(cfg.summary_dim, cfg.latent_dim)
+        elif cfg.latent == "oracle":
+            self.latent = OracleLatent(cfg.action_dim, cfg.latent_dim)
+
+    # ---- encoders -------------------------------------------------------------------------------------------
+
+    def encode(self, frames: Tensor) -> Tensor:
+        """frames: uint8 [B, T, H, W, C] -> online tokens [B, T, N, D], normalised like the targets."""
+        return self.norm(self.encoder(preprocess(frames, self.cfg.img_size)))
+
+    @torch.no_grad()
+    def encode_target(self, frames: Tensor) -> Tensor:
+        """frames: uint8 [B, T, H, W, C] -> normalised training targets [B, T, N, D] (no grad)."""
+        encoder = self.target_encoder if self.cfg.objective == "jepa" else self.encoder
+        return self.norm(encoder(preprocess(frames, self.cfg.img_size)))
+
+    def update_target(self, momentum: float) -> None:
+        """EMA step of the target encoder: target <- momentum * target + (1 - momentum) * online (fused, no grad)."""
+        ema_update(self.target_encoder, self.encoder, momentum)
+
+    # ---- latents and one-step prediction ----------------------------------------------------------------------
+
+    def summaries_of(self, tokens: Tensor, target_tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-transition summaries: s_t [B, T-1, S] from `tokens`, s+_{t+1} [B, T-1, S] from `target_tokens`.
+
+        Only for adassl_v / adassl_s; `target_tokens` are detached here.
+        """
+        self._require_inferred_latent("summaries_of")
+        s = self.summaries.context(tokens)[:, :-1]
+        s_plus = self.summaries.target(target_tokens.detach())[:, 1:]
+        return s, s_plus
+
+    def infer_latents(self, tokens: Tensor, target_tokens: Tensor) -> dict[str, Tensor]:
+        """Posterior statistics per transition for tokens [B, T, N, D] and target tokens [B, T, N, D].
+
+        adassl_v: mu_q, sigma_q, mu_p, sigma_p, innovation ((mu_q - mu_p) / sigma_p), all [B, T-1, d_r], and
+        kl [B, T-1]. adassl_s: mask_prob (sigmoid of the logits), values, mask (hard; sampled in train mode,
+        sigmoid > 0.5 in eval mode), r = mask * values, all [B, T-1, d_r], and expected_active [B, T-1].
+        """
+        s, s_plus = self.summaries_of(tokens, target_tokens)
+        out = self.latent(s, s_plus)
+        if self.cfg.latent == "adassl_v":
+            out.pop("r")
+        out.pop("reg")
+        return out
+
+    def predict_next(self, tokens: Tensor, r: Tensor | None = None) -> Tensor:
+        """Teacher-forced one-step predictions: tokens [B, T, N, D], r [B, T, d_r] or None -> [B, T, N, D].
+
+        Position t predicts frame t+1 given r_t (the latent or embedded action of transition t -> t+1).
+        """
+        return self.predictor(tokens, r)
+
+    # ---- training forward -------------------------------------------------------------------------------------
+
+    def forward(self, frames: Tensor, action: Tensor | None = None, beta: float = 0.0) -> dict:
+        """Training step. frames: uint8 [B, T, H, W, C]; action: float [B, T-1, A] (oracle); beta: regulariser weight.
+
+        Returns {"loss": scalar, "terms": {name: scalar}, "monitors": {name: scalar}}; loss = pred + beta * reg
+        (+ rollout_weight * rollout when model.rollout_steps > 0).
+        """
+        cfg = self.cfg
+        x = preprocess(frames, cfg.img_size)
+        if x.shape[1] < 2:
+            raise ValueError(f"a training clip needs at least 2 frames, got T={x.shape[1]}")
+        raw = self.encoder(x)
+        tokens = self.norm(raw)
+        if cfg.objective == "jepa":
+            with torch.no_grad():
+                raw_target = self.target_encoder(x)
+                target = self.norm(raw_target)
+        else:
+            raw_target, target = raw, tokens
+
+        r, latent_terms, latent_monitors = self._training_latents(tokens, target, action)
+        pred = self.predictor(tokens[:, :-1], r)
+        terms: dict[str, Tensor] = {}
+        monitors: dict[str, Tensor] = {}
+        terms["pred"] = self._prediction_loss(pred, target[:, 1:], monitors)
+        terms.update(latent_terms)
+        loss = terms["pred"] + beta * terms["reg"]
+        if cfg.rollout_steps > 0:
+            terms["rollout"] = self._rollout_term(tokens, target, action)
+            loss = loss + cfg.rollout_weight * terms["rollout"]
+
+        pooled = rearrange(reduce(raw, "b t n d -> b t d", "mean"), "b t d -> (b t) d")
+        monitors.update(emb_std=per_dim_std(pooled), emb_eff_rank=effective_rank(pooled))
+        monitors["target_var"] = batch_variance(target)
+        monitors.update(latent_monitors)
+        if self.training:
+            self.norm.update(raw_target)
+        return {"loss": loss, "terms": terms, "monitors": monitors}
+
+    def _training_latents(
+        self, tokens: Tensor, target: Tensor, action: Tensor | None
+    ) -> tuple[Tensor | None, dict[str, Tensor], dict[str, Tensor]]:
+        """r [B, T-1, d_r] (None for latent none), regulariser terms, and latent monitors."""
+        latent = self.cfg.latent
+        zero = tokens.new_zeros(())
+        if latent == "none":
+            return None, {"reg": zero}, {}
+        if latent == "oracle":
+            self._check_actions(action, tokens.shape[0], tokens.shape[1] - 1, "action")
+            return self.latent(action), {"reg": zero}, {}
+        s, s_plus = self.summaries_of(tokens, target)
+        out = self.latent(s, s_plus)
+        terms = {"reg": out["reg"].mean()}
+        if latent == "adassl_v":
+            terms["kl"] = out["kl"].mean()
+            monitors = {"sigma_q": out["sigma_q"].detach().mean(), "sigma_p": out["sigma_p"].detach().mean()}
+        else:
+            monitors = {"active_rate": out["mask"].mean()}
+        return out["r"], terms, monitors
+
+    def _prediction_loss(self, pred: Tensor, target: Tensor, monitors: dict[str, Tensor]) -> Tensor:
+        """pred, target: [B, T', N, D] -> the objective's scalar loss (adds infonce accuracy to `monitors`)."""
+        if self.cfg.objective == "jepa":
+            return jepa_loss(pred, target, self.cfg.loss)
+        loss, accuracy = infonce_loss(pred, target, self.cfg.temperature)
+        monitors["infonce_acc"] = accuracy.detach()
+        return loss
+
+    def _rollout_term(self, tokens: Tensor, target: Tensor, action: Tensor | None) -> Tensor:
+        """Loss of a rollout_steps-step rollout from the clip's first T - rollout_steps frames (same `rollout`)."""
+        steps, num_frames = self.cfg.rollout_steps, tokens.shape[1]
+        if steps > num_frames - 1:
+            raise ValueError(
+                f"model.rollout_steps={steps} needs clips of more than {steps} frames, got T={num_frames}; "
+                "lower it or lengthen the clip"
+            )
+        context = num_frames - steps
+        future_actions = None if action is None else action[:, context - 1 :]
+        pred = self.rollout(
+            tokens[:, :context],
+            steps,
+            _TRAIN_ROLLOUT_MODE[self.cfg.latent],
+            future_tokens=target[:, context:],
+            actions=future_actions,
+        )[0]
+        return self._prediction_loss(pred, target[:, context:], {})
+
+    # ---- rollout -----------------------------------------------------------------------------------------------
+
+    def rollout(
+        self,
+        context_tokens: Tensor,
+        horizon: int,
+        mode: str,
+        k: int = 1,
+        future_tokens: Tensor | None = None,
+        actions: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Autoregressive open-loop prediction in latent space.
+
+        context_tokens: [B, Tc, N, D] (from `encode`); horizon: H >= 1 steps; mode: prior_mean | prior_sample |
+        posterior | zero | action; k: number of futures K; future_tokens: [B, H, N, D] target tokens of frames
+        Tc..Tc+H-1 (mode posterior); actions: [B, H, A], row h the action of transition Tc-1+h -> Tc+h (mode
+        action, oracle only); generator: for prior_sample noise.
+
+        Step h predicts frame Tc+h from frames 0..Tc+h-1 (true context, then earlier predictions) and r_h, the
+        latent of transition Tc+h-1 -> Tc+h: prior_mean / prior_sample from the prior given s of the last two
+        frames of the sequence so far, posterior from q given that s and s+ of future_tokens[:, h] (posterior
+        mean; for adassl_s the noise-free mask), zero (r = 0), action (the embedded actions[:, h]). adassl_s has no
+        learned prior: prior_mean is r = 0, prior_sample draws from its running marginal (see latents.py).
+        Latent none is deterministic and ignores the mode (the K futures are copies).
+
+        Returns predicted tokens [K, B, H, N, D].
+        """
+        latent = self.cfg.latent
+        if mode not in _MODES_BY_LATENT[latent]:
+            raise ValueError(
+                f"rollout mode {mode!r} is not available for latent={latent}; use one of "
+                f"{', '.join(_MODES_BY_LATENT[latent])}"
+            )
+        b, num_context, n, d = context_tokens.shape
+        if horizon < 1 or k < 1:
+            raise ValueError(f"rollout needs horizon >= 1 and k >= 1, got horizon={horizon}, k={k}")
+        if num_context + horizon - 1 > self.cfg.max_frames:
+            raise ValueError(
+                f"a rollout of {horizon} steps from {num_context} context frames feeds {num_context + horizon - 1} "
+                f"frames to the predictor, more than model.max_frames={self.cfg.max_frames}"
+            )
+        if latent == "none":
+            mode = "zero"
+        if mode == "posterior" and (future_tokens is None or future_tokens.shape != (b, horizon, n, d)):
+            shape = None if future_tokens is None else tuple(future_tokens.shape)
+            raise ValueError(f"mode posterior needs future_tokens [B, H, N, D] = {(b, horizon, n, d)}, got {shape}")
+        if mode == "action":
+            self._check_actions(actions, b, horizon, "actions")
+
+        copies = 1 if latent == "none" else k
+        seq = repeat(context_tokens, "b t n d -> (k b) t n d", k=copies)
+        future = None if future_tokens is None else repeat(future_tokens, "b h n d -> (k b) h n d", k=copies)
+        acts = None if actions is None else repeat(actions, "b h a -> (k b) h a", k=copies)
+        predictions = []
+        for h in range(horizon):
+            r = self._rollout_latent(mode, seq, h, future, acts, generator)
+            cond = None if r is None else expand_cond(r.to(seq.dtype), seq.shape[1])
+            next_tokens = self.predictor(seq, cond)[:, -1].to(seq.dtype)
+            predictions.append(next_tokens)
+            seq = torch.cat([seq, next_tokens[:, None]], dim=1)
+        out = rearrange(torch.stack(predictions, dim=1), "(k b) h n d -> k b h n d", k=copies)
+        return out.expand(k, -1, -1, -1, -1) if copies != k else out
+
+    def _rollout_latent(
+        self,
+        mode: str,
+        seq: Tensor,
+        h: int,
+        future: Tensor | None,
+        actions: Tensor | None,
+        generator: torch.Generator | None,
+    ) -> Tensor | None:
+        """r [B', d_r] for rollout step h given the sequence so far seq [B', L, N, D]; None for latent none."""
+        if self.cfg.latent == "none":
+            return None
+        if mode == "zero":
+            return seq.new_zeros(seq.shape[0], self.cfg.latent_dim)
+        if mode == "action":
+            return self.latent(actions[:, h])
+        s = self.summaries.context(seq[:, -2:])[:, -1]
+        s_plus = self.summaries.target(future[:, h : h + 1].detach())[:, 0] if mode == "posterior" else None
+        return self.latent.rollout_r(mode, s, s_plus, generator)
+
+    # ---- checks ------------------------------------------------------------------------------------------------
+
+    def _require_inferred_latent(self, what: str) -> None:
+        if self.cfg.latent not in ("adassl_v", "adassl_s"):
+            raise ValueError(
+                f"{what} needs an inferred latent (model.latent adassl_v or adassl_s); this model has "
+                f"latent={self.cfg.latent}, whose r is {'absent' if self.cfg.latent == 'none' else 'the action'}"
+            )
+
+    def _check_actions(self, actions: Tensor | None, b: int, steps: int, name: str) -> None:
+        if actions is None or actions.ndim != 3 or actions.shape[:2] != (b, steps):
+            shape = None if actions is None else tuple(actions.shape)
+            raise ValueError(
+                f"latent={self.cfg.latent} needs {name} [B, {steps}, A] with B={b} (one row per transition), "
+                f"got {shape}"
+            )

@@ -1,0 +1,150 @@
+"""Frame-causal predictor: tokens of frames 0..T-1 -> predicted tokens of frames 1..T.
+
+Output position t predicts frame t+1 from frames <= t and the transition's conditioning vector c_t (the latent r_t
+or action_t of transition t -> t+1).
+
+Two stages:
+
+- the **trunk**: `depth - cond_depth` transformer blocks over all tokens with a frame-causal attention mask
+  (`frame_causal_mask`): frame t's tokens see frames <= t, so history (velocity) reaches position t;
+- the **head**: `cond_depth` blocks that attend within one frame only and are conditioned on c_t, by adaptive
+  layer norm (DiT-style shift/scale/gate, zero-initialised so that at initialisation the conditioned predictor
+  computes exactly what the unconditioned one does) or by one extra token per frame (`conditioning="token"`).
+
+Why the conditioning stays out of the causal trunk: if c_t modulated tokens that later frames attend to, the
+prediction of frame t+2 would depend on c_t as well as c_{t+1}, and a rollout would need a latent (or an action)
+for every context transition. With the split, predicting frame t+1 needs c_t alone, so a rollout of H steps needs
+exactly H conditioning vectors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import Tensor, nn
+
+
+def frame_causal_mask(num_frames: int, tokens_per_frame: int, device: torch.device | None = None) -> Tensor:
+    """bool [T*N, T*N] attention mask, True where query token i may attend to key token j: frame(i) >= frame(j).
+
+    Tokens are laid out frame-major (token i belongs to frame i // N).
+    """
+    frame = torch.arange(num_frames, device=device).repeat_interleave(tokens_per_frame)
+    return frame[:, None] >= frame[None, :]
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; with `cond_dim > 0` its norms are modulated by a per-sample vector (AdaLN).
+
+    Modulation is `norm(x) * (1 + scale) + shift` and the residual branch is multiplied by `1 + gate`; the linear
+    map from the conditioning vector to (shift, scale, gate) x 2 starts at zero, so the block starts as the plain one.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, cond_dim: int = 0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"predictor width {dim} is not divisible by its number of heads {num_heads}")
+        self.num_heads = num_heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.modulation = None
+        if cond_dim:
+            self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
+            nn.init.zeros_(self.modulation[1].weight)
+            nn.init.zeros_(self.modulation[1].bias)
+
+    def attention(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """x: [B, L, P] -> [B, L, P]; `mask` bool [L, L] (True = attend) or None for full attention."""
+        q, k, v = rearrange(self.qkv(x), "b l (three h e) -> three b h l e", three=3, h=self.num_heads)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(rearrange(out, "b h l e -> b l (h e)"))
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, cond: Tensor | None = None) -> Tensor:
+        """x: [B, L, P]; mask: bool [L, L] or None; cond: [B, cond_dim] (one vector per sequence) or None."""
+        if self.modulation is None or cond is None:
+            x = x + self.attention(self.norm1(x), mask)
+            return x + self.mlp(self.norm2(x))
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond)[:, None].chunk(6, dim=-1)
+        x = x + (1 + gate1) * self.attention(self.norm1(x) * (1 + scale1) + shift1, mask)
+        return x + (1 + gate2) * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
+
+
+class Predictor(nn.Module):
+    """tokens [B, T, N, D] (+ conditioning [B, T, cond_dim]) -> predictions [B, T, N, D] of frames 1..T.
+
+    `cond_dim = 0` builds the unconditioned predictor (latent `none`). `conditioning` is "adaln" or "token".
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_patches: int,
+        max_frames: int,
+        dim: int,
+        depth: int,
+        cond_depth: int,
+        num_heads: int,
+        cond_dim: int = 0,
+        conditioning: str = "adaln",
+    ):
+        super().__init__()
+        if not 1 <= cond_depth < depth:
+            raise ValueError(
+                f"model.pred_cond_depth={cond_depth} must be in [1, model.pred_depth - 1] (pred_depth={depth}): "
+                "the predictor needs at least one frame-causal block and one conditioned block"
+            )
+        if conditioning not in ("adaln", "token"):
+            raise ValueError(f"model.conditioning={conditioning!r} is not one of adaln, token")
+        self.max_frames = max_frames
+        self.cond_dim = cond_dim
+        self.token_conditioning = conditioning == "token" and cond_dim > 0
+        self.in_proj = nn.Linear(embed_dim, dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1, num_patches, dim))
+        self.frame_embed = nn.Parameter(torch.zeros(1, max_frames, 1, dim))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.frame_embed, std=0.02)
+        self.trunk = nn.ModuleList(Block(dim, num_heads) for _ in range(depth - cond_depth))
+        head_cond = cond_dim if conditioning == "adaln" else 0
+        self.head = nn.ModuleList(Block(dim, num_heads, cond_dim=head_cond) for _ in range(cond_depth))
+        if self.token_conditioning:
+            self.cond_token = nn.Linear(cond_dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.out_proj = nn.Linear(dim, embed_dim)
+
+    def forward(self, tokens: Tensor, cond: Tensor | None = None) -> Tensor:
+        """tokens: [B, T, N, D]; cond: [B, T, cond_dim] (row t conditions transition t -> t+1) or None.
+
+        Returns [B, T, N, D]: position t is the prediction of frame t+1's (normalised target) tokens.
+        """
+        b, t, n, _ = tokens.shape
+        if t > self.max_frames:
+            raise ValueError(f"{t} input frames exceed model.max_frames={self.max_frames}; raise model.max_frames")
+        if cond is not None and cond.shape[:2] != (b, t):
+            raise ValueError(f"conditioning must be [B, T, d] = [{b}, {t}, d], got {tuple(cond.shape)}")
+        x = self.in_proj(tokens) + self.pos_embed + self.frame_embed[:, :t]
+        x = rearrange(x, "b t n p -> b (t n) p")
+        mask = frame_causal_mask(t, n, device=x.device)
+        for block in self.trunk:
+            x = block(x, mask)
+        x = rearrange(x, "b (t n) p -> (b t) n p", t=t)
+        flat_cond = None if cond is None or self.cond_dim == 0 else rearrange(cond, "b t c -> (b t) c")
+        if self.token_conditioning and flat_cond is not None:
+            x = torch.cat([x, self.cond_token(flat_cond)[:, None]], dim=1)
+        for block in self.head:
+            x = block(x, cond=flat_cond)
+        out = self.out_proj(self.norm(x[:, :n]))
+        return rearrange(out, "(b t) n d -> b t n d", b=b)
+
+
+def expand_cond(r: Tensor, num_frames: int) -> Tensor:
+    """Conditioning for a rollout step: r [B, d] at the last of `num_frames` positions, zeros before -> [B, T, d].
+
+    Only the last position's vector affects the last position's prediction (the head is frame-local).
+    """
+    zeros = repeat(torch.zeros_like(r), "b d -> b t d", t=num_frames - 1)
+    return torch.cat([zeros, r[:, None]], dim=1)
