@@ -1,0 +1,121 @@
+"""Shard lists: expand a shard spec into URLs, check them at start-up, and give each reader slot its share.
+
+A spec is one or more of, separated by spaces (or by `::`, webdataset's separator, which a `pipe:` command needs
+because the command itself contains spaces):
+
+    data/train/shard-*.tar                     local glob
+    data/train/shard-{000000..000009}.tar      brace pattern (local, or inside a URL or command)
+    https://host/train/shard-{000..009}.tar    http(s) URL (read with curl by webdataset)
+    pipe:aws s3 cp s3://bucket/shard-000000.tar -     a command whose stdout is a tar (a spec that starts with
+                                                      `pipe:` and has no `::` is one command)
+
+A reader slot is one DataLoader worker of one rank: slot = rank * num_workers + worker, slots = world_size *
+num_workers. Every epoch the shard list is shuffled with (seed, epoch), identically on every rank. With at least as
+many shards as slots, slot k reads shuffled[k::slots] (disjoint shares). With fewer, every slot reads every shard
+and keeps the samples whose running index i has i % slots == k (`modulo` mode).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import braceexpand
+import numpy as np
+
+URL_SCHEMES = ("http://", "https://")
+
+
+class ShardListError(ValueError):
+    """The shard spec names nothing, or names shards that do not exist."""
+
+
+def _split_spec(spec: str) -> list[str]:
+    if "::" in spec:
+        return [part.strip() for part in spec.split("::") if part.strip()]
+    if spec.strip().startswith("pipe:"):
+        return [spec.strip()]
+    return spec.split()
+
+
+def _expand_local(pattern: str) -> list[str]:
+    path = pattern.removeprefix("file:")
+    if glob.has_magic(path):
+        found = sorted(glob.glob(path))
+        if not found:
+            raise ShardListError(f"shard glob {pattern!r} matches no files (cwd {os.getcwd()})")
+        return found
+    if not os.path.isfile(path):
+        raise ShardListError(f"shard {pattern!r} does not exist (cwd {os.getcwd()}); check the data.*_shards path")
+    return [path]
+
+
+def _check_url(url: str, timeout: float = 10.0) -> None:
+    request = urllib.request.Request(url, method="HEAD")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return
+    except urllib.error.HTTPError as exc:
+        if exc.code == 405:  # the server does not answer HEAD; the reader will find out
+            return
+        raise ShardListError(f"shard URL {url!r} answered HTTP {exc.code} {exc.reason}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise ShardListError(f"shard URL {url!r} cannot be reached: {exc}") from exc
+
+
+def expand_shards(spec: str, *, check_urls: bool = True) -> list[str]:
+    """Expand a shard spec into a list of shard URLs/paths, failing at start-up with a clear error when it is empty,
+    a local shard or glob matches nothing, or (with `check_urls`) the first http(s) URL does not answer."""
+    if not spec or not spec.strip():
+        raise ShardListError("the shard list is empty; set data.train_shards / data.val_shards to a glob or URL")
+    urls: list[str] = []
+    for part in _split_spec(spec):
+        for item in braceexpand.braceexpand(part):
+            if item.startswith("pipe:") or item.startswith(URL_SCHEMES):
+                urls.append(item)
+            else:
+                urls.extend(_expand_local(item))
+    remote = [u for u in urls if u.startswith(URL_SCHEMES)]
+    if check_urls and remote:
+        _check_url(remote[0])
+    return urls
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Reader slot `index` of `count` (count = world_size * num_workers)."""
+
+    index: int
+    count: int
+
+
+def epoch_order(urls: list[str], seed: int, epoch: int) -> list[str]:
+    """The shard list shuffled with (seed, epoch): the same on every rank."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(urls))
+    return [urls[i] for i in order]
+
+
+def uses_modulo(num_shards: int, slot: Slot) -> bool:
+    """True when there are fewer shards than slots, so every slot reads all shards and keeps every slots-th sample."""
+    return num_shards < slot.count
+
+
+def slot_passes(urls: list[str], seed: int, epoch: int, slot: Slot) -> Iterator[list[str]]:
+    """Endless passes over this slot's shards: pass p is the slot's share in an order seeded by (seed, epoch, p).
+
+    In modulo mode all slots read all shards in the same order per pass (so their sample indices line up);
+    otherwise each slot has a disjoint share, reshuffled per pass with (seed, epoch, slot, p).
+    """
+    ordered = epoch_order(urls, seed, epoch)
+    modulo = uses_modulo(len(urls), slot)
+    share = ordered if modulo else ordered[slot.index :: slot.count]
+    p = 0
+    while True:
+        key = [seed, epoch, p] if modulo else [seed, epoch, slot.index, p]
+        order = np.random.default_rng(key).permutation(len(share)) if p > 0 else np.arange(len(share))
+        yield [share[i] for i in order]
+        p += 1

@@ -1,0 +1,312 @@
+"""The streaming pipeline: tar shards -> batches of clips, read top to bottom in `TrainClips.__iter__`.
+
+    shard list -> per-epoch seeded shard shuffle -> split by node and worker (shardlist.slot_passes)
+      -> tar samples (only KEY.<video> and KEY.json are read) -> sample shuffle buffer
+      -> decode + clip -> batch + collate
+
+Training (`make_train_loader`) gives every rank exactly `cfg.epoch_batches` batches per epoch: each worker cycles
+over its share of the shards (reshuffled per pass) until its part of the epoch is done, so no rank waits on another.
+Evaluation (`make_eval_loader`) is one finite, deterministic pass over the shards in order.
+
+Bad samples never stop the stream: they are skipped and counted by reason ("decode_error", "too_short",
+"bad_metadata", "shard_error"), and each batch carries `batch["skipped"]`, the counts of its worker since that
+worker's previous batch. Nothing in a shard is unpickled or executed: only video bytes and JSON are read.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_pipeline.clips import MetadataError, clip_indices, clip_starts, cut_metadata
+from data_pipeline.config import DataConfig
+from data_pipeline.decoders import DecodeError, get_decoder
+from data_pipeline.shardlist import Slot, expand_shards, slot_passes, uses_modulo
+from data_pipeline.write_shards import VIDEO_EXTENSIONS
+
+READ_EXTENSIONS = frozenset((*VIDEO_EXTENSIONS, "json"))
+
+
+class NoDecodableDataError(RuntimeError):
+    """A reader went through all of its shards without finding one usable clip."""
+
+
+def _format_entries_only(name: str) -> bool:
+    """Tar member filter: read only the entries the shard format defines (KEY.<video ext>, KEY.json)."""
+    return name.rsplit(".", 1)[-1].lower() in READ_EXTENSIONS
+
+
+class _Reader:
+    """One worker's read state, shared by its stages: skip counts and the guards against endless useless passes."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        self.cfg = cfg
+        self.decoder = get_decoder(cfg.decoder)
+        self.skipped: Counter[str] = Counter()
+        self.pass_samples = 0  # samples delivered in the current pass over the shards
+        self.max_pass_samples = 0
+        self.failure_streak = 0
+
+    def shard_error(self, exn: Exception) -> bool:
+        """webdataset exception handler: a shard that cannot be opened or read is counted, and the stream goes on."""
+        self.skipped["shard_error"] += 1
+        warnings.warn(f"skipping unreadable shard data: {exn}", stacklevel=2)
+        return True
+
+    def skip(self, reason: str, key: str) -> None:
+        self.skipped[reason] += 1
+        self.failure_streak += 1
+        # A usable sample recurs every pass, so a streak this long means there is none (the margin covers samples
+        # waiting in the shuffle buffer).
+        limit = 10 * (self.max_pass_samples + self.cfg.shuffle_buffer)
+        if self.max_pass_samples and self.failure_streak > limit:
+            raise NoDecodableDataError(
+                f"{self.failure_streak} samples in a row were unusable (skipped so far: {dict(self.skipped)}; last "
+                f"{key!r}) over full passes of this reader's shards: no usable clip of {self.cfg.clip_length} frames "
+                f"with frame_step {self.cfg.frame_step}. Check the shards (python -m data_pipeline.bench) and "
+                "data.num_context / data.num_target / data.frame_step."
+            )
+
+    def pop_skipped(self) -> dict[str, int]:
+        counts, self.skipped = dict(self.skipped), Counter()
+        return counts
+
+
+def _urls(passes: Iterable[list[str]], reader: _Reader, empty_passes_allowed: int) -> Iterator[dict]:
+    """{"url": ...} for pass after pass. Stops with an error when `empty_passes_allowed` passes in a row delivered no
+    samples (checked when a pass ends: the tar stage asks for the next URL only after its last sample was taken)."""
+    empty = 0
+    for shards in passes:
+        reader.pass_samples = 0
+        yield from ({"url": url} for url in shards)
+        reader.max_pass_samples = max(reader.max_pass_samples, reader.pass_samples)
+        empty = empty + 1 if reader.pass_samples == 0 else 0
+        if empty >= empty_passes_allowed:
+            raise NoDecodableDataError(
+                f"{empty} full pass(es) over the shards {shards[:3]}{'...' if len(shards) > 3 else ''} delivered no "
+                f"samples to this reader (skipped: {dict(reader.skipped)}); are the shards empty or unreadable, or "
+                "are there fewer samples than ranks x workers?"
+            )
+
+
+def _keep_slot(samples: Iterable[dict], reader: _Reader, modulo: Slot | None) -> Iterator[dict]:
+    """Count delivered samples; in modulo mode keep only sample i with i % slots == slot."""
+    for i, sample in enumerate(samples):
+        if modulo is None or i % modulo.count == modulo.index:
+            reader.pass_samples += 1
+            yield sample
+
+
+def _video_entry(sample: dict) -> tuple[str, bytes] | None:
+    for ext in VIDEO_EXTENSIONS:
+        if ext in sample:
+            return ext, sample[ext]
+    return None
+
+
+def _parse_meta(sample: dict) -> dict:
+    if "json" not in sample:
+        raise MetadataError("the sample has no KEY.json")
+    try:
+        meta = json.loads(sample["json"])
+        num_frames = int(meta["num_frames"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise MetadataError(f"KEY.json is unreadable or lacks num_frames: {exc!r}") from exc
+    if num_frames < 1:
+        raise MetadataError(f"num_frames is {num_frames}")
+    return meta
+
+
+def _decode_clips(
+    samples: Iterable[dict], reader: _Reader, start_rng: Callable[[str], np.random.Generator], clips_per_video: int
+) -> Iterator[dict]:
+    """Decode + clip: for each sample, `clips_per_video` clips from one decode of the union of their frames.
+
+    Yields dicts with `frames` uint8 [T, H, W, C], optional `state` [T, S], `action` [T-1, A], `events` [T-1],
+    `labels` {name: int}, names, `key` and `start`. Unusable samples are skipped and counted.
+    """
+    cfg = reader.cfg
+    for sample in samples:
+        key = sample.get("__key__", "?")
+        video = _video_entry(sample)
+        try:
+            meta = _parse_meta(sample)
+            if video is None:
+                raise MetadataError(f"the sample has no video entry (one of {VIDEO_EXTENSIONS})")
+            starts = clip_starts(
+                int(meta["num_frames"]), cfg.clip_length, cfg.frame_step, start_rng(key), clips_per_video
+            )
+            if starts is None:
+                reader.skip("too_short", key)
+                continue
+            clips = [clip_indices(int(s), cfg.clip_length, cfg.frame_step) for s in starts]
+            rows = [cut_metadata(meta, idx) for idx in clips]
+            needed, positions = np.unique(np.concatenate(clips), return_inverse=True)
+            frames = reader.decoder.decode(video[1], needed.tolist(), size=cfg.image_size)
+        except MetadataError:
+            reader.skip("bad_metadata", key)
+            continue
+        except DecodeError:
+            reader.skip("decode_error", key)
+            continue
+        reader.failure_streak = 0
+        positions = positions.reshape(len(clips), cfg.clip_length)
+        for start, pos, row in zip(starts, positions, rows, strict=True):
+            yield {
+                "frames": frames[pos],
+                **row,
+                "labels": meta.get("labels"),
+                "state_names": meta.get("state_names"),
+                "action_names": meta.get("action_names"),
+                "key": key,
+                "start": int(start),
+            }
+
+
+def _stack_if_all(clips: list[dict], name: str, dtype: torch.dtype) -> torch.Tensor | None:
+    values = [c.get(name) for c in clips]
+    if any(v is None for v in values) or len({v.shape for v in values}) != 1:
+        return None
+    return torch.from_numpy(np.stack(values)).to(dtype)
+
+
+def collate(clips: list[dict], skipped: dict[str, int]) -> dict:
+    """Clips -> the batch dict of docs/architecture.md: `frames` uint8 [B, T, H, W, C], `state` float32 [B, T, S],
+    `action` float32 [B, T-1, A], `events` float32 [B, T-1], `labels` int64 [B, L] (each only when every clip has
+    it), names from the first clip, `key`, `start` int64 [B], and `skipped` (counts since the previous batch)."""
+    shapes = {c["frames"].shape for c in clips}
+    if len(shapes) != 1:
+        raise ValueError(f"clips in a batch have different frame shapes {sorted(shapes)}; set data.image_size > 0")
+    batch: dict = {"frames": torch.from_numpy(np.stack([c["frames"] for c in clips]))}
+    for name in ("state", "action", "events"):
+        stacked = _stack_if_all(clips, name, torch.float32)
+        if stacked is not None:
+            batch[name] = stacked
+    label_names = list(clips[0]["labels"] or {})
+    if label_names and all(c["labels"] and list(c["labels"]) == label_names for c in clips):
+        batch["labels"] = torch.tensor([[c["labels"][n] for n in label_names] for c in clips], dtype=torch.int64)
+    batch["state_names"] = list(clips[0]["state_names"] or [])
+    batch["action_names"] = list(clips[0]["action_names"] or [])
+    batch["label_names"] = label_names if "labels" in batch else []
+    batch["key"] = [c["key"] for c in clips]
+    batch["start"] = torch.tensor([c["start"] for c in clips], dtype=torch.int64)
+    batch["skipped"] = skipped
+    return batch
+
+
+def _batches(clips: Iterable[dict], reader: _Reader, batch_size: int, partial: bool) -> Iterator[dict]:
+    for group in iter(lambda: list(islice(clips, batch_size)), []):
+        if len(group) < batch_size and not partial:
+            return
+        yield collate(group, reader.pop_skipped())
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+class TrainClips(IterableDataset):
+    """One rank's training stream for one epoch: exactly `cfg.epoch_batches` batches over all its workers."""
+
+    def __init__(self, cfg: DataConfig, urls: list[str], *, seed: int, epoch: int, rank: int, world_size: int):
+        super().__init__()
+        self.cfg, self.urls = cfg, urls
+        self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
+
+    def __len__(self) -> int:
+        return self.cfg.epoch_batches
+
+    def __iter__(self) -> Iterator[dict]:
+        cfg = self.cfg
+        worker, num_workers = _worker()
+        slot = Slot(self.rank * num_workers + worker, self.world_size * num_workers)
+        my_batches = cfg.epoch_batches // num_workers + (worker < cfg.epoch_batches % num_workers)
+        modulo = slot if uses_modulo(len(self.urls), slot) else None
+        reader = _Reader(cfg)
+        seeds = [self.seed, self.epoch, slot.index]
+        clip_rng = np.random.default_rng(seeds)
+        pipeline = wds.DataPipeline(
+            lambda: _urls(slot_passes(self.urls, self.seed, self.epoch, slot), reader, modulo.count if modulo else 1),
+            wds.tarfile_to_samples(handler=reader.shard_error, select_files=_format_entries_only),
+            lambda samples: _keep_slot(samples, reader, modulo),
+            wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=random.Random(str(seeds))),
+            lambda samples: _decode_clips(samples, reader, lambda key: clip_rng, cfg.clips_per_video),
+            lambda clips: _batches(clips, reader, cfg.batch_size, partial=False),
+        )
+        yield from islice(pipeline, my_batches)
+
+
+def make_train_loader(cfg: DataConfig, shards: str, *, seed: int, epoch: int, rank: int, world_size: int) -> DataLoader:
+    """The training DataLoader of one rank for one epoch: `cfg.epoch_batches` batches of `cfg.batch_size` clips.
+
+    Every rank gets the same number of batches. Shards are shuffled with (seed, epoch) identically on all ranks and
+    dealt round-robin to the world_size * num_workers reader slots (disjoint samples); with fewer shards than slots
+    every slot reads all shards and keeps every slots-th sample. The same (seed, epoch, rank) gives the same stream.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    urls = expand_shards(shards)
+    slots = world_size * max(1, cfg.num_workers)
+    if uses_modulo(len(urls), Slot(0, slots)):
+        warnings.warn(
+            f"{len(urls)} shard(s) for {slots} reader slots (world_size {world_size} x num_workers "
+            f"{cfg.num_workers}): every slot reads every shard and keeps 1 sample in {slots}. Write more shards "
+            "(data_pipeline.write_shards --samples-per-shard) to read each shard once.",
+            stacklevel=2,
+        )
+    dataset = TrainClips(cfg, urls, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
+    return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers)
+
+
+class EvalClips(IterableDataset):
+    """One pass over the shards in order: one clip per video from a start seeded by (seed, key), `num_clips` max."""
+
+    def __init__(self, cfg: DataConfig, urls: list[str], *, num_clips: int, seed: int, batch_size: int):
+        super().__init__()
+        self.cfg, self.urls, self.num_clips, self.seed, self.batch_size = cfg, urls, num_clips, seed, batch_size
+
+    def __iter__(self) -> Iterator[dict]:
+        reader = _Reader(self.cfg)
+
+        def start_rng(key: str) -> np.random.Generator:
+            return np.random.default_rng([self.seed, zlib.crc32(key.encode())])
+
+        pipeline = wds.DataPipeline(
+            lambda: iter([{"url": url} for url in self.urls]),
+            wds.tarfile_to_samples(handler=reader.shard_error, select_files=_format_entries_only),
+            lambda samples: _decode_clips(samples, reader, start_rng, clips_per_video=1),
+            lambda clips: islice(clips, self.num_clips),
+            lambda clips: _batches(clips, reader, self.batch_size, partial=True),
+        )
+        produced = 0
+        for batch in pipeline:
+            produced += len(batch["key"])
+            yield batch
+        if produced == 0:
+            raise NoDecodableDataError(
+                f"no usable clip in the eval shards {self.urls[:3]} (skipped: {dict(reader.skipped)})"
+            )
+
+
+def make_eval_loader(
+    cfg: DataConfig, shards: str, *, num_clips: int, seed: int = 0, batch_size: int | None = None
+) -> DataLoader:
+    """A finite, deterministic evaluation stream: a single pass over the shards in order (no shuffle, no
+    resampling), one clip per video, stopping after `num_clips` clips (fewer if the shards run out). Batches have
+    `batch_size` (default cfg.batch_size) clips; the last one may be smaller."""
+    if num_clips < 1:
+        raise ValueError(f"num_clips must be >= 1, got {num_clips}")
+    urls = expand_shards(shards)
+    dataset = EvalClips(cfg, urls, num_clips=num_clips, seed=seed, batch_size=batch_size or cfg.batch_size)
+    return DataLoader(dataset, batch_size=None, num_workers=0)
