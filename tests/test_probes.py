@@ -91,19 +91,21 @@ def test_latent_action_probe_finds_events_in_the_innovation():
     events = (rng.random((clips, steps)) < 0.3).astype(np.float32)
     action = events[..., None] * rng.normal(size=(clips, steps, 2))
     innovation = np.concatenate([action, 0.01 * rng.normal(size=(clips, steps, 2))], axis=-1)
-    latents = {
+    features = {
         "innovation": innovation,
         "mu_q": rng.normal(size=(clips, steps, 4)),  # carries nothing
-        "kl": events * 3.0 + 0.5 + 0.1 * rng.random((clips, steps)),
     }
+    kl = events * 3.0 + 0.5 + 0.1 * rng.random((clips, steps))
     fit, test = split_clips(clips, seed=0)
-    out, notes = latent_action_probes(latents, action, ["dvx0", "dvy0"], events, fit, test, 1e-3)
-    assert notes == []
-    assert out["innovation"]["action_r2_mean"] > 0.99
-    assert out["mu_q"]["action_r2_mean"] < 0.2
-    assert out["kl"]["event_auc"] == 1.0
-    assert out["kl"]["mean_event"] > out["kl"]["mean_no_event"]
-    assert out["innovation"]["event_auc"] > 0.95 and out["innovation"]["event_auc_norm"] > 0.95
-    assert out["mu_q"]["event_auc"] < 0.75
-    out, notes = latent_action_probes(latents, None, None, None, fit, test, 1e-3)
-    assert len(notes) == 2 and "action_r2" not in out["innovation"] and "event_auc" not in out["kl"]
+    out, notes = latent_action_probes(features, ("kl", kl), action, ["dvx0", "dvy0"], events, fit, test, 1e-3)
+    assert notes == [] and out["headline"] == "innovation"
+    inno, mu_q = out["features"]["innovation"], out["features"]["mu_q"]
+    assert inno["action_r2_mean"] > 0.99
+    assert mu_q["action_r2_mean"] < 0.2
+    assert out["detector"]["name"] == "kl" and out["detector"]["event_auc"] == 1.0
+    assert out["detector"]["mean_event"] > out["detector"]["mean_no_event"]
+    assert inno["event_auc"] > 0.95 and inno["event_auc_norm"] > 0.95
+    assert mu_q["event_auc"] < 0.75
+    out, notes = latent_action_probes(features, ("kl", kl), None, None, None, fit, test, 1e-3)
+    assert len(notes) == 2 and "action_r2" not in out["features"]["innovation"]
+    assert "event_auc" not in out["detector"]

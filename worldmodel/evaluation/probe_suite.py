@@ -92,7 +92,8 @@ def label_probes(
 
 
 def latent_action_probes(
-    latents: dict[str, np.ndarray],
+    features: dict[str, np.ndarray],
+    detector: tuple[str, np.ndarray] | None,
     action: np.ndarray | None,
     action_names: list[str] | None,
     events: np.ndarray | None,
@@ -102,18 +103,22 @@ def latent_action_probes(
 ) -> tuple[dict, list[str]]:
     """How well the inferred per-transition latent reads out the ground-truth transition signal.
 
-    latents: {"innovation": [C, T-1, d_r], "mu_q": [C, T-1, d_r], "kl": [C, T-1]} from model.infer_latents;
-    action: [C, T-1, A] or None; events: [C, T-1] or None. For each feature ("innovation", the headline, and
-    "mu_q", the raw posterior mean): ridge R² per action column; `event_auc`, the held-out AUC of a logistic
-    detector of the event flag on [x, x²] (a kick of random direction shows in the magnitude, which a linear
-    read-out of x cannot see); `event_auc_norm`, the AUC of ||x|| itself (nothing fitted, all transitions).
-    The per-transition KL is scored directly as an event detector (AUC over all transitions, nothing fitted),
-    with its mean on event and no-event transitions (the bimodality health check).
+    features: {name: [C, T-1, F]} per-transition read-outs of model.infer_latents, the headline first (adassl_v:
+    the innovation (mu_q - mu_p) / sigma_p, then the raw posterior mean mu_q); detector: (name, scores [C, T-1])
+    scored directly as an event detector (adassl_v: the per-transition KL), or None; action: [C, T-1, A] or None;
+    events: [C, T-1] or None.
+
+    Per feature: `action_r2` (ridge R² per action column, held out) and its mean; `event_auc`, the held-out AUC of
+    a logistic detector of the event flag on [x, x²] (a kick of random direction shows in the magnitude, which a
+    linear read-out of x cannot see); `event_auc_norm`, the AUC of ||x|| itself (nothing fitted, all
+    transitions). The detector gets its AUC over all transitions (nothing fitted) and its mean on event and
+    no-event transitions (the bimodality health check of DESIGN.md section 6).
+
+    Returns ({"headline": name, "features": {name: {...}}, "detector": {"name": ..., ...} or None}, notes).
     """
-    out: dict = {}
+    out: dict = {"headline": next(iter(features)), "features": {}, "detector": None}
     notes = []
-    for feature in ("innovation", "mu_q"):
-        x = latents[feature]
+    for name, x in features.items():
         entry: dict = {}
         if action is not None:
             r2 = ridge_r2(_rows(x[fit]), _rows(action[fit]), _rows(x[test]), _rows(action[test]), ridge)
@@ -121,24 +126,23 @@ def latent_action_probes(
             entry["action_r2"] = dict(zip(names, nan_to_none(r2), strict=True))
             entry["action_r2_mean"] = None if np.isnan(r2).all() else float(np.nanmean(r2))
         if events is not None:
-            quad = np.concatenate([x, x**2], axis=-1)  # a kick of random sign shows in magnitude, not direction
+            quad = np.concatenate([x, x**2], axis=-1)
             entry["event_auc"] = logistic_auc(
                 _rows(quad[fit]), events[fit].reshape(-1), _rows(quad[test]), events[test].reshape(-1)
             )
             entry["event_auc_norm"] = auc(np.linalg.norm(x, axis=-1).reshape(-1), events.reshape(-1))
-        out[feature] = entry
+        out["features"][name] = entry
     if action is None:
         notes.append("latent-action probe: the shards have no `action` field; action R² skipped")
-    kl = latents["kl"]
     if events is None:
         notes.append("latent-action probe: the shards have no `events` field; event AUCs skipped")
-        out["kl"] = {"mean": float(kl.mean())}
-    else:
-        flags = events > 0.5
-        out["kl"] = {
-            "event_auc": auc(kl.reshape(-1), flags.reshape(-1)),
-            "mean": float(kl.mean()),
-            "mean_event": float(kl[flags].mean()) if flags.any() else None,
-            "mean_no_event": float(kl[~flags].mean()) if (~flags).any() else None,
-        }
+    if detector is not None:
+        name, scores = detector
+        entry = {"name": name, "mean": float(scores.mean())}
+        if events is not None:
+            flags = events > 0.5
+            entry["event_auc"] = auc(scores.reshape(-1), flags.reshape(-1))
+            entry["mean_event"] = float(scores[flags].mean()) if flags.any() else None
+            entry["mean_no_event"] = float(scores[~flags].mean()) if (~flags).any() else None
+        out["detector"] = entry
     return out, notes

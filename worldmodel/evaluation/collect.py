@@ -1,0 +1,142 @@
+"""One pass over the eval batches: rollouts in every mode, per-step errors, and the pooled latents the probes need.
+
+All predictions come from `model.rollout` (the function training uses); nothing here predicts on its own. The
+copy-last baseline is the one exception by design: it is the last context frame's target latents repeated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from einops import reduce
+
+from worldmodel.evaluation.rollout_metrics import (
+    ErrorAccumulator,
+    MeanAccumulator,
+    copy_last,
+    pairwise_diversity,
+    sample_errors,
+    step_errors,
+    step_events,
+)
+
+# rollout modes per latent kind: (name in metrics.json, mode passed to model.rollout)
+DETERMINISTIC_MODES = {
+    "none": (("prediction", "prior_mean"),),
+    "adassl_v": (("prior_mean", "prior_mean"), ("posterior", "posterior"), ("zero", "zero")),
+    "adassl_s": (("prior_mean", "prior_mean"), ("posterior", "posterior"), ("zero", "zero")),
+    "oracle": (("action", "action"), ("zero", "zero")),
+}
+SAMPLED_LATENTS = ("adassl_v", "adassl_s")
+# what the latent-action probe reads from model.infer_latents: per-transition features (headline first) and the
+# score used directly as an event detector
+LATENT_READOUTS = {
+    "adassl_v": {"features": ("innovation", "mu_q"), "detector": "kl"},
+    "adassl_s": {"features": ("r", "mask_prob"), "detector": "expected_active"},
+}
+MAX_STRIP_SAMPLES = 4  # sampled futures drawn per frame strip
+
+
+def pool(tokens: torch.Tensor) -> torch.Tensor:
+    """Mean over patches: [..., N, D] -> [..., D] (float32)."""
+    return reduce(tokens.float(), "... n d -> ... d", "mean")
+
+
+@dataclass
+class Collected:
+    """Everything gathered over the eval set (C clips, T frames, H horizon steps, D latent width)."""
+
+    errors: ErrorAccumulator
+    diversity: MeanAccumulator = field(default_factory=MeanAccumulator)
+    target_pooled: list[np.ndarray] = field(default_factory=list)  # [B, T, D] per batch
+    online_pooled: list[np.ndarray] = field(default_factory=list)  # [B, T, D]
+    predicted_pooled: dict[str, list[np.ndarray]] = field(default_factory=dict)  # mode -> [B, H, D]
+    frames: list[np.ndarray] = field(default_factory=list)  # uint8 [B, T, H, W, C]
+    strip_samples: list[np.ndarray] = field(default_factory=list)  # [B, k, H, D] sampled futures, k <= 4
+    state: list[np.ndarray] = field(default_factory=list)
+    labels: list[np.ndarray] = field(default_factory=list)
+    action: list[np.ndarray] = field(default_factory=list)
+    events: list[np.ndarray] = field(default_factory=list)
+    latents: dict[str, list[np.ndarray]] = field(default_factory=dict)  # LATENT_READOUTS keys, per transition
+    names: dict[str, list[str]] = field(default_factory=dict)  # state_names, label_names, action_names
+
+    def stacked(self, name: str) -> np.ndarray | None:
+        """The per-batch list `name` concatenated over clips, or None if never filled."""
+        parts = getattr(self, name)
+        return np.concatenate(parts) if parts else None
+
+
+def _np(x: torch.Tensor) -> np.ndarray:
+    return x.detach().float().cpu().numpy()
+
+
+@torch.no_grad()
+def process_batch(
+    model: torch.nn.Module,
+    batch: dict,
+    out: Collected,
+    *,
+    latent: str,
+    num_context: int,
+    horizon: int,
+    num_samples: int,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+) -> None:
+    """Roll out one batch in every mode of `latent` and add errors and pooled latents to `out`.
+
+    batch: the pipeline's dict (frames uint8 [B, T, H, W, C], optional state [B, T, S], action [B, T-1, A],
+    events [B, T-1], labels [B, L]). Errors are against model.encode_target of the true future frames; `generator`
+    draws the prior samples.
+    """
+    frames = batch["frames"].to(device)
+    online = model.encode(frames)  # [B, T, N, D]
+    target = model.encode_target(frames)  # [B, T, N, D]
+    context = online[:, :num_context]
+    future = target[:, num_context : num_context + horizon]  # [B, H, N, D]
+    events = batch.get("events")
+    step_event = step_events(events, num_context, horizon) if events is not None else None
+
+    preds = {"copy_last": copy_last(target[:, :num_context], horizon)}
+    for name, mode in DETERMINISTIC_MODES[latent]:
+        kwargs = {}
+        if mode == "posterior":
+            kwargs["future_tokens"] = future
+        if mode == "action":
+            kwargs["actions"] = batch["action"][:, num_context - 1 : num_context - 1 + horizon].to(device)
+        preds[name] = model.rollout(context, horizon, mode, **kwargs)[0]
+    if latent == "none":
+        preds["prior_mean"] = preds["prediction"]  # same numbers under the name other runs use
+    for name, pred in preds.items():
+        out.errors.add(name, step_errors(pred, future), step_event)
+        out.predicted_pooled.setdefault(name, []).append(_np(pool(pred)))
+
+    if latent in SAMPLED_LATENTS:
+        samples = model.rollout(context, horizon, "prior_sample", k=num_samples, generator=generator)  # [K, B, H, N, D]
+        by_mode, best = sample_errors(samples, future)
+        for name, errors in by_mode.items():
+            out.errors.add(name, errors, step_event)
+        out.diversity.add(pairwise_diversity(samples))
+        pooled = pool(samples)  # [K, B, H, D]
+        batch_index = torch.arange(pooled.shape[1], device=pooled.device)
+        out.predicted_pooled.setdefault("best_of_k", []).append(_np(pooled[best, batch_index]))
+        out.predicted_pooled.setdefault("prior_sample", []).append(_np(pooled[0]))
+        out.strip_samples.append(_np(pooled[:MAX_STRIP_SAMPLES].transpose(0, 1)))
+
+    if latent in LATENT_READOUTS:
+        inferred = model.infer_latents(online, target)
+        readout = LATENT_READOUTS[latent]
+        for key in (*readout["features"], readout["detector"]):
+            out.latents.setdefault(key, []).append(_np(inferred[key]))
+
+    out.target_pooled.append(_np(pool(target)))
+    out.online_pooled.append(_np(pool(online)))
+    out.frames.append(batch["frames"].cpu().numpy())
+    for key in ("state", "labels", "action", "events"):
+        if batch.get(key) is not None:
+            getattr(out, key).append(batch[key].cpu().numpy())
+    for key in ("state_names", "label_names", "action_names"):
+        if batch.get(key) is not None:
+            out.names.setdefault(key, list(batch[key]))

@@ -1,0 +1,146 @@
+"""Side-by-side headline numbers of several evaluated runs: `evaluate.py --compare RUN_A RUN_B ...`.
+
+Reads RUN/eval/metrics.json of every run and writes OUTPUT/compare.md and OUTPUT/compare.json:
+
+    {"runs": [run dir, ...], "labels": [column label, ...],
+     "rows": [{"name": str, "values": [value per run]}, ...], "notes": [str, ...]}
+
+A value is a number, a list [at h=1, at mid horizon, at h=H] for rollout errors, or null where the run does not
+have that number (e.g. no posterior mode for a plain JEPA run).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from worldmodel.evaluation import EvaluationError
+from worldmodel.evaluation.report import fmt, table
+
+# `prediction` (latent none) is left out: the same numbers are filed as `prior_mean`, which every run can line up on
+MODE_ORDER = ("copy_last", "prior_mean", "best_of_k", "mean_of_k", "posterior", "zero", "action")
+
+
+def load_metrics(run_dir: str | Path) -> dict:
+    """RUN_DIR/eval/metrics.json, or an EvaluationError saying how to make it."""
+    path = Path(run_dir) / "eval" / "metrics.json"
+    if not path.is_file():
+        raise EvaluationError(
+            f"{path} does not exist; evaluate the run first: python evaluate.py --run {run_dir} --shards GLOB"
+        )
+    return json.loads(path.read_text())
+
+
+def horizon_points(horizon: int) -> list[int]:
+    """The horizon steps a comparison shows: 1, the middle and H (deduplicated, in order)."""
+    return sorted({1, (horizon + 1) // 2, horizon})
+
+
+def _at(values: list | None, steps: list[int]) -> list | None:
+    return None if values is None else [values[h - 1] for h in steps]
+
+
+def headline_rows(all_metrics: list[dict]) -> list[dict[str, Any]]:
+    """The comparison rows: rollout L1 per mode and split, probes, label accuracy, latent-action AUCs, collapse."""
+    rows: list[dict[str, Any]] = []
+    points = [horizon_points(m["horizon"]) for m in all_metrics]
+
+    def add(name: str, get) -> None:
+        values = [get(m, p) for m, p in zip(all_metrics, points, strict=True)]
+        if any(v is not None for v in values):
+            rows.append({"name": name, "values": values})
+
+    present = {mode for m in all_metrics for mode in m["modes"]}
+    for mode in [m for m in MODE_ORDER if m in present] + sorted(present - {*MODE_ORDER, "prediction"}):
+        for split in ("all", "event", "no_event"):
+            add(
+                f"L1 {mode} ({split})",
+                lambda m, p, mode=mode, split=split: _at(m["modes"].get(mode, {}).get(split, {}).get("l1"), p),
+            )
+    add("diversity of K futures", lambda m, p: _at(m.get("diversity"), p))
+    state_names = dict.fromkeys(n for m in all_metrics for n in m["probes"].get("encoded", {}))
+    for name in state_names:
+        add(f"probe R² {name} (encoded)", lambda m, p, name=name: m["probes"].get("encoded", {}).get(name))
+        for mode in ("copy_last", "prior_mean", "posterior"):
+            add(
+                f"probe R² {name} ({mode})",
+                lambda m, p, name=name, mode=mode: _at(m["probes"].get("predicted", {}).get(mode, {}).get(name), p),
+            )
+    for label in dict.fromkeys(n for m in all_metrics for n in m["probes"].get("labels", {})):
+        add(f"label accuracy {label}", lambda m, p, label=label: m["probes"].get("labels", {}).get(label))
+    add("KL (detector) event AUC", lambda m, p: ((m.get("latent_action") or {}).get("detector") or {}).get("event_auc"))
+    for key, what in (("event_auc", "event AUC"), ("action_r2_mean", "action R² (mean)")):
+        add(f"latent headline {what}", lambda m, p, key=key: _headline(m).get(key))
+        add(f"latent mu_q {what}", lambda m, p, key=key: _feature(m, "mu_q").get(key))
+    for encoder in ("online", "target"):
+        add(
+            f"effective rank ({encoder} encoder)",
+            lambda m, p, e=encoder: (m.get("collapse") or {}).get(e, {}).get("emb_eff_rank"),
+        )
+    return rows
+
+
+def _feature(metrics: dict, name: str) -> dict:
+    return ((metrics.get("latent_action") or {}).get("features") or {}).get(name) or {}
+
+
+def _headline(metrics: dict) -> dict:
+    """The headline latent-action read-out (the innovation for adassl_v), or {} for runs without one."""
+    latent = metrics.get("latent_action") or {}
+    return _feature(metrics, latent["headline"]) if latent else {}
+
+
+def _labels(run_dirs: list[str]) -> list[str]:
+    names = [Path(r).name for r in run_dirs]
+    return names if len(set(names)) == len(names) else [str(r) for r in run_dirs]
+
+
+def compare_runs(run_dirs: list[str | Path], output: str | Path) -> dict:
+    """Write OUTPUT/compare.md and OUTPUT/compare.json for the evaluated runs; returns the JSON dict."""
+    if len(run_dirs) < 1:
+        raise EvaluationError("--compare needs at least one evaluated run directory")
+    run_dirs = [str(r) for r in run_dirs]
+    all_metrics = [load_metrics(r) for r in run_dirs]
+    notes = []
+    shards = {m.get("shards") for m in all_metrics}
+    if len(shards) > 1:
+        notes.append(f"the runs were evaluated on different shards ({sorted(map(str, shards))}); compare with care")
+    horizons = {m["horizon"] for m in all_metrics}
+    if len(horizons) > 1:
+        notes.append(f"the runs were evaluated at different horizons {sorted(horizons)}; lists are each run's own")
+    labels = _labels(run_dirs)
+    result = {"runs": run_dirs, "labels": labels, "rows": headline_rows(all_metrics), "notes": notes}
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "compare.json").write_text(json.dumps(result, indent=2))
+    (output / "compare.md").write_text(render_compare(result, all_metrics))
+    return result
+
+
+def render_compare(result: dict, all_metrics: list[dict]) -> str:
+    """The compare.md text."""
+    steps = {m["horizon"]: horizon_points(m["horizon"]) for m in all_metrics}
+    where = "; ".join(f"H={h}: steps {'/'.join(map(str, p))}" for h, p in steps.items())
+    rows = [
+        [row["name"], *[("/".join(fmt(x, 3) for x in v) if isinstance(v, list) else v) for v in row["values"]]]
+        for row in result["rows"]
+    ]
+    info = [
+        [label, m["latent"], m["checkpoint_step"], m["num_clips"]]
+        for label, m in zip(result["labels"], all_metrics, strict=True)
+    ]
+    out = [
+        "# Comparison of evaluated runs",
+        "",
+        table(["run", "latent", "checkpoint step", "clips"], info),
+        "",
+        f"Rollout rows list L1 at horizon steps ({where}); `—` = not applicable to that run.",
+        "",
+        table(["metric", *result["labels"]], rows),
+        "",
+    ]
+    if result["notes"]:
+        out += ["## Notes", "", *[f"- {n}" for n in result["notes"]], ""]
+    return "\n".join(out)

@@ -1,0 +1,111 @@
+"""PNG figures of an evaluation: error against horizon, probe R² against horizon, frame strips.
+
+Predicted latents have no pixels; a frame strip shows, for each predicted latent, the real eval-set frame whose
+pooled target latent is nearest (L2) to the prediction's pooled latent (nearest-neighbour retrieval, no decoder).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+R2_FLOOR = -1.0  # an R² below this (a probe far off on predicted latents) is drawn at the floor
+SPLIT_TITLES = {"all": "all transitions", "event": "event transitions", "no_event": "no-event transitions"}
+
+
+def plot_errors(modes: dict[str, dict], path: str | Path, metric: str = "l1") -> None:
+    """Error against horizon step, one line per mode, one panel per split (all / event / no_event).
+
+    modes: the metrics.json "modes" section ({mode: {split: {metric: [H]}}}).
+    """
+    splits = [s for s in SPLIT_TITLES if any(s in entry for entry in modes.values())]
+    fig, axes = plt.subplots(1, len(splits), figsize=(4.5 * len(splits), 3.5), squeeze=False, sharey=True)
+    for ax, split in zip(axes[0], splits, strict=True):
+        for mode, entry in modes.items():
+            if split not in entry:
+                continue
+            values = [np.nan if v is None else v for v in entry[split][metric]]
+            style = {"color": "black", "linestyle": "--"} if mode == "copy_last" else {}
+            ax.plot(range(1, len(values) + 1), values, marker="o", label=mode, **style)
+        ax.set_title(SPLIT_TITLES[split])
+        ax.set_xlabel("horizon step")
+        ax.set_xticks(range(1, len(values) + 1))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"{metric} to target latents")
+    axes[0][-1].legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_probes(predicted: dict[str, dict[str, list]], encoded: dict[str, float | None], path: str | Path) -> None:
+    """Probe R² against horizon step, one panel per state variable, one line per mode; the dotted line is the R²
+    on encoded true frames (what a perfect prediction would score). R² below R2_FLOOR is drawn at the floor."""
+    names = list(encoded)
+    cols = min(4, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.5 * cols, 3.0 * rows), squeeze=False)
+    for ax, name in zip(axes.ravel(), names, strict=False):
+        for mode, per_name in predicted.items():
+            values = [np.nan if v is None else max(v, R2_FLOOR) for v in per_name[name]]
+            style = {"color": "black", "linestyle": "--"} if mode == "copy_last" else {}
+            ax.plot(range(1, len(values) + 1), values, marker="o", label=mode, **style)
+        if encoded[name] is not None:
+            ax.axhline(encoded[name], color="gray", linestyle=":", label="encoded")
+        ax.set_title(name)
+        ax.set_xlabel("horizon step")
+        ax.set_ylim(R2_FLOOR - 0.05, 1.05)
+        ax.set_xticks(range(1, len(next(iter(predicted.values()))[name]) + 1))
+        ax.grid(alpha=0.3)
+    for ax in axes.ravel()[len(names) :]:
+        ax.axis("off")
+    axes[0][0].set_ylabel(f"probe R² (shown clipped at {R2_FLOOR})")
+    axes[0][0].legend(fontsize=7)
+    _save(fig, path)
+
+
+def nearest_frames(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest bank entry (L2) for each query. queries: [M, D]; bank: [F, D] -> int64 [M]."""
+    return torch.cdist(queries.float(), bank.float()).argmin(dim=1)
+
+
+def plot_strip(
+    context: np.ndarray, truth: np.ndarray, futures: dict[str, np.ndarray], path: str | Path, title: str
+) -> None:
+    """One example as a grid: row 0 is context frames | true future; each further row one predicted future.
+
+    context: uint8 [Tc, H, W, C]; truth: uint8 [Hz, H, W, C]; futures: {row label: uint8 [Hz, H, W, C]}
+    (retrieved frames standing in for predicted latents).
+    """
+    num_context, horizon = len(context), len(truth)
+    rows = 1 + len(futures)
+    fig, axes = plt.subplots(rows, num_context + horizon, figsize=(1.2 * (num_context + horizon), 1.3 * rows))
+    axes = np.asarray(axes).reshape(rows, num_context + horizon)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+    for t, frame in enumerate(context):
+        axes[0, t].imshow(frame)
+        axes[0, t].set_title(f"ctx {t + 1}", fontsize=7)
+    for h, frame in enumerate(truth):
+        axes[0, num_context + h].imshow(frame)
+        axes[0, num_context + h].set_title(f"true +{h + 1}", fontsize=7)
+    axes[0, 0].set_ylabel("truth", fontsize=7)
+    for row, (label, frames) in enumerate(futures.items(), start=1):
+        for h, frame in enumerate(frames):
+            axes[row, num_context + h].imshow(frame)
+        axes[row, num_context].set_ylabel(label, fontsize=7)
+    fig.suptitle(title, fontsize=8)
+    _save(fig, path)
+
+
+def _save(fig: plt.Figure, path: str | Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

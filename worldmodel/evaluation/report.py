@@ -1,0 +1,193 @@
+"""A readable markdown report from an evaluation's metrics dict (the metrics.json contract)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+MODE_HELP = {
+    "copy_last": "baseline: the last context frame's target latents repeated (predicts that nothing changes)",
+    "prediction": "the deterministic prediction of a `none` (plain JEPA) model (also filed as `prior_mean`)",
+    "prior_mean": "r set to the prior mean at every step",
+    "best_of_k": "K futures with r ~ prior; per clip the one future with the lowest horizon-averaged L1",
+    "mean_of_k": "K futures with r ~ prior; the average error of one sampled future",
+    "posterior": "r inferred from the true future (an upper bound, not a forecast)",
+    "zero": "r = 0 at every step",
+    "action": "oracle: the true per-transition actions condition the predictor",
+}
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """A number for a table cell; '—' for a missing value."""
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _error_section(metrics: dict) -> list[str]:
+    horizon = metrics["horizon"]
+    steps = [f"h={h}" for h in range(1, horizon + 1)]
+    modes = metrics["modes"]
+    out = [
+        "## Rollout error against the target encoder's latents",
+        "",
+        "Open-loop rollouts from the context frames, errors per horizon step against the EMA target encoder's "
+        "latents of the true frames: `l1` = mean |pred - target|, `l2` = mean squared difference, `cos` = mean "
+        "cosine distance over patches. A step counts as `event` when its predicted transition (the one producing "
+        "that frame) is marked as an event in the sample metadata.",
+        "",
+        "| mode | meaning |",
+        "|---|---|",
+        *[f"| `{m}` | {MODE_HELP.get(m, '')} |" for m in modes],
+        "",
+    ]
+    for split in ("all", "event", "no_event"):
+        rows = [[f"`{m}`", *e[split]["l1"]] for m, e in modes.items() if split in e]
+        if not rows:
+            continue
+        counts = next(e[split]["count"] for e in modes.values() if split in e)
+        out += [
+            f"### L1, {split.replace('_', '-')} steps (clips per step: {counts})",
+            "",
+            table(["mode", *steps], rows),
+        ]
+        out.append("")
+    for metric in ("l2", "cos"):
+        rows = [[f"`{m}`", *e["all"][metric]] for m, e in modes.items()]
+        out += [f"### {metric}, all steps", "", table(["mode", *steps], rows), ""]
+    if metrics.get("diversity") is not None:
+        out += [
+            "### Diversity of sampled futures",
+            "",
+            "Mean pairwise L1 between the K sampled futures (0 for a deterministic model).",
+            "",
+            table(steps, [metrics["diversity"]]),
+            "",
+        ]
+    return out
+
+
+def _probe_section(metrics: dict) -> list[str]:
+    probes = metrics.get("probes") or {}
+    out = ["## Probes", ""]
+    if "encoded" in probes:
+        out += [
+            f"Ridge probes (closed form, standardised features) fitted on {probes['num_fit_clips']} clips and scored "
+            f"(R²) on {probes['num_test_clips']} held-out clips, reading the pooled (mean over patches) target "
+            "latents. `pair` = consecutive frames concatenated (needed for velocities), `single` = one frame.",
+            "",
+            table(
+                ["state", "R² encoded (pair)", "R² encoded (single frame)"],
+                [[n, r, probes["encoded_single_frame"][n]] for n, r in probes["encoded"].items()],
+            ),
+            "",
+            "Pair probe applied to predicted latents ([previous, current] along the rollout), R² per step:",
+            "",
+        ]
+        rows = [
+            [f"`{mode}`", name, *values]
+            for mode, per_name in probes["predicted"].items()
+            for name, values in per_name.items()
+        ]
+        steps = [f"h={h}" for h in range(1, metrics["horizon"] + 1)]
+        out += [table(["mode", "state", *steps], rows), ""]
+    if probes.get("labels"):
+        out += [
+            "Logistic-regression accuracy of discrete labels from single pooled frames (held-out clips):",
+            "",
+            table(["label", "accuracy"], [[n, a] for n, a in probes["labels"].items()]),
+            "",
+        ]
+    return out
+
+
+def _latent_action_section(metrics: dict) -> list[str]:
+    latent = metrics.get("latent_action")
+    if not latent:
+        return []
+    out = [
+        "## Latent-action probe",
+        "",
+        f"Per-transition latents from `model.infer_latents` on true pairs of frames; headline: `{latent['headline']}` "
+        "(for adassl_v the innovation z = (mu_q - mu_p) / sigma_p; `mu_q` is the raw posterior mean). "
+        "`action R²`: held-out ridge probe to the true action; `event AUC`: held-out logistic detector on [x, x²]; "
+        "`||x|| AUC`: the norm itself as a detector.",
+        "",
+    ]
+    rows = [
+        [f"`{name}`", e.get("action_r2_mean"), e.get("event_auc"), e.get("event_auc_norm")]
+        for name, e in latent["features"].items()
+    ]
+    out += [table(["feature", "action R² (mean)", "event AUC", "||x|| AUC"], rows), ""]
+    det = latent.get("detector")
+    if det:
+        out += [
+            f"Per-transition `{det['name']}` as an event detector (a healthy run is bimodal: low on deterministic "
+            "transitions, high on events):",
+            "",
+            table(
+                ["event AUC", "mean", "mean (event)", "mean (no event)"],
+                [[det.get("event_auc"), det.get("mean"), det.get("mean_event"), det.get("mean_no_event")]],
+            ),
+            "",
+        ]
+    return out
+
+
+def _collapse_section(metrics: dict) -> list[str]:
+    collapse = metrics.get("collapse") or {}
+    if not collapse:
+        return []
+    rows = [[name, *[values.get(k) for k in ("emb_std", "emb_eff_rank", "dim")]] for name, values in collapse.items()]
+    return [
+        "## Collapse statistics on the eval set",
+        "",
+        "Pooled embeddings of every eval frame: mean per-dimension std and effective rank (exp of the entropy of the "
+        "normalised singular values); a collapsed encoder has std near 0 and rank near 1.",
+        "",
+        table(["encoder", "per-dim std (mean)", "effective rank", "dims"], rows),
+        "",
+    ]
+
+
+def render_report(metrics: dict) -> str:
+    """The report.md text for one evaluation's metrics dict."""
+    out = [
+        f"# Evaluation of `{metrics['run']}`",
+        "",
+        table(
+            ["checkpoint step", "latent", "objective", "shards", "clips", "context", "horizon", "K samples"],
+            [
+                [
+                    metrics["checkpoint_step"],
+                    metrics["latent"],
+                    metrics["objective"],
+                    f"`{metrics['shards']}`",
+                    metrics["num_clips"],
+                    metrics["num_context"],
+                    metrics["horizon"],
+                    metrics["num_samples"],
+                ]
+            ],
+        ),
+        "",
+    ]
+    out += _error_section(metrics)
+    out += _probe_section(metrics)
+    out += _latent_action_section(metrics)
+    out += _collapse_section(metrics)
+    if metrics.get("plots"):
+        out += ["## Figures", "", metrics["pixels"], ""]
+        out += [f"![{name}]({name})" for name in metrics["plots"]]
+        out.append("")
+    if metrics.get("notes"):
+        out += ["## Notes", "", *[f"- {note}" for note in metrics["notes"]], ""]
+    return "\n".join(out)

@@ -1,0 +1,245 @@
+"""`evaluate.py --run RUN_DIR --shards GLOB`: load a trained run, roll it out on held-out shards, write the results.
+
+Writes RUN_DIR/eval/metrics.json (schema: docs/metrics_schema.md), RUN_DIR/eval/report.md and PNG figures beside
+them (errors.png, probes.png when the shards carry state, strip-XX.png per example).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from tqdm import tqdm
+
+from data_pipeline.stream import make_eval_loader
+from worldmodel.checkpoint import latest_checkpoint, load_model_state, read_state
+from worldmodel.config import ExperimentConfig, load_config
+from worldmodel.evaluation import EvaluationError
+from worldmodel.evaluation.collect import LATENT_READOUTS, Collected, process_batch
+from worldmodel.evaluation.plots import nearest_frames, plot_errors, plot_probes, plot_strip
+from worldmodel.evaluation.probe_suite import label_probes, latent_action_probes, state_probes
+from worldmodel.evaluation.probes import split_clips
+from worldmodel.evaluation.report import render_report
+from worldmodel.evaluation.rollout_metrics import ErrorAccumulator
+from worldmodel.model import WorldModel
+from worldmodel.monitors import effective_rank, per_dim_std
+
+PIXELS_NOTE = (
+    "Frame strips: row 0 shows the context frames and the true future; every further row is one predicted future. "
+    "Predicted latents have no pixels: each is shown as the real eval-set frame whose pooled target latent is "
+    "nearest (L2) to the prediction's pooled latent (nearest-neighbour retrieval over all eval frames, the clip's "
+    "own frames included; no decoder)."
+)
+
+
+def load_run(run_dir: str | Path, device: torch.device) -> tuple[ExperimentConfig, WorldModel, Path, int]:
+    """The run's config, its model with the newest checkpoint's weights (eval mode, on `device`), the checkpoint
+    directory and its step. Raises EvaluationError when the config or a complete checkpoint is missing."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise EvaluationError(f"{config_path} does not exist; --run must be a run directory written by train.py")
+    cfg = load_config(config_path)
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise EvaluationError(
+            f"no complete checkpoint under {run_dir / 'checkpoints'}; train the run first (or wait for its first "
+            f"checkpoint, written every train.checkpoint_every={cfg.train.checkpoint_every} steps)"
+        )
+    model = WorldModel(cfg.model)
+    load_model_state(model, ckpt)
+    return cfg, model.to(device).eval(), ckpt, int(read_state(ckpt)["step"])
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    shards: str,
+    *,
+    horizon: int | None = None,
+    num_samples: int | None = None,
+    num_clips: int | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Evaluate the newest checkpoint of `run_dir` on `shards`; write RUN_DIR/eval/*; return the metrics dict.
+
+    Unset options take the run config's `eval:` section. Raises EvaluationError for a horizon longer than the
+    clips' num_target frames, a run without config or checkpoint, or shards that give no clip.
+    """
+    run_dir = Path(run_dir)
+    device = PartialState().device
+    cfg, model, ckpt, step = load_run(run_dir, device)
+    horizon = horizon or cfg.eval.horizon
+    num_samples = num_samples or cfg.eval.num_samples
+    num_clips = num_clips or cfg.eval.num_clips
+    batch_size = batch_size or cfg.eval.batch_size
+    num_context = cfg.data.num_context
+    if not 1 <= horizon <= cfg.data.num_target:
+        raise EvaluationError(
+            f"horizon {horizon} must be between 1 and data.num_target={cfg.data.num_target} (the frames after the "
+            f"context in the run's clips); pass --horizon {cfg.data.num_target} or less"
+        )
+    generator = torch.Generator(device=device).manual_seed(seed)
+    loader = make_eval_loader(cfg.data, shards, num_clips=num_clips, seed=seed, batch_size=batch_size)
+    collected = Collected(errors=ErrorAccumulator(horizon))
+    for batch in tqdm(loader, total=math.ceil(num_clips / batch_size), desc="evaluate", disable=not progress):
+        process_batch(
+            model,
+            batch,
+            collected,
+            latent=cfg.model.latent,
+            num_context=num_context,
+            horizon=horizon,
+            num_samples=num_samples,
+            device=device,
+            generator=generator,
+        )
+    if not collected.frames:
+        raise EvaluationError(f"the shards {shards!r} gave no clips of {cfg.data.clip_length} frames; check the glob")
+
+    metrics = {
+        "run": str(run_dir),
+        "checkpoint": str(ckpt),
+        "checkpoint_step": step,
+        "latent": cfg.model.latent,
+        "objective": cfg.model.objective,
+        "shards": shards,
+        "seed": seed,
+        "num_context": num_context,
+        "horizon": horizon,
+        "num_samples": num_samples,
+        "num_clips": int(sum(len(f) for f in collected.frames)),
+        "modes": collected.errors.result(),
+        "diversity": collected.diversity.result(),
+        "notes": [],
+    }
+    if "events" not in _present(collected, metrics["num_clips"]):
+        metrics["notes"].append("the shards have no `events` field: errors are reported for all steps only")
+    if metrics["diversity"] is None:
+        metrics["notes"].append(f"latent={cfg.model.latent} has no sampled futures: diversity and best/mean-of-K n/a")
+    metrics["probes"], metrics["latent_action"] = run_probes(collected, cfg, metrics, seed)
+    metrics["collapse"] = collapse_stats(collected)
+    out_dir = run_dir / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics["pixels"] = PIXELS_NOTE
+    metrics["plots"] = write_plots(collected, metrics, out_dir, cfg.eval.num_strips)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out_dir / "report.md").write_text(render_report(metrics))
+    return metrics
+
+
+def _present(collected: Collected, num_clips: int) -> set[str]:
+    """The optional fields every evaluated clip carries."""
+    return {
+        key
+        for key in ("state", "labels", "action", "events")
+        if sum(len(x) for x in getattr(collected, key)) == num_clips
+    }
+
+
+def run_probes(collected: Collected, cfg: ExperimentConfig, metrics: dict, seed: int) -> tuple[dict, dict | None]:
+    """State, label and latent-action probes; fields the shards lack are skipped with a note in metrics["notes"]."""
+    notes = metrics["notes"]
+    present = _present(collected, metrics["num_clips"])
+    if metrics["num_clips"] < 4:
+        notes.append(f"only {metrics['num_clips']} clips: too few to fit and test probes; probes skipped")
+        return {}, None
+    fit, test = split_clips(metrics["num_clips"], seed)
+    probes: dict = {"num_fit_clips": len(fit), "num_test_clips": len(test)}
+    target_pooled = collected.stacked("target_pooled")
+    names = collected.names
+    if "state" in present:
+        predicted = {mode: np.concatenate(parts) for mode, parts in collected.predicted_pooled.items()}
+        probes.update(
+            state_probes(
+                target_pooled,
+                predicted,
+                collected.stacked("state"),
+                names.get("state_names") or [f"state{i}" for i in range(collected.state[0].shape[-1])],
+                metrics["num_context"],
+                fit,
+                test,
+                cfg.eval.probe_ridge,
+            )
+        )
+    else:
+        notes.append("the shards have no `state` field (or not for every clip): state probes skipped")
+    if "labels" in present:
+        labels = collected.stacked("labels")
+        label_names = names.get("label_names") or [f"label{i}" for i in range(labels.shape[-1])]
+        probes["labels"], label_notes = label_probes(target_pooled, labels, label_names, fit, test)
+        notes.extend(label_notes)
+    else:
+        notes.append("the shards have no `labels` field: label probes skipped")
+
+    if not collected.latents:
+        return probes, None
+    readout = LATENT_READOUTS[cfg.model.latent]
+    latents = {key: np.concatenate(parts) for key, parts in collected.latents.items()}
+    latent_action, la_notes = latent_action_probes(
+        {name: latents[name] for name in readout["features"]},
+        (readout["detector"], latents[readout["detector"]]),
+        collected.stacked("action") if "action" in present else None,
+        names.get("action_names"),
+        collected.stacked("events") if "events" in present else None,
+        fit,
+        test,
+        cfg.eval.probe_ridge,
+    )
+    notes.extend(la_notes)
+    return probes, latent_action
+
+
+def collapse_stats(collected: Collected) -> dict:
+    """Per-dim std and effective rank of the pooled embeddings of every eval frame, online and target encoders."""
+    out = {}
+    for name, parts in (("online", collected.online_pooled), ("target", collected.target_pooled)):
+        x = torch.from_numpy(np.concatenate(parts).reshape(-1, parts[0].shape[-1]))
+        out[name] = {
+            "emb_std": float(per_dim_std(x)),
+            "emb_eff_rank": float(effective_rank(x)),
+            "dim": int(x.shape[1]),
+            "num_frames": int(x.shape[0]),
+        }
+    return out
+
+
+def write_plots(collected: Collected, metrics: dict, out_dir: Path, num_strips: int) -> list[str]:
+    """Write the PNG figures into out_dir; returns their file names."""
+    written = ["errors.png"]
+    plot_errors(metrics["modes"], out_dir / "errors.png")
+    if metrics["probes"].get("predicted"):
+        plot_probes(metrics["probes"]["predicted"], metrics["probes"]["encoded"], out_dir / "probes.png")
+        written.append("probes.png")
+    frames = collected.stacked("frames")  # uint8 [C, T, H, W, C]
+    bank = torch.from_numpy(collected.stacked("target_pooled"))
+    bank = bank.reshape(-1, bank.shape[-1])  # [C * T, D]
+    flat_frames = frames.reshape(-1, *frames.shape[2:])
+    num_context, horizon = metrics["num_context"], metrics["horizon"]
+    samples = collected.stacked("strip_samples")  # [C, k, H, D] or None
+    for clip in range(min(num_strips, len(frames))):
+        rows = {}
+        for mode in ("prediction", "prior_mean", "posterior", "action"):
+            if mode in collected.predicted_pooled and not (mode == "prior_mean" and "prediction" in rows):
+                rows[mode] = np.concatenate(collected.predicted_pooled[mode])[clip]
+        if samples is not None:
+            rows.update({f"sample {k + 1}": s for k, s in enumerate(samples[clip])})
+        futures = {
+            label: flat_frames[nearest_frames(torch.from_numpy(latents), bank).numpy()]
+            for label, latents in rows.items()
+        }
+        name = f"strip-{clip:02d}.png"
+        plot_strip(
+            frames[clip, :num_context],
+            frames[clip, num_context : num_context + horizon],
+            futures,
+            out_dir / name,
+            title=f"clip {clip}: context | true future; predicted rows by nearest-neighbour retrieval",
+        )
+        written.append(name)
+    return written
