@@ -46,7 +46,7 @@ def straight_through_bernoulli(logits: Tensor, sample: bool = True, generator: t
         noisy = logits + torch.log(u) - torch.log1p(-u)
     soft = torch.sigmoid(noisy)
     hard = (noisy > 0).to(soft.dtype)
-    return hard + soft - soft.detach()
+    return hard + (soft - soft.detach())  # exactly 0/1 forward: soft - soft.detach() is exactly 0
 
 
 def mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:

@@ -1,0 +1,93 @@
+"""Encoder: preprocessing, per-frame ViT tokens, local weight init, EMA update, target normalisation."""
+
+import pytest
+import torch
+
+from worldmodel.config import ModelConfig
+from worldmodel.encoder import FrameEncoder, TokenNorm, ema_update, make_target, preprocess
+
+
+def tiny_cfg(**overrides) -> ModelConfig:
+    values = dict(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2)
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+def test_preprocess_maps_uint8_to_minus_one_one_channels_first():
+    frames = torch.zeros(2, 3, 16, 16, 3, dtype=torch.uint8)
+    frames[0, 1, :, :, 2] = 255
+    x = preprocess(frames, img_size=16)
+    assert x.shape == (2, 3, 3, 16, 16)
+    assert x[0, 1, 2].eq(1.0).all() and x[0, 1, 0].eq(-1.0).all()
+
+
+def test_preprocess_rejects_wrong_size():
+    with pytest.raises(ValueError, match="model.img_size=32"):
+        preprocess(torch.zeros(1, 2, 16, 16, 3, dtype=torch.uint8), img_size=32)
+
+
+def test_encoder_returns_patch_tokens_per_frame_independently():
+    torch.manual_seed(0)
+    encoder = FrameEncoder(tiny_cfg()).eval()
+    x = torch.randn(2, 3, 3, 16, 16)
+    tokens = encoder(x)
+    assert tokens.shape == (2, 3, 4, 16)  # N = (16 / 8)^2 patches, no class token
+    x2 = x.clone()
+    x2[:, 2] = torch.randn(2, 3, 16, 16)
+    tokens2 = encoder(x2)
+    torch.testing.assert_close(tokens2[:, :2], tokens[:, :2])
+    assert not torch.allclose(tokens2[:, 2], tokens[:, 2])
+
+
+def test_init_weights_loads_a_local_state_dict(tmp_path):
+    torch.manual_seed(0)
+    source = FrameEncoder(tiny_cfg())
+    path = tmp_path / "vit.pt"
+    torch.save(source.vit.state_dict(), path)
+    torch.manual_seed(1)
+    loaded = FrameEncoder(tiny_cfg(init_weights=str(path)))
+    x = torch.randn(1, 2, 3, 16, 16)
+    torch.testing.assert_close(loaded(x), source(x))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        FrameEncoder(tiny_cfg(init_weights=str(tmp_path / "missing.pt")))
+    with pytest.raises(ValueError, match="does not match"):
+        FrameEncoder(tiny_cfg(init_weights=str(path), embed_dim=32))
+
+
+def test_ema_update_moves_target_toward_online_by_the_momentum():
+    torch.manual_seed(0)
+    online = FrameEncoder(tiny_cfg())
+    target = make_target(online)
+    assert all(not p.requires_grad for p in target.parameters())
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(1.0)
+    before = [(t - o).detach().clone() for t, o in zip(target.parameters(), online.parameters(), strict=True)]
+    ema_update(target, online, momentum=0.9)
+    for gap, t, o in zip(before, target.parameters(), online.parameters(), strict=True):
+        torch.testing.assert_close(t - o, 0.9 * gap)
+    ema_update(target, online, momentum=0.0)
+    for t, o in zip(target.parameters(), online.parameters(), strict=True):
+        torch.testing.assert_close(t, o)
+    with pytest.raises(ValueError, match="momentum"):
+        ema_update(target, online, momentum=1.5)
+
+
+def test_token_norm_layer_norms_after_subtracting_the_running_center():
+    norm = TokenNorm(4, center=True, momentum=0.5)
+    tokens = torch.tensor([[1.0, 2.0, 3.0, 6.0], [3.0, 2.0, 1.0, 2.0]])
+    out = norm(tokens)
+    torch.testing.assert_close(out.mean(-1), torch.zeros(2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.var(-1, unbiased=False), torch.ones(2), atol=1e-4, rtol=0)
+    norm.update(tokens)
+    torch.testing.assert_close(norm.center, 0.5 * tokens.mean(0))
+    # The centre is subtracted before the layer norm: a token equal to the centre direction plus c normalises
+    # like c alone.
+    c = torch.tensor([0.0, 1.0, 0.0, -1.0])
+    torch.testing.assert_close(norm(norm.center + c), TokenNorm(4, center=False, momentum=0.5)(c))
+
+
+def test_token_norm_without_center_ignores_updates():
+    norm = TokenNorm(3, center=False, momentum=0.5)
+    norm.update(torch.ones(5, 3))
+    assert norm.center.eq(0).all()

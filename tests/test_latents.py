@@ -1,0 +1,105 @@
+"""Latent modules: closed-form KL, straight-through mask, summaries, the four latent kinds."""
+
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+from worldmodel.latents import (
+    OracleLatent,
+    SparseLatent,
+    Summaries,
+    VariationalLatent,
+    gaussian_kl,
+    straight_through_bernoulli,
+)
+
+
+def test_gaussian_kl_matches_torch_distributions():
+    torch.manual_seed(0)
+    mu_q, mu_p = torch.randn(3, 5, 4), torch.randn(3, 5, 4)
+    sigma_q, sigma_p = torch.rand(3, 5, 4) + 0.1, torch.rand(3, 5, 4) + 0.1
+    expected = kl_divergence(Normal(mu_q, sigma_q), Normal(mu_p, sigma_p)).sum(-1)
+    torch.testing.assert_close(gaussian_kl(mu_q, sigma_q, mu_p, sigma_p), expected)
+    assert gaussian_kl(mu_q, sigma_q, mu_q, sigma_q).abs().max() < 1e-6
+
+
+def test_straight_through_mask_is_hard_forward_with_logit_gradients():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 8, requires_grad=True)
+    mask = straight_through_bernoulli(logits)
+    assert set(mask.detach().unique().tolist()) == {0.0, 1.0}
+    (mask * torch.randn(64, 8)).sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    noise_free = straight_through_bernoulli(torch.tensor([-2.0, -0.1, 0.1, 3.0]), sample=False)
+    assert noise_free.tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_sampled_mask_rate_follows_sigmoid_of_logits():
+    torch.manual_seed(0)
+    logits = torch.full((20000,), 1.0)
+    rate = straight_through_bernoulli(logits).mean()
+    assert abs(rate - torch.sigmoid(torch.tensor(1.0))) < 0.02
+
+
+def test_context_summary_sees_previous_and_current_frame():
+    torch.manual_seed(0)
+    summaries = Summaries(embed_dim=4, summary_dim=6)
+    tokens = torch.randn(2, 3, 5, 4)
+    s = summaries.context(tokens)
+    pooled = tokens.mean(2)
+    torch.testing.assert_close(s[:, 0], summaries.context_proj(torch.cat([pooled[:, 0], pooled[:, 0]], -1)))
+    torch.testing.assert_close(s[:, 2], summaries.context_proj(torch.cat([pooled[:, 1], pooled[:, 2]], -1)))
+    assert summaries.target(tokens).shape == (2, 3, 6)
+
+
+def test_variational_latent_reparameterised_sample_and_kl():
+    torch.manual_seed(0)
+    latent = VariationalLatent(summary_dim=6, latent_dim=3)
+    s, s_plus = torch.randn(2, 4, 6, requires_grad=True), torch.randn(2, 4, 6)
+    out = latent(s, s_plus)
+    assert out["r"].shape == (2, 4, 3) and out["kl"].shape == (2, 4)
+    assert (out["sigma_q"] > 0).all() and (out["sigma_p"] > 0).all()
+    torch.testing.assert_close(out["innovation"], (out["mu_q"] - out["mu_p"]) / out["sigma_p"])
+    torch.testing.assert_close(out["kl"], gaussian_kl(out["mu_q"], out["sigma_q"], out["mu_p"], out["sigma_p"]))
+    out["r"].sum().backward()
+    assert s.grad.abs().sum() > 0
+    s2, s2_plus = s.detach()[:, 0], s_plus[:, 0]
+    torch.testing.assert_close(latent.rollout_r("prior_mean", s2, None, None), latent.prior(s2)[0])
+    torch.testing.assert_close(latent.rollout_r("posterior", s2, s2_plus, None), latent.posterior(s2, s2_plus)[0])
+    assert not torch.allclose(latent.rollout_r("prior_sample", s2, None, None), latent.prior(s2)[0])
+
+
+def test_sparse_latent_masks_values_and_counts_active_dims():
+    torch.manual_seed(0)
+    latent = SparseLatent(summary_dim=6, latent_dim=3).train()
+    s, s_plus = torch.randn(2, 4, 6), torch.randn(2, 4, 6)
+    out = latent(s, s_plus)
+    torch.testing.assert_close(out["r"], out["mask"] * out["values"])
+    torch.testing.assert_close(out["reg"], out["mask_prob"].sum(-1))
+    assert not torch.equal(latent.rate, torch.full((3,), 0.5))  # marginal statistics moved in training
+    latent.eval()
+    logits, values = latent.mask_and_values(s, s_plus)
+    torch.testing.assert_close(latent(s, s_plus)["r"], (logits > 0).float() * values)
+
+
+def test_sparse_latent_prior_modes():
+    latent = SparseLatent(summary_dim=6, latent_dim=3)
+    s = torch.randn(5, 6)
+    assert latent.rollout_r("prior_mean", s, None, None).eq(0).all()
+    latent.rate.fill_(0.0)
+    assert latent.rollout_r("prior_sample", s, None, None).eq(0).all()
+    latent.rate.fill_(1.0)
+    latent.value_mean.fill_(2.0)
+    latent.value_var.fill_(0.0)
+    assert latent.rollout_r("prior_sample", s, None, None).eq(2.0).all()
+
+
+def test_oracle_latent_embeds_actions_and_explains_missing_ones():
+    latent = OracleLatent(action_dim=2, latent_dim=3)
+    assert latent(torch.randn(4, 5, 2)).shape == (4, 5, 3)
+    with pytest.raises(ValueError, match="has none"):
+        latent(None)
+    with pytest.raises(ValueError, match="action_dim=2"):
+        latent(torch.randn(4, 5, 3))
+    with pytest.raises(ValueError, match="action_dim >= 1"):
+        OracleLatent(action_dim=0, latent_dim=3)

@@ -1,0 +1,298 @@
+"""WorldModel: the training forward, EMA target, latent inference, the one rollout function, collapse monitors,
+and a short training run on real moving-digit clips for every latent kind and both objectives."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from data_pipeline.make_moving_digits import simulate
+from worldmodel.config import ModelConfig
+from worldmodel.model import WorldModel
+from worldmodel.monitors import batch_variance, effective_rank, per_dim_std
+
+LATENT_KINDS = ["none", "adassl_v", "adassl_s", "oracle"]
+
+
+def tiny_cfg(**overrides) -> ModelConfig:
+    values = dict(
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        pred_dim=32,
+        pred_depth=2,
+        pred_cond_depth=1,
+        pred_num_heads=2,
+        latent_dim=4,
+        summary_dim=16,
+        action_dim=2,
+    )
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+def make_model(seed: int = 0, **overrides) -> WorldModel:
+    torch.manual_seed(seed)
+    return WorldModel(tiny_cfg(**overrides))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """8 real moving-digit clips of 4 frames, subsampled to 32x32: frames uint8 [8, 4, 32, 32, 3], action [8, 3, 2]."""
+    rng = np.random.default_rng(0)
+    videos = [simulate(4, rng, kick_prob=0.3) for _ in range(8)]
+    frames = torch.from_numpy(np.stack([v[::, ::2, ::2] for v, _ in videos]))
+    action = torch.tensor(np.stack([meta["action"] for _, meta in videos]), dtype=torch.float32)
+    return frames, action
+
+
+def perturb_conditioning(model: WorldModel) -> None:
+    """Random weights for the zero-initialised conditioning, so that r visibly changes predictions."""
+    for name, param in model.predictor.named_parameters():
+        if "modulation" in name:
+            nn.init.normal_(param, std=0.5)
+
+
+# ---- monitors ----------------------------------------------------------------------------------------------------
+
+
+def test_monitors_detect_collapse():
+    torch.manual_seed(0)
+    collapsed = torch.ones(64, 16) * torch.randn(16)
+    spread = torch.randn(4096, 16)
+    assert per_dim_std(collapsed) < 1e-6 and abs(per_dim_std(spread) - 1.0) < 0.05
+    assert abs(effective_rank(collapsed) - 1.0) < 1e-3
+    assert effective_rank(spread) > 15.0
+    assert abs(effective_rank(torch.randn(4096, 2) @ torch.randn(2, 16)) - 2.0) < 0.5
+    assert batch_variance(collapsed[:, None].expand(64, 3, 16)) < 1e-6
+    assert abs(batch_variance(spread) - 1.0) < 0.05
+
+
+# ---- forward, EMA --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("latent", LATENT_KINDS)
+@pytest.mark.parametrize("objective", ["jepa", "infonce"])
+def test_forward_terms_and_gradients(latent, objective, digits):
+    frames, action = digits
+    model = make_model(latent=latent, objective=objective, rollout_steps=2)
+    out = model(frames, action=action, beta=0.5)
+    expected = {"pred", "reg", "rollout"} | ({"kl"} if latent == "adassl_v" else set())
+    assert set(out["terms"]) == expected
+    assert {"emb_std", "emb_eff_rank", "target_var"} <= set(out["monitors"])
+    for value in [out["loss"], *out["terms"].values(), *out["monitors"].values()]:
+        assert value.ndim == 0 and torch.isfinite(value)
+    terms = out["terms"]
+    torch.testing.assert_close(out["loss"], terms["pred"] + 0.5 * terms["reg"] + terms["rollout"])
+    out["loss"].backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert no_grad == []  # every trainable parameter is used (DDP without find_unused_parameters)
+    assert all(p.grad is None for p in model.target_encoder.parameters())
+
+
+def test_oracle_without_action_is_a_clear_error(digits):
+    frames, _ = digits
+    with pytest.raises(ValueError, match="latent=oracle needs action"):
+        make_model(latent="oracle")(frames)
+
+
+def test_ema_target_gets_no_grads_and_moves_toward_online(digits):
+    frames, _ = digits
+    model = make_model(latent="adassl_v")
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(frames, beta=0.01)["loss"].backward()
+    optimizer.step()
+    assert all(not p.requires_grad and p.grad is None for p in model.target_encoder.parameters())
+
+    def gap() -> float:
+        pairs = zip(model.target_encoder.parameters(), model.encoder.parameters(), strict=True)
+        return sum((t - o).norm().item() for t, o in pairs)
+
+    before = gap()
+    assert before > 0
+    model.update_target(0.9)
+    assert gap() == pytest.approx(0.9 * before, rel=1e-4)
+
+
+def test_center_buffer_updates_only_in_training(digits):
+    frames, _ = digits
+    model = make_model()
+    model.eval()
+    model(frames)
+    assert model.norm.center.eq(0).all()
+    model.train()
+    model(frames)
+    assert model.norm.center.abs().sum() > 0
+
+
+# ---- latent inference -----------------------------------------------------------------------------------------------
+
+
+def test_infer_latents_per_transition(digits):
+    frames, _ = digits
+    model = make_model(latent="adassl_v").eval()
+    tokens, target = model.encode(frames), model.encode_target(frames)
+    assert tokens.shape == target.shape == (8, 4, 16, 32)
+    out = model.infer_latents(tokens, target)
+    assert set(out) == {"mu_q", "sigma_q", "mu_p", "sigma_p", "innovation", "kl"}
+    assert out["mu_q"].shape == (8, 3, 4) and out["kl"].shape == (8, 3)
+    torch.testing.assert_close(out["innovation"], (out["mu_q"] - out["mu_p"]) / out["sigma_p"])
+
+    sparse = make_model(latent="adassl_s").eval()
+    out = sparse.infer_latents(tokens, target)
+    assert {"mask_prob", "values", "mask", "r", "expected_active"} <= set(out)
+    assert out["mask_prob"].shape == (8, 3, 4) and out["expected_active"].shape == (8, 3)
+
+    for latent in ("none", "oracle"):
+        with pytest.raises(ValueError, match="needs an inferred latent"):
+            make_model(latent=latent).infer_latents(tokens, target)
+
+
+def test_adassl_v_and_none_predict_the_same_at_init(digits):
+    frames, _ = digits
+    plain = make_model(latent="none").eval()
+    adassl = make_model(latent="adassl_v", seed=1).eval()
+    result = adassl.load_state_dict(plain.state_dict(), strict=False)
+    assert result.unexpected_keys == []
+    assert all(k.startswith(("summaries.", "latent.")) or "modulation" in k for k in result.missing_keys)
+    tokens = plain.encode(frames)
+    r = torch.randn(8, 4, 4)
+    torch.testing.assert_close(adassl.predict_next(tokens, r), plain.predict_next(tokens))
+
+
+# ---- rollout ------------------------------------------------------------------------------------------------------
+
+
+class KnownPredictor(nn.Module):
+    """Position t outputs 2 * tokens[t] + t + 100 * cond[t, 0] (every patch and dim)."""
+
+    def forward(self, tokens, cond=None):
+        t = torch.arange(tokens.shape[1], dtype=tokens.dtype)[None, :, None, None]
+        shift = 0.0 if cond is None else 100 * cond[:, :, None, None, 0]
+        return 2 * tokens + t + shift
+
+
+def test_rollout_indexing_with_a_known_predictor():
+    model = make_model(latent="oracle")
+    model.predictor = KnownPredictor()
+    with torch.no_grad():
+        model.latent.embed.weight.zero_()
+        model.latent.embed.weight[0, 0] = 1.0  # r[0] = action[0]
+        model.latent.embed.bias.zero_()
+    context = torch.stack([torch.full((16, 32), 1.0), torch.full((16, 32), 3.0)])[None]  # frames 0, 1: [1, 2, N, D]
+    actions = torch.tensor([[[0.1, 0.0], [0.2, 0.0], [0.3, 0.0]]])  # transitions 1->2, 2->3, 3->4
+    out = model.rollout(context, 3, "action", actions=actions)
+    assert out.shape == (1, 1, 3, 16, 32)
+    # frame 2 = 2*frame1 + position 1 + 100*a0; frame 3 = 2*frame2 + 2 + 100*a1; frame 4 = 2*frame3 + 3 + 100*a2
+    expected = torch.tensor([2 * 3 + 1 + 10, 2 * 17 + 2 + 20, 2 * 56 + 3 + 30], dtype=torch.float32)
+    torch.testing.assert_close(out[0, 0, :, 0, 0], expected)
+    assert out[0, 0].std(dim=(1, 2)).max() == 0
+
+
+def test_one_step_rollout_equals_teacher_forcing_with_the_posterior_mean(digits):
+    frames, _ = digits
+    model = make_model(latent="adassl_v").eval()
+    perturb_conditioning(model)
+    tokens, target = model.encode(frames), model.encode_target(frames)
+    mu_q = model.infer_latents(tokens, target)["mu_q"]  # [B, 3, d]: transitions 0->1, 1->2, 2->3
+    teacher = model.predict_next(tokens[:, :3], mu_q)  # position t predicts frame t+1
+    rolled = model.rollout(tokens[:, :3], 1, "posterior", future_tokens=target[:, 3:])
+    torch.testing.assert_close(rolled[0, :, 0], teacher[:, 2])
+
+
+def test_posterior_rollout_step_h_uses_future_frame_h(digits):
+    frames, _ = digits
+    model = make_model(latent="adassl_v", max_frames=8).eval()
+    perturb_conditioning(model)
+    tokens, target = model.encode(frames), model.encode_target(frames)
+    future = target[:, 1:]  # frames 1..3 after one context frame
+    out = model.rollout(tokens[:, :1], 3, "posterior", future_tokens=future)
+    changed = future.clone()
+    changed[:, 1] = torch.randn_like(changed[:, 1])
+    out2 = model.rollout(tokens[:, :1], 3, "posterior", future_tokens=changed)
+    torch.testing.assert_close(out2[:, :, 0], out[:, :, 0])
+    assert not torch.allclose(out2[:, :, 1], out[:, :, 1])
+
+
+@pytest.mark.parametrize("latent", ["adassl_v", "adassl_s"])
+def test_prior_sample_gives_k_different_futures_and_prior_mean_one(latent, digits):
+    frames, _ = digits
+    model = make_model(latent=latent)
+    model.train()
+    model(frames)  # adassl_s: fills its marginal statistics
+    model.eval()
+    perturb_conditioning(model)
+    tokens = model.encode(frames)
+    generator = torch.Generator().manual_seed(0)
+    samples = model.rollout(tokens[:, :2], 2, "prior_sample", k=5, generator=generator)
+    assert samples.shape == (5, 8, 2, 16, 32)
+    assert not torch.allclose(samples[0], samples[1])
+    mean = model.rollout(tokens[:, :2], 2, "prior_mean", k=3)
+    torch.testing.assert_close(mean[0], mean[2])
+
+
+def test_none_rollout_is_deterministic_copies(digits):
+    frames, _ = digits
+    model = make_model(latent="none").eval()
+    tokens = model.encode(frames)
+    out = model.rollout(tokens[:, :2], 2, "prior_sample", k=3)
+    assert out.shape == (3, 8, 2, 16, 32)
+    torch.testing.assert_close(out[0], out[2])
+    torch.testing.assert_close(out[0, :, 0], model.predict_next(tokens[:, :2])[:, 1])
+
+
+def test_rollout_rejects_bad_requests(digits):
+    frames, _ = digits
+    model = make_model(latent="adassl_v", max_frames=4)
+    tokens = model.encode(frames)
+    with pytest.raises(ValueError, match="needs future_tokens"):
+        model.rollout(tokens[:, :2], 2, "posterior")
+    with pytest.raises(ValueError, match="not available for latent=adassl_v"):
+        model.rollout(tokens[:, :2], 2, "action", actions=torch.zeros(8, 2, 2))
+    with pytest.raises(ValueError, match="max_frames=4"):
+        model.rollout(tokens[:, :2], 4, "zero")
+    with pytest.raises(ValueError, match="not available for latent=oracle"):
+        make_model(latent="oracle").rollout(tokens[:, :2], 2, "prior_mean")
+    with pytest.raises(ValueError, match=r"actions \[B, 2, A\]"):
+        make_model(latent="oracle").rollout(tokens[:, :2], 2, "action", actions=torch.zeros(8, 3, 2))
+
+
+# ---- training ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("latent", LATENT_KINDS)
+@pytest.mark.parametrize("objective", ["jepa", "infonce"])
+def test_loss_goes_down_on_moving_digits(latent, objective, digits):
+    frames, action = digits
+    model = make_model(latent=latent, objective=objective)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    losses = []
+    for _ in range(200):
+        out = model(frames, action=action, beta=0.01)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        model.update_target(0.99)
+        losses.append(out["loss"].item())
+    assert np.isfinite(losses).all()
+    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+    assert last < 0.6 * first, f"{latent}/{objective}: loss {first:.3f} -> {last:.3f}"
+
+
+def test_default_config_forward_backward_on_cpu():
+    """Default ModelConfig, batch 16 x 8 frames of 64x64: prints the parameter count and the time (not asserted)."""
+    torch.manual_seed(0)
+    model = WorldModel(ModelConfig())
+    frames = torch.randint(0, 256, (16, 8, 64, 64, 3), dtype=torch.uint8)
+    start = time.perf_counter()
+    out = model(frames, beta=0.01)
+    out["loss"].backward()
+    seconds = time.perf_counter() - start
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"default WorldModel: {trainable:,} trainable / {total:,} total params; fwd+bwd {seconds:.2f} s on CPU")
+    assert torch.isfinite(out["loss"])

@@ -1,0 +1,92 @@
+"""Predictor: the frame-causal mask, causality of predictions, zero-initialised conditioning."""
+
+import pytest
+import torch
+from torch import nn
+
+from worldmodel.predictor import Predictor, frame_causal_mask
+
+D, N, T = 8, 4, 5
+
+
+def make_predictor(cond_dim: int = 0, conditioning: str = "adaln", seed: int = 0) -> Predictor:
+    torch.manual_seed(seed)
+    return Predictor(
+        embed_dim=D,
+        num_patches=N,
+        max_frames=8,
+        dim=16,
+        depth=3,
+        cond_depth=1,
+        num_heads=2,
+        cond_dim=cond_dim,
+        conditioning=conditioning,
+    ).eval()
+
+
+def perturb_conditioning(predictor: Predictor) -> None:
+    """Give the zero-initialised conditioning maps random weights, as training would."""
+    for name, param in predictor.named_parameters():
+        if "modulation" in name or "cond_token" in name:
+            nn.init.normal_(param, std=0.5)
+
+
+def test_frame_causal_mask_small_case():
+    expected = torch.tensor(
+        [
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0],
+            [1, 1, 1, 1, 0, 0],
+            [1, 1, 1, 1, 1, 1],
+            [1, 1, 1, 1, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(frame_causal_mask(3, 2), expected)
+
+
+@pytest.mark.parametrize("conditioning", ["adaln", "token"])
+def test_changing_a_future_frame_or_its_latent_never_changes_a_past_prediction(conditioning):
+    predictor = make_predictor(cond_dim=3, conditioning=conditioning)
+    perturb_conditioning(predictor)
+    tokens, cond = torch.randn(2, T, N, D), torch.randn(2, T, 3)
+    out = predictor(tokens, cond)
+    assert out.shape == (2, T, N, D)
+    for t in range(T):
+        changed_tokens, changed_cond = tokens.clone(), cond.clone()
+        changed_tokens[:, t] += torch.randn(2, N, D)
+        changed_cond[:, t] += 1.0
+        for new in (predictor(changed_tokens, cond), predictor(tokens, changed_cond)):
+            torch.testing.assert_close(new[:, :t], out[:, :t])
+            assert not torch.allclose(new[:, t], out[:, t])
+
+
+def test_prediction_uses_earlier_frames():
+    predictor = make_predictor()
+    tokens = torch.randn(1, T, N, D)
+    changed = tokens.clone()
+    changed[:, 0] += 1.0
+    assert not torch.allclose(predictor(changed)[:, -1], predictor(tokens)[:, -1])
+
+
+def test_zero_init_conditioning_equals_the_unconditioned_predictor():
+    plain = make_predictor(cond_dim=0)
+    conditioned = make_predictor(cond_dim=3)
+    result = conditioned.load_state_dict(plain.state_dict(), strict=False)
+    assert result.unexpected_keys == []
+    assert result.missing_keys and all("modulation" in key for key in result.missing_keys)
+    tokens, cond = torch.randn(2, T, N, D), torch.randn(2, T, 3)
+    torch.testing.assert_close(conditioned(tokens, cond), plain(tokens))
+    perturb_conditioning(conditioned)
+    assert not torch.allclose(conditioned(tokens, cond), plain(tokens))
+
+
+def test_invalid_depths_and_inputs_are_rejected():
+    with pytest.raises(ValueError, match="pred_cond_depth"):
+        Predictor(embed_dim=D, num_patches=N, max_frames=4, dim=16, depth=2, cond_depth=2, num_heads=2)
+    predictor = make_predictor(cond_dim=3)
+    with pytest.raises(ValueError, match="max_frames"):
+        predictor(torch.randn(1, 9, N, D))
+    with pytest.raises(ValueError, match="conditioning must be"):
+        predictor(torch.randn(1, 3, N, D), torch.randn(1, 2, 3))
