@@ -1,0 +1,49 @@
+"""Shared plumbing of the benchmark scripts: make the data, train a run, evaluate it, read its metrics.
+
+Every step is a real subprocess of the project's own entry points (`python -m data_pipeline.make_moving_digits`,
+`train.py`, `evaluate.py`), so a benchmark measures exactly what a user runs. A step whose output already exists
+is skipped, so an interrupted benchmark resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(cmd: list[str]) -> None:
+    """Run one command from the repository root, streaming its output; raise if it fails."""
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def ensure_data(data_dir: Path, num_videos: int, val_videos: int, seed: int = 0) -> None:
+    """Generate the stochastic moving-digits shards into data_dir/{train,val} unless they exist."""
+    if (data_dir / "val" / "index.json").exists():
+        return
+    run([
+        sys.executable, "-m", "data_pipeline.make_moving_digits", "--output", str(data_dir),
+        "--num-videos", str(num_videos), "--val-videos", str(val_videos), "--seed", str(seed),
+    ])  # fmt: skip
+
+
+def train_and_evaluate(
+    run_dir: Path, config: str, overrides: list[str], data_dir: Path, eval_args: list[str]
+) -> dict:
+    """Train `run_dir` (resuming if it was interrupted), evaluate it on data_dir/val, return its metrics.json."""
+    metrics_path = run_dir / "eval" / "metrics.json"
+    if not metrics_path.exists():
+        run([
+            sys.executable, "train.py", "--config", config, f"run_dir={run_dir}",
+            f"data.train_shards={data_dir}/train/shard-*.tar", f"data.val_shards={data_dir}/val/shard-*.tar",
+            *overrides, "--resume", "auto",
+        ])  # fmt: skip
+        run([
+            sys.executable, "evaluate.py", "--run", str(run_dir), "--shards", f"{data_dir}/val/shard-*.tar",
+            *eval_args,
+        ])  # fmt: skip
+    return json.loads(metrics_path.read_text())
