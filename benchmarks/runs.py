@@ -31,9 +31,7 @@ def ensure_data(data_dir: Path, num_videos: int, val_videos: int, seed: int = 0)
     ])  # fmt: skip
 
 
-def train_and_evaluate(
-    run_dir: Path, config: str, overrides: list[str], data_dir: Path, eval_args: list[str]
-) -> dict:
+def train_and_evaluate(run_dir: Path, config: str, overrides: list[str], data_dir: Path, eval_args: list[str]) -> dict:
     """Train `run_dir` (resuming if it was interrupted), evaluate it on data_dir/val, return its metrics.json."""
     metrics_path = run_dir / "eval" / "metrics.json"
     if not metrics_path.exists():

@@ -1,0 +1,154 @@
+"""AdaSSL vs JEPA on the default data: same budget, same seeds, same held-out shards.
+
+    python -m benchmarks.adassl_vs_jepa            # 4 methods x 3 seeds (an hour or two on 2 CPU cores)
+    python -m benchmarks.adassl_vs_jepa --quick    # 1 seed, shorter training: a smoke run of the whole table
+
+Trains `none` (plain JEPA), `adassl_v`, `adassl_s` and `oracle` (the velocity kicks as the action) with
+`train.py`, evaluates each with `evaluate.py` on the same held-out shards, and prints one table (mean ± std over
+seeds): rollout L1 at horizons 1, 4 and 8 on kicked and unkicked transitions; position, velocity and digit-identity
+probes on encoded frames; the per-transition KL as a kick detector (AUC); the latent-action probe on the innovation.
+The table is also written to OUT/table.md and OUT/table.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from benchmarks.runs import ROOT, ensure_data, train_and_evaluate
+
+METHODS = ("none", "adassl_v", "adassl_s", "oracle")
+HORIZONS = (1, 4, 8)
+
+# (row label, method, mode in metrics.json)
+ROLLOUT_ROWS = (
+    ("copy-last", "none", "copy_last"),
+    ("JEPA", "none", "prior_mean"),
+    ("AdaSSL-V prior mean", "adassl_v", "prior_mean"),
+    ("AdaSSL-V best-of-K", "adassl_v", "best_of_k"),
+    ("AdaSSL-V posterior", "adassl_v", "posterior"),
+    ("AdaSSL-S r=0", "adassl_s", "prior_mean"),
+    ("AdaSSL-S best-of-K", "adassl_s", "best_of_k"),
+    ("AdaSSL-S posterior", "adassl_s", "posterior"),
+    ("oracle (true kicks)", "oracle", "action"),
+)
+
+
+def _get(tree: dict, *path: str | int) -> float | None:
+    """Walk nested dicts/lists; None where any step is missing."""
+    node = tree
+    for key in path:
+        try:
+            node = node[key]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return node if isinstance(node, int | float) else None
+
+
+def _mean_std(values: list[float | None]) -> str:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return "n/a"
+    mean = sum(vals) / len(vals)
+    if len(vals) == 1:
+        return f"{mean:.3f}"
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def _probe(metrics: dict, kind: str) -> float | None:
+    """Mean R² of the encoded-frame probes over position (x*, y*) or velocity (vx*, vy*) columns."""
+    encoded = metrics.get("probes", {}).get("encoded", {}) or {}
+    prefix = ("x", "y") if kind == "position" else ("vx", "vy")
+    vals = [v for k, v in encoded.items() if k.rstrip("0123456789") in prefix and v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def build_table(results: dict[str, list[dict]], horizon: int) -> tuple[str, dict]:
+    """Markdown table and its JSON twin from {method: [metrics.json per seed]}."""
+    horizons = [h for h in HORIZONS if h <= horizon]
+    table: dict = {"rollout_l1": {}, "representation": {}}
+    head = " | ".join(f"h={h} {split}" for split in ("kicked", "unkicked") for h in horizons)
+    lines = ["### Rollout L1 (lower is better)", "", f"| model / mode | {head} |"]
+    lines.append("|---" * (1 + 2 * len(horizons)) + "|")
+    for label, method, mode in ROLLOUT_ROWS:
+        if method not in results:
+            continue
+        cells, row = [], {}
+        for split in ("event", "no_event"):
+            for h in horizons:
+                vals = [_get(m, "modes", mode, split, "l1", h - 1) for m in results[method]]
+                cells.append(_mean_std(vals))
+                row[f"{split}_h{h}"] = vals
+        table["rollout_l1"][label] = row
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "### Representation and latent actions",
+        "",
+        "| model | position R² | velocity R² | digit accuracy | KL kick AUC | innovation kick AUC "
+        "| innovation action R² |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, runs in results.items():
+        cols = {
+            "position_r2": [_probe(m, "position") for m in runs],
+            "velocity_r2": [_probe(m, "velocity") for m in runs],
+            "digit_acc": [_get(m, "probes", "labels", "digit0") for m in runs],
+            "kl_kick_auc": [_get(m, "latent_action", "detector", "event_auc") for m in runs],
+            "innovation_kick_auc": [_get(m, "latent_action", "features", "innovation", "event_auc") for m in runs],
+            "innovation_action_r2": [
+                _get(m, "latent_action", "features", "innovation", "action_r2_mean") for m in runs
+            ],
+        }
+        table["representation"][method] = cols
+        lines.append(f"| {method} | " + " | ".join(_mean_std(v) for v in cols.values()) + " |")
+    return "\n".join(lines) + "\n", table
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 seed and a short schedule (smoke run)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; --quick: 0)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the config's)")
+    parser.add_argument("--data", type=Path, default=ROOT / "data" / "moving_digits")
+    parser.add_argument("--out", type=Path, default=None, help="runs and table (default runs/bench[-quick])")
+    parser.add_argument("--horizon", type=int, default=8)
+    parser.add_argument("--num-samples", type=int, default=8, help="K sampled futures for best-of-K")
+    parser.add_argument("overrides", nargs="*", help="extra key=value config overrides for every run")
+    args = parser.parse_args(argv)
+
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    out = args.out or ROOT / "runs" / ("bench-quick" if args.quick else "bench")
+    steps = args.steps or (300 if args.quick else None)
+    ensure_data(args.data, num_videos=512, val_videos=128)
+    common = [f"data.num_target={args.horizon}", f"eval.horizon={args.horizon}", *args.overrides]
+    if steps:
+        common.append(f"train.steps={steps}")
+    eval_args = ["--horizon", str(args.horizon), "--num-samples", str(args.num_samples)]
+
+    results: dict[str, list[dict]] = {}
+    for method in args.methods:
+        for seed in seeds:
+            run_dir = out / f"{method}-seed{seed}"
+            overrides = [f"model.latent={method}", f"seed={seed}", *common]
+            results.setdefault(method, []).append(
+                train_and_evaluate(run_dir, args.config, overrides, args.data, eval_args)
+            )
+    markdown, table = build_table(results, args.horizon)
+    header = (
+        f"Methods {', '.join(args.methods)}; seeds {seeds}; config {args.config}"
+        f"{f' with train.steps={steps}' if steps else ''}; horizon {args.horizon}; K={args.num_samples}.\n\n"
+    )
+    (out / "table.md").write_text(header + markdown)
+    (out / "table.json").write_text(json.dumps({"seeds": seeds, "steps": steps, "table": table}, indent=1))
+    print(header + markdown)
+    print(f"written: {out / 'table.md'}")
+
+
+if __name__ == "__main__":
+    main()
