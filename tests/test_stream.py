@@ -1,0 +1,244 @@
+"""The streaming pipeline on real shards: rank/worker splits, seeding, HTTP, skips, start-up errors, clips."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import io
+import json
+import pickle
+import tarfile
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_pipeline.clips import clip_indices, clip_starts, cut_metadata
+from data_pipeline.config import DataConfig
+from data_pipeline.decoders import get_decoder
+from data_pipeline.encode import encode_h264
+from data_pipeline.make_moving_digits import simulate
+from data_pipeline.shardlist import ShardListError
+from data_pipeline.stream import NoDecodableDataError, make_eval_loader, make_train_loader
+
+CFG = DataConfig(num_context=3, num_target=3, batch_size=2, num_workers=0, shuffle_buffer=4, epoch_batches=4)
+
+
+def _train_glob(digits_shards: Path) -> str:
+    return str(digits_shards / "train" / "shard-*.tar")
+
+
+def _samples(digits_shards: Path, split: str = "train") -> dict[str, dict[str, bytes]]:
+    """{key: {"mp4": bytes, "json": bytes}} of every sample of a split."""
+    out: dict[str, dict[str, bytes]] = {}
+    for shard in sorted((digits_shards / split).glob("shard-*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                out.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return out
+
+
+def _write_tar(path: Path, entries: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, payload in entries:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def _keys(loader) -> list[str]:
+    return [key for batch in loader for key in batch["key"]]
+
+
+def test_batches_follow_the_contract(digits_shards):
+    batch = next(iter(make_train_loader(CFG, _train_glob(digits_shards), seed=0, epoch=0, rank=0, world_size=1)))
+    assert batch["frames"].shape == (2, 6, 64, 64, 3) and str(batch["frames"].dtype) == "torch.uint8"
+    assert batch["state"].shape == (2, 6, 4) and batch["action"].shape == (2, 5, 2) and batch["events"].shape == (2, 5)
+    assert batch["labels"].shape == (2, 1) and str(batch["labels"].dtype) == "torch.int64"
+    assert batch["state_names"] == ["x0", "y0", "vx0", "vy0"] and batch["action_names"] == ["dvx0", "dvy0"]
+    assert batch["label_names"] == ["digit0"] and batch["skipped"] == {}
+    # the ground truth travels with its frames
+    sample = _samples(digits_shards)[batch["key"][0]]
+    meta = json.loads(sample["json"])
+    indices = clip_indices(int(batch["start"][0]), 6, 1)
+    np.testing.assert_allclose(batch["state"][0].numpy(), np.asarray(meta["state"])[indices], atol=1e-4)
+    np.testing.assert_array_equal(batch["frames"][0].numpy(), get_decoder("pyav").decode(sample["mp4"], indices))
+    assert batch["labels"][0, 0] == meta["labels"]["digit0"]
+
+
+def test_two_ranks_two_workers_read_disjoint_samples_and_equal_batches(digits_shards):
+    cfg = replace(CFG, num_workers=2, epoch_batches=2)  # 4 shards of 4 videos = one shard per (rank, worker)
+    per_rank = []
+    for rank in range(2):
+        loader = make_train_loader(cfg, _train_glob(digits_shards), seed=5, epoch=1, rank=rank, world_size=2)
+        batches = list(loader)
+        assert len(batches) == len(loader) == 2
+        assert all(len(b["key"]) == 2 for b in batches)
+        per_rank.append({key for b in batches for key in b["key"]})
+    assert per_rank[0] and per_rank[1] and not per_rank[0] & per_rank[1]
+
+
+def test_fewer_shards_than_slots_still_splits_samples(digits_shards):
+    val = str(digits_shards / "val" / "shard-*.tar")  # 2 shards for 2 ranks x 2 workers
+    cfg = replace(CFG, num_workers=2, epoch_batches=2)
+    with pytest.warns(UserWarning, match="2 shard\\(s\\) for 4 reader slots"):
+        loaders = [make_train_loader(cfg, val, seed=0, epoch=0, rank=r, world_size=2) for r in range(2)]
+    keys = [set(_keys(loader)) for loader in loaders]
+    assert all(len(list(loader)) == 2 for loader in loaders)
+    assert not keys[0] & keys[1]
+
+
+def test_epoch_length_holds_when_it_exceeds_the_data(digits_shards):
+    cfg = replace(CFG, batch_size=4, epoch_batches=9)  # 36 clips from 16 videos: the share is cycled
+    batches = list(make_train_loader(cfg, _train_glob(digits_shards), seed=0, epoch=0, rank=0, world_size=1))
+    assert len(batches) == 9
+    assert len(set(_keys(batches))) == 16
+
+
+def test_same_seed_epoch_rank_gives_the_same_stream(digits_shards):
+    def stream(epoch):
+        loader = make_train_loader(
+            replace(CFG, num_workers=2), _train_glob(digits_shards), seed=3, epoch=epoch, rank=0, world_size=1
+        )
+        batches = list(loader)
+        return [b["key"] for b in batches], [b["start"].tolist() for b in batches], batches[0]["frames"]
+
+    first, again, other = stream(0), stream(0), stream(1)
+    assert first[:2] == again[:2]
+    assert (first[2] == again[2]).all()
+    assert first[:2] != other[:2]
+
+
+def test_eval_loader_is_finite_ordered_and_deterministic(digits_shards):
+    val = str(digits_shards / "val" / "shard-{000000..000001}.tar")
+    batches = list(make_eval_loader(CFG, val, num_clips=5, seed=1, batch_size=2))
+    assert [len(b["key"]) for b in batches] == [2, 2, 1]
+    assert _keys(batches) == [f"val_{i:07d}" for i in range(5)]
+    again = list(make_eval_loader(CFG, val, num_clips=5, seed=1, batch_size=2))
+    assert [b["start"].tolist() for b in batches] == [b["start"].tolist() for b in again]
+    assert len(_keys(make_eval_loader(CFG, val, num_clips=100))) == 8  # the shards run out first
+
+
+@pytest.fixture
+def http_root(digits_shards):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(digits_shards))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_shards_stream_like_local_ones(digits_shards, http_root):
+    url = f"{http_root}/train/shard-{{000000..000003}}.tar"
+    local = list(make_eval_loader(CFG, _train_glob(digits_shards), num_clips=16, batch_size=4))
+    remote = list(make_eval_loader(CFG, url, num_clips=16, batch_size=4))
+    assert _keys(remote) == _keys(local) and len(_keys(remote)) == 16
+    assert all((a["frames"] == b["frames"]).all() for a, b in zip(local, remote, strict=True))
+    train = make_train_loader(CFG, url, seed=0, epoch=0, rank=0, world_size=1)
+    assert _keys(train) == _keys(
+        make_train_loader(CFG, _train_glob(digits_shards), seed=0, epoch=0, rank=0, world_size=1)
+    )
+
+
+def test_pipe_shards_stream_like_local_ones(digits_shards):
+    pipe = f"pipe:cat {digits_shards}/val/shard-000000.tar :: pipe:cat {digits_shards}/val/shard-000001.tar"
+    assert _keys(make_eval_loader(CFG, pipe, num_clips=8)) == [f"val_{i:07d}" for i in range(8)]
+
+
+def test_missing_shards_are_a_clear_error_at_start_up(digits_shards, http_root, tmp_path):
+    with pytest.raises(ShardListError, match="matches no files"):
+        make_train_loader(CFG, str(tmp_path / "shard-*.tar"), seed=0, epoch=0, rank=0, world_size=1)
+    with pytest.raises(ShardListError, match="does not exist"):
+        make_eval_loader(CFG, f"{_train_glob(digits_shards)} {tmp_path}/shard-000009.tar", num_clips=1)
+    with pytest.raises(ShardListError, match="empty"):
+        make_train_loader(CFG, "  ", seed=0, epoch=0, rank=0, world_size=1)
+    with pytest.raises(ShardListError, match="HTTP 404"):
+        make_eval_loader(CFG, f"{http_root}/train/shard-000099.tar", num_clips=1)
+
+
+def test_truncated_and_short_videos_are_skipped_and_counted(digits_shards, tmp_path):
+    samples = _samples(digits_shards, "val")
+    good = [(f"{k}.{ext}", samples[k][ext]) for k in ("val_0000000", "val_0000001") for ext in ("mp4", "json")]
+    cut = samples["val_0000002"]["mp4"]
+    frames, meta = simulate(4, np.random.default_rng(0))
+    meta["num_frames"] = 4
+    shard = _write_tar(
+        tmp_path / "shard-000000.tar",
+        [
+            *good[:2],
+            ("cut.mp4", cut[: len(cut) // 2]),
+            ("cut.json", samples["val_0000002"]["json"]),
+            ("short.mp4", encode_h264(frames, 10.0)),
+            ("short.json", json.dumps(meta).encode()),
+            ("nojson.mp4", cut),
+            *good[2:],
+        ],
+    )
+    batches = list(make_eval_loader(CFG, str(shard), num_clips=10, batch_size=8))
+    assert _keys(batches) == ["val_0000000", "val_0000001"]
+    assert batches[0]["skipped"] == {"decode_error": 1, "too_short": 1, "bad_metadata": 1}
+
+    train = list(make_train_loader(replace(CFG, epoch_batches=3), str(shard), seed=0, epoch=0, rank=0, world_size=1))
+    assert len(train) == 3 and set(_keys(train)) == {"val_0000000", "val_0000001"}
+    totals = {reason: sum(b["skipped"].get(reason, 0) for b in train) for reason in ("decode_error", "too_short")}
+    assert totals["decode_error"] >= 1 and totals["too_short"] >= 1
+
+
+def test_nothing_usable_is_an_error_not_an_endless_loop(digits_shards):
+    long_clip = replace(CFG, num_context=20, num_target=20)  # 40 frames from 24-frame videos
+    loader = make_train_loader(long_clip, _train_glob(digits_shards), seed=0, epoch=0, rank=0, world_size=1)
+    with pytest.raises(NoDecodableDataError, match="no usable clip of 40 frames"):
+        list(loader)
+    with pytest.raises(NoDecodableDataError, match="no usable clip"):
+        list(make_eval_loader(long_clip, _train_glob(digits_shards), num_clips=4))
+
+
+class _Exploit:
+    """Unpickling this touches `marker`: proof that something in the shard was executed."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_shards_never_unpickle_or_keep_foreign_entries(digits_shards, tmp_path):
+    marker = tmp_path / "pwned"
+    sample = _samples(digits_shards, "val")["val_0000000"]
+    payload = pickle.dumps(_Exploit(marker))
+    shard = _write_tar(
+        tmp_path / "evil.tar",
+        [("val_0000000.mp4", sample["mp4"]), ("val_0000000.json", sample["json"]), ("val_0000000.pyd", payload)],
+    )
+    batches = list(make_eval_loader(CFG, str(shard), num_clips=1))
+    assert _keys(batches) == ["val_0000000"]
+    assert not marker.exists()
+    assert "pyd" not in batches[0]
+
+
+def test_clip_metadata_merges_skipped_transitions():
+    meta = {
+        "num_frames": 7,
+        "state": [[t, 10 * t] for t in range(7)],
+        "action": [[1.0, t] for t in range(6)],
+        "events": [0, 0, 1, 0, 0, 0],
+    }
+    cut = cut_metadata(meta, clip_indices(1, 3, 2))  # frames 1, 3, 5
+    np.testing.assert_array_equal(cut["state"], [[1, 10], [3, 30], [5, 50]])
+    np.testing.assert_array_equal(cut["action"], [[2, 1 + 2], [2, 3 + 4]])
+    np.testing.assert_array_equal(cut["events"], [1, 0])
+
+
+def test_clip_starts_respect_the_span():
+    rng = np.random.default_rng(0)
+    starts = clip_starts(10, 4, 3, rng, count=200)  # span 10: only start 0 fits
+    assert set(starts.tolist()) == {0}
+    assert clip_starts(9, 4, 3, rng) is None
