@@ -21,6 +21,7 @@ No pickled modules: weights are safetensors, everything else is `torch.save` of 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -59,6 +60,13 @@ def capture_rng_state() -> dict[str, Any]:
     return state
 
 
+def rng_state_bytes() -> bytes:
+    """`capture_rng_state()` serialised, ready to be gathered from every rank and written by the main process."""
+    buffer = io.BytesIO()
+    torch.save(capture_rng_state(), buffer)
+    return buffer.getvalue()
+
+
 def restore_rng_state(state: dict[str, Any]) -> None:
     """Inverse of `capture_rng_state`."""
     random.setstate(state["python"])
@@ -83,14 +91,14 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler | None,
-    rng_states: list[dict[str, Any]],
+    rng_states: list[bytes],
     meta: dict[str, Any],
     keep: int,
 ) -> Path:
     """Write a complete checkpoint of global step `step` atomically, then keep only the newest `keep` of them.
 
     Called on one process (rank 0). `model` is the unwrapped model; `rng_states[r]` is rank r's
-    `capture_rng_state()`; `meta` is merged into state.json (epoch, seed, ...). Returns the checkpoint directory.
+    `rng_state_bytes()`; `meta` is merged into state.json (epoch, seed, ...). Returns the checkpoint directory.
     """
     final = checkpoint_dir(run_dir, step)
     root = final.parent
@@ -106,7 +114,7 @@ def save_checkpoint(
     if scaler is not None:
         _write(tmp / "scaler.pt", lambda p: torch.save(scaler.state_dict(), p))
     for rank, rng in enumerate(rng_states):
-        _write(tmp / f"rng-rank{rank}.pt", lambda p, rng=rng: torch.save(rng, p))
+        _write(tmp / f"rng-rank{rank}.pt", lambda p, rng=rng: p.write_bytes(rng))
     files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
     state = {**meta, "step": step, "world_size": len(rng_states), "files": files}
     _write(tmp / "state.json", lambda p: p.write_text(json.dumps(state, indent=2)))

@@ -87,6 +87,10 @@ class TrainConfig:
     keep_checkpoints: int = 3  # newest K complete checkpoints are kept
     log_every: int = 10
     mixed_precision: str = "auto"  # auto (bf16 on GPU, no on CPU) | no | bf16 | fp16
+    # test hooks, off by default: make rank 0's loss NaN at this (1-based) global step; dump each rank's
+    # model/optimizer state to RUN_DIR/debug/{resumed,final}-rank{r}.pt
+    debug_nan_at_step: int = 0
+    debug_dump_state: bool = False
 
 
 @dataclass

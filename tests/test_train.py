@@ -1,0 +1,196 @@
+"""train.py end to end on real shards: gloo ranks through `accelerate launch`, kills, resumes, NaN, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from worldmodel.checkpoint import checkpoint_dir, latest_checkpoint, load_model_state, read_state
+from worldmodel.config import load_config
+from worldmodel.model import WorldModel
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE = Path(sys.executable).parent / "accelerate"
+TWO_GLOO_RANKS = [
+    str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+]  # fmt: skip
+
+
+def _args(run_dir: Path, shards: Path, *overrides: str, resume: str | None = None) -> list[str]:
+    args = [
+        "train.py",
+        "--config",
+        "configs/tiny.yaml",
+        f"run_dir={run_dir}",
+        f"data.train_shards={shards}/train/shard-*.tar",
+        f"data.val_shards={shards}/val/shard-*.tar",
+        *overrides,
+    ]
+    return args + (["--resume", resume] if resume else [])
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+
+
+def _run(cmd: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _python(*args: str) -> list[str]:
+    return [sys.executable, *args]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_states_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"training exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, "timed out waiting for the training run"
+        time.sleep(0.05)
+
+
+def test_two_gloo_ranks_train_in_lockstep_and_end_identical(digits_shards, tmp_path):
+    run = tmp_path / "run"
+    result = _run(
+        TWO_GLOO_RANKS
+        + _args(run, digits_shards, "train.steps=4", "train.checkpoint_every=2", "train.debug_dump_state=true")
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    ranks = [torch.load(run / "debug" / f"final-rank{r}.pt", weights_only=True) for r in (0, 1)]
+    _assert_states_equal(ranks[0]["model"], ranks[1]["model"])
+    for pid, state in ranks[0]["optimizer"]["state"].items():
+        _assert_states_equal(state, ranks[1]["optimizer"]["state"][pid])
+    final = latest_checkpoint(run)
+    assert final == checkpoint_dir(run, 4)
+    _assert_states_equal(load_file(final / "model.safetensors"), ranks[0]["model"])
+    state = read_state(final)
+    assert state["world_size"] == 2 and state["epoch"] == 0  # 4 steps of 4-batch epochs: exactly epoch 0
+    assert (final / "rng-rank0.pt").is_file() and (final / "rng-rank1.pt").is_file()
+    # one scheduler step per optimiser step, not one per rank
+    assert torch.load(final / "scheduler.pt", weights_only=True)["last_epoch"] == 4
+
+    records = _metrics(run)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for key in (
+        "loss",
+        "pred",
+        "reg",
+        "kl",
+        "beta",
+        "ema_momentum",
+        "lr",
+        "grad_norm",
+        "emb_std",
+        "emb_eff_rank",
+        "target_var",
+        "data_wait",
+        "clips_per_s",
+        "skipped/total",
+    ):
+        assert key in records[-1], key
+    assert records[0]["beta"] == 0.0 and records[-1]["beta"] > 0.0
+    assert load_config(run / "config.yaml") == load_config(
+        ROOT / "configs/tiny.yaml",
+        [f"run_dir={run}", f"data.train_shards={digits_shards}/train/shard-*.tar",
+         f"data.val_shards={digits_shards}/val/shard-*.tar", "train.steps=4", "train.checkpoint_every=2",
+         "train.debug_dump_state=true"],
+    )  # fmt: skip
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+
+
+def test_sigkill_then_resume_auto_restores_the_checkpoint_and_finishes(digits_shards, tmp_path):
+    run = tmp_path / "run"
+    first = subprocess.Popen(
+        _python(*_args(run, digits_shards, "train.steps=400", "train.checkpoint_every=2")),
+        cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _wait_for(lambda: (c := latest_checkpoint(run)) is not None and read_state(c)["step"] >= 4, first)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    saved = latest_checkpoint(run)
+    saved_step, saved_epoch = read_state(saved)["step"], read_state(saved)["epoch"]
+    saved_model = load_file(saved / "model.safetensors")
+    saved_opt = torch.load(saved / "optimizer.pt", weights_only=True)
+
+    target = saved_step + 2
+    result = _run(_python(*_args(run, digits_shards, f"train.steps={target}", "train.debug_dump_state=true",
+                                 resume="auto")))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"resumed from {saved}" in result.stdout + result.stderr
+
+    restored = torch.load(run / "debug" / "resumed-rank0.pt", weights_only=True)
+    _assert_states_equal(restored["model"], saved_model)
+    assert restored["optimizer"]["param_groups"] == saved_opt["param_groups"]
+    for pid, state in saved_opt["state"].items():
+        _assert_states_equal(restored["optimizer"]["state"][pid], state)
+
+    assert read_state(latest_checkpoint(run))["step"] == target
+    steps = [r["step"] for r in _metrics(run)]
+    assert steps == list(range(1, target + 1))  # records logged after the checkpoint by the killed run are gone
+    resumed_record = next(r for r in _metrics(run) if r["step"] == saved_step + 1)
+    assert resumed_record["epoch"] == saved_epoch + 1  # fresh samples: the stream continues with the next epoch
+
+
+def test_unknown_config_key_fails_fast_listing_valid_keys(tmp_path):
+    result = _run(_python("train.py", "--config", "configs/tiny.yaml", f"run_dir={tmp_path}", "train.stepz=3"))
+    assert result.returncode == 2
+    assert "unknown config key(s) train.stepz" in result.stderr
+    assert "valid keys: train.steps, train.checkpoint_every" in result.stderr
+    assert not (tmp_path / "config.yaml").exists()
+
+
+def test_nan_on_one_rank_stops_both_and_keeps_the_last_good_checkpoint(digits_shards, tmp_path):
+    run = tmp_path / "run"
+    result = _run(TWO_GLOO_RANKS + _args(run, digits_shards, "train.checkpoint_every=2", "train.debug_nan_at_step=3"))
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "non-finite loss at step 3" in output
+    for term in ("loss=nan", "pred=", "reg=", "kl=", "grad_norm="):
+        assert term in output, term
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000002"]
+    assert latest_checkpoint(run) == checkpoint_dir(run, 2)
+    model = WorldModel(load_config(run / "config.yaml").model)
+    load_model_state(model, checkpoint_dir(run, 2))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert [r["step"] for r in _metrics(run)] == [1, 2]
+
+
+def test_sigterm_saves_a_checkpoint_at_the_step_boundary_and_exits_cleanly(digits_shards, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        _python(*_args(run, digits_shards, "train.steps=400", "train.checkpoint_every=1000")),
+        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _wait_for(lambda: (run / "metrics.jsonl").is_file() and len(_metrics(run)) >= 2, proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-4000:]
+    assert "stop requested" in out + err
+    saved = latest_checkpoint(run)
+    assert saved is not None
+    last_logged = _metrics(run)[-1]["step"]
+    assert read_state(saved)["step"] == last_logged < 400

@@ -1,0 +1,331 @@
+"""The accelerate train loop: one process per device, the same code on 1 CPU, N GPUs or several machines.
+
+Per optimiser step: `grad_accum_steps` micro-batches (forward, backward; DDP syncs gradients on the last one), one
+all-reduce of [non-finite losses, stop requests, loss] so every rank takes the same decision, gradient clipping,
+AdamW, the LR scheduler (stepped here, once per optimiser step), then the EMA update of the target encoder on the
+unwrapped model. The data loader is *not* passed through `accelerator.prepare`: the pipeline splits shards by rank
+and worker itself and yields exactly `data.epoch_batches` batches per epoch on every rank, so all ranks run the
+same number of steps and no rank decodes for another.
+
+Stopping: a non-finite loss (or, without fp16 loss scaling, a non-finite gradient norm) stops every rank before
+the optimiser step, with a message naming the step and each loss term, and writes no checkpoint. SIGTERM or
+Ctrl-C makes every rank save a checkpoint at the next step boundary and return normally.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from torch import nn
+
+from data_pipeline.stream import make_train_loader
+from worldmodel import checkpoint as ckpt
+from worldmodel.config import ExperimentConfig, OptimConfig, save_config
+from worldmodel.metrics_log import MetricsLog
+from worldmodel.model import WorldModel
+from worldmodel.schedules import beta_at, ema_momentum, lr_factor
+
+_NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.Embedding)
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN/inf; the message names the step and every loss term. No checkpoint was written."""
+
+
+def resolve_mixed_precision(name: str) -> str:
+    """train.mixed_precision -> accelerate's value: "auto" is bf16 when CUDA is available, else "no"."""
+    if name == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return name
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no weight decay on norms, biases, embeddings and position/cls tokens."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            exempt = isinstance(module, _NORM_LAYERS) or param.ndim <= 1 or "embed" in name or "token" in name
+            (no_decay if exempt else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+class StopRequest:
+    """Records SIGTERM / SIGINT instead of dying, so the loop can checkpoint at the next step boundary.
+
+    A second signal of the same kind restores the default behaviour (a second Ctrl-C interrupts at once).
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        signal.signal(signum, self._previous[signum])
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _epochs(cfg: ExperimentConfig, start_epoch: int, rank: int, world_size: int) -> Iterator[tuple[int, dict]]:
+    """(epoch, batch) forever: each epoch is a fresh loader of exactly data.epoch_batches batches on this rank."""
+    epoch = start_epoch
+    while True:
+        yield from (
+            (epoch, batch)
+            for batch in make_train_loader(
+                cfg.data, cfg.data.train_shards, seed=cfg.seed, epoch=epoch, rank=rank, world_size=world_size
+            )
+        )
+        epoch += 1
+
+
+def _resume_dir(resume: str | None, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from: None (fresh run), "auto" (newest complete one, if any) or a path."""
+    newest = ckpt.latest_checkpoint(run_dir)
+    if resume is None:
+        if newest is not None:
+            raise FileExistsError(
+                f"run_dir {run_dir} already holds checkpoints (newest {newest.name}); pass --resume auto to continue "
+                "that run, or set run_dir=... to start a new one"
+            )
+        return None
+    if resume == "auto":
+        return newest
+    problem = ckpt.verify_checkpoint(resume)
+    if problem is not None:
+        raise FileNotFoundError(f"--resume {resume} is not a complete checkpoint: {problem}")
+    return Path(resume)
+
+
+def _infer_action_dim(cfg: ExperimentConfig, batch: dict) -> None:
+    """Oracle runs with model.action_dim=0 take the action width from the data."""
+    if cfg.model.latent != "oracle" or cfg.model.action_dim:
+        return
+    if "action" not in batch:
+        raise ValueError(
+            f"model.latent=oracle needs per-transition actions, but the shards {cfg.data.train_shards} have no "
+            "'action' in their JSON; use another latent or data with actions"
+        )
+    cfg.model.action_dim = int(batch["action"].shape[-1])
+
+
+def _dump_state(run_dir: Path, tag: str, rank: int, model: nn.Module, optimizer) -> None:
+    """Test hook (train.debug_dump_state): this rank's model and optimizer state in RUN_DIR/debug/."""
+    (run_dir / "debug").mkdir(parents=True, exist_ok=True)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    torch.save(state, run_dir / "debug" / f"{tag}-rank{rank}.pt")
+
+
+def _save(accelerator, cfg, step: int, epoch: int, model, optimizer, scheduler) -> Path:
+    """Full-state checkpoint on the main process (RNG states gathered from every rank); all ranks wait for it."""
+    rng_states = gather_object([ckpt.rng_state_bytes()])
+    path = ckpt.checkpoint_dir(cfg.run_dir, step)
+    if accelerator.is_main_process:
+        path = ckpt.save_checkpoint(
+            cfg.run_dir,
+            step,
+            model=accelerator.unwrap_model(model),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=accelerator.scaler,
+            rng_states=rng_states,
+            meta={"epoch": epoch, "seed": cfg.seed, "mixed_precision": accelerator.mixed_precision},
+            keep=cfg.train.keep_checkpoints,
+        )
+    accelerator.wait_for_everyone()
+    return path
+
+
+def _window_scalars(accelerator, sums: dict[str, torch.Tensor], count: int, skipped: Counter) -> dict[str, float]:
+    """Means over the log window and over ranks of losses/monitors; decode skips summed over ranks (cumulative)."""
+    names = list(sums)
+    means = accelerator.reduce(torch.stack([sums[n] for n in names]) / count, "mean").tolist()
+    scalars = dict(zip(names, means, strict=True))
+    total = Counter()
+    for rank_skips in gather_object([dict(skipped)]):
+        total.update(rank_skips)
+    scalars["skipped/total"] = float(sum(total.values()))
+    scalars.update({f"skipped/{reason}": float(n) for reason, n in sorted(total.items())})
+    return scalars
+
+
+def train(cfg: ExperimentConfig, resume: str | None = None) -> None:
+    """Train `cfg` from scratch, or continue from a checkpoint (`resume`: "auto" or a checkpoint directory).
+
+    Returns normally at cfg.train.steps or after a SIGTERM/Ctrl-C checkpoint; raises TrainingDiverged on a
+    non-finite loss. Every rank returns or raises together.
+    """
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
+        gradient_accumulation_steps=cfg.optim.grad_accum_steps,
+        step_scheduler_with_optimizer=False,
+    )
+    rank, world_size, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    run_dir = Path(cfg.run_dir)
+    resume_from = _resume_dir(resume, run_dir)
+    resumed = ckpt.read_state(resume_from) if resume_from is not None else None
+    start_step = resumed["step"] if resumed else 0
+    if start_step >= cfg.train.steps:
+        accelerator.print(f"{resume_from} is at step {start_step} >= train.steps={cfg.train.steps}; nothing to do")
+        accelerator.end_training()
+        return
+
+    set_seed(cfg.seed)
+    batches = _epochs(cfg, resumed["epoch"] + 1 if resumed else 0, rank, world_size)  # resume: fresh samples
+    first = next(batches)
+    _infer_action_dim(cfg, first[1])
+    set_seed(cfg.seed)  # identical initial weights on every rank, however the loader used the global RNG
+    model = WorldModel(cfg.model)
+    optimizer = build_optimizer(model, cfg.optim)
+    schedule = dict(warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.train.steps, lr=cfg.optim.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, **schedule, min_lr=cfg.optim.min_lr)
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if resumed:
+        state = ckpt.load_checkpoint(
+            resume_from,
+            model=accelerator.unwrap_model(model),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=accelerator.scaler,
+            rank=rank,
+        )
+        if not state["rng_restored"]:  # the checkpoint was written by fewer processes
+            set_seed(cfg.seed + 1_000_003 * rank + start_step)
+        accelerator.print(f"resumed from {resume_from} (step {start_step}, epoch {state['epoch']})")
+    else:
+        set_seed(cfg.seed + rank)  # per-rank noise (latent samples, dropout) from here on
+    if cfg.train.debug_dump_state and resumed:
+        _dump_state(run_dir, "resumed", rank, accelerator.unwrap_model(model), optimizer)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+
+    log = MetricsLog(run_dir, enabled=main, total_steps=cfg.train.steps, start_step=start_step)
+    stop = StopRequest()
+    pending = [first]
+    step, epoch = start_step, first[0]
+    sums: dict[str, torch.Tensor] = {}
+    count, skipped = 0, Counter()
+    window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
+    clips_per_step = cfg.data.batch_size * cfg.optim.grad_accum_steps * world_size
+    try:
+        while step < cfg.train.steps:
+            beta = beta_at(step, beta=cfg.model.beta, warmup_steps=cfg.model.beta_warmup_steps)
+            momentum = ema_momentum(step, total_steps=cfg.train.steps, start=cfg.model.ema_start, end=cfg.model.ema_end)
+            lr = scheduler.get_last_lr()[0]
+            nonfinite = torch.zeros((), device=accelerator.device)
+            for _ in range(cfg.optim.grad_accum_steps):
+                wait_start = time.perf_counter()
+                epoch, batch = pending.pop() if pending else next(batches)
+                window_wait += time.perf_counter() - wait_start
+                skipped.update(batch["skipped"])
+                frames = batch["frames"].to(accelerator.device, non_blocking=True)
+                action = batch["action"].to(accelerator.device) if cfg.model.latent == "oracle" else None
+                with accelerator.accumulate(model):
+                    out = model(frames, action=action, beta=beta)
+                    loss = out["loss"]
+                    if step + 1 == cfg.train.debug_nan_at_step and rank == 0:
+                        loss = loss * float("nan")  # test hook: a divergence on one rank only
+                    accelerator.backward(loss)
+                    nonfinite += (~torch.isfinite(loss.detach())).float()
+                    if accelerator.sync_gradients:
+                        flags = accelerator.reduce(
+                            torch.stack(
+                                [
+                                    nonfinite,
+                                    torch.tensor(float(stop.requested), device=nonfinite.device),
+                                    loss.detach().float(),
+                                ]
+                            ),
+                            "sum",
+                        ).tolist()
+                        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+                        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), clip))
+                        if flags[0] > 0 or (accelerator.scaler is None and not math.isfinite(grad_norm)):
+                            optimizer.zero_grad(set_to_none=True)
+                            terms = {"loss": loss.detach(), **out["terms"]}
+                            values = accelerator.reduce(
+                                torch.stack([v.detach().float() for v in terms.values()]), "mean"
+                            ).tolist()
+                            raise TrainingDiverged(
+                                f"non-finite loss at step {step + 1} (epoch {epoch}): "
+                                + ", ".join(f"{k}={v:.6g}" for k, v in zip(terms, values, strict=True))
+                                + f", grad_norm={grad_norm:.6g}; stopped before the optimiser step and wrote no "
+                                f"checkpoint (newest good one: {ckpt.latest_checkpoint(run_dir)})"
+                            )
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for name, value in {"loss": loss, **out["terms"], **out["monitors"]}.items():
+                    sums[name] = sums.get(name, 0.0) + value.detach().float()
+                count += 1
+            scheduler.step()
+            accelerator.unwrap_model(model).update_target(momentum)
+            step += 1
+            window_steps += 1
+
+            elapsed = time.perf_counter() - window_start
+            log.progress(
+                step,
+                loss=flags[2] / world_size,
+                clips_per_s=clips_per_step * window_steps / elapsed,
+                data_wait=window_wait / elapsed,
+            )
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                scalars = _window_scalars(accelerator, sums, count, skipped)
+                wait_share = accelerator.reduce(
+                    torch.tensor([window_wait / elapsed], device=accelerator.device), "mean"
+                ).item()
+                scalars.update(
+                    epoch=float(epoch),
+                    beta=beta,
+                    ema_momentum=momentum,
+                    lr=lr,
+                    grad_norm=grad_norm,
+                    data_wait=wait_share,
+                    clips_per_s=clips_per_step * window_steps / elapsed,
+                )
+                log.log(step, scalars)
+                sums, count = {}, 0
+                window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
+            if flags[1] > 0:
+                path = _save(accelerator, cfg, step, epoch, model, optimizer, scheduler)
+                log.write(f"stop requested (SIGTERM/Ctrl-C): saved {path} at step {step}; exiting")
+                break
+            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+                _save(accelerator, cfg, step, epoch, model, optimizer, scheduler)
+    except TrainingDiverged as err:
+        log.write(str(err))
+        _finish(accelerator, log, stop, batches)
+        raise
+    else:
+        if cfg.train.debug_dump_state:
+            _dump_state(run_dir, "final", rank, accelerator.unwrap_model(model), optimizer)
+        del model, optimizer, scheduler
+        accelerator.free_memory()
+        _finish(accelerator, log, stop, batches)
+
+
+def _finish(accelerator: Accelerator, log: MetricsLog, stop: StopRequest, batches: Iterator) -> None:
+    """Close logs and loaders, then leave the process group together (gloo aborts at exit otherwise)."""
+    log.close()
+    stop.restore()
+    batches.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
