@@ -1,7 +1,20 @@
 """`evaluate.py --run RUN_DIR --shards GLOB`: load a trained run, roll it out on held-out shards, write the results.
 
-Writes RUN_DIR/eval/metrics.json (schema: docs/metrics_schema.md), RUN_DIR/eval/report.md and PNG figures beside
-them (errors.png, probes.png when the shards carry state, strip-XX.png per example).
+Writes RUN_DIR/eval/metrics.json, RUN_DIR/eval/report.md and PNG figures beside them (errors.png, probes.png when
+the shards carry state, strip-XX.png per example). metrics.json, in short (full schema: docs/metrics_schema.md):
+
+    {"run", "checkpoint", "checkpoint_step", "latent", "objective", "shards", "seed",
+     "num_context", "horizon", "num_samples", "num_clips",
+     "modes": {mode: {"all" | "event" | "no_event": {"l1": [H], "l2": [H], "cos": [H], "count": [H]}}},
+     "diversity": [H] | null,
+     "probes": {"num_fit_clips", "num_test_clips", "encoded": {state: r2}, "encoded_single_frame": {state: r2},
+                "predicted": {mode: {state: [H]}}, "labels": {label: accuracy}},
+     "latent_action": {"headline", "features": {name: {...}}, "detector": {...}} | null,
+     "collapse": {"online" | "target": {"emb_std", "emb_eff_rank", "dim", "num_frames"}},
+     "pixels", "plots", "notes"}
+
+modes: copy_last always; prediction (+ the same as prior_mean) for none; prior_mean, posterior, zero, best_of_k,
+mean_of_k for adassl_v / adassl_s; action, zero for oracle. l2 is a mean squared difference.
 """
 
 from __future__ import annotations
