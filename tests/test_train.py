@@ -177,20 +177,22 @@ def test_nan_on_one_rank_stops_both_and_keeps_the_last_good_checkpoint(digits_sh
     assert [r["step"] for r in _metrics(run)] == [1, 2]
 
 
-def test_sigterm_saves_a_checkpoint_at_the_step_boundary_and_exits_cleanly(digits_shards, tmp_path):
+def test_sigterm_to_one_rank_checkpoints_both_at_the_step_boundary_and_exits_cleanly(digits_shards, tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen(
-        _python(*_args(run, digits_shards, "train.steps=400", "train.checkpoint_every=1000")),
+    launcher = subprocess.Popen(
+        TWO_GLOO_RANKS + _args(run, digits_shards, "train.steps=400", "train.checkpoint_every=1000"),
         cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        _wait_for(lambda: (run / "metrics.jsonl").is_file() and len(_metrics(run)) >= 2, proc)
+        _wait_for(lambda: (run / "metrics.jsonl").is_file() and len(_metrics(run)) >= 2, launcher)
+        ranks = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+        assert len(ranks) == 2, ranks
+        os.kill(int(ranks[-1]), signal.SIGTERM)  # pre-emption seen by one rank only: the other must follow
+        out, err = launcher.communicate(timeout=90)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err[-4000:]
+        launcher.kill()
+    assert launcher.returncode == 0, err[-4000:]
     assert "stop requested" in out + err
     saved = latest_checkpoint(run)
-    assert saved is not None
-    last_logged = _metrics(run)[-1]["step"]
-    assert read_state(saved)["step"] == last_logged < 400
+    assert saved is not None and read_state(saved)["world_size"] == 2
+    assert read_state(saved)["step"] == _metrics(run)[-1]["step"] < 400

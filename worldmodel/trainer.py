@@ -14,6 +14,7 @@ Ctrl-C makes every rank save a checkpoint at the next step boundary and return n
 
 from __future__ import annotations
 
+import itertools
 import math
 import signal
 import time
@@ -150,17 +151,62 @@ def _save(accelerator, cfg, step: int, epoch: int, model, optimizer, scheduler) 
     return path
 
 
-def _window_scalars(accelerator, sums: dict[str, torch.Tensor], count: int, skipped: Counter) -> dict[str, float]:
-    """Means over the log window and over ranks of losses/monitors; decode skips summed over ranks (cumulative)."""
-    names = list(sums)
-    means = accelerator.reduce(torch.stack([sums[n] for n in names]) / count, "mean").tolist()
-    scalars = dict(zip(names, means, strict=True))
-    total = Counter()
-    for rank_skips in gather_object([dict(skipped)]):
-        total.update(rank_skips)
-    scalars["skipped/total"] = float(sum(total.values()))
-    scalars.update({f"skipped/{reason}": float(n) for reason, n in sorted(total.items())})
-    return scalars
+class _Window:
+    """Statistics of the steps since the last log line: sums of losses/monitors, data wait, throughput.
+
+    Decode skips are cumulative over the run (this process); the others reset at every log line.
+    """
+
+    def __init__(self) -> None:
+        self.skipped: Counter = Counter()
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count, self.steps, self.wait, self.start = 0, 0, 0.0, time.perf_counter()
+
+    def next_batch(self, batches: Iterator[tuple[int, dict]]) -> tuple[int, dict]:
+        """The next (epoch, batch), timing the wait and counting its decode skips."""
+        start = time.perf_counter()
+        epoch, batch = next(batches)
+        self.wait += time.perf_counter() - start
+        self.skipped.update(batch["skipped"])
+        return epoch, batch
+
+    def add(self, values: dict[str, torch.Tensor], micro_batches: int) -> None:
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        self.count += micro_batches
+        self.steps += 1
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def scalars(self, accelerator: Accelerator) -> dict[str, float]:
+        """Means over the window and over ranks; data-wait share averaged over ranks; skips summed over ranks."""
+        names = list(self.sums)
+        stacked = torch.stack([self.sums[n] / self.count for n in names] + [torch.tensor(self.wait / self.elapsed)])
+        values = accelerator.reduce(stacked.to(accelerator.device), "mean").tolist()
+        scalars = dict(zip([*names, "data_wait"], values, strict=True))
+        total = Counter()
+        for rank_skips in gather_object([dict(self.skipped)]):
+            total.update(rank_skips)
+        scalars["skipped/total"] = float(sum(total.values()))
+        scalars.update({f"skipped/{reason}": float(n) for reason, n in sorted(total.items())})
+        return scalars
+
+
+def _diverged(
+    accelerator: Accelerator, step: int, epoch: int, terms: dict[str, torch.Tensor], grad_norm: float, run_dir: Path
+) -> TrainingDiverged:
+    """The error every rank raises together; terms are averaged over micro-batches and ranks (NaN propagates)."""
+    values = accelerator.reduce(torch.stack(list(terms.values())), "mean").tolist()
+    named = ", ".join(f"{name}={value:.6g}" for name, value in zip(terms, values, strict=True))
+    return TrainingDiverged(
+        f"non-finite loss at step {step} (epoch {epoch}): {named}, grad_norm={grad_norm:.6g}; stopped before the "
+        f"optimiser step and wrote no checkpoint (newest good one: {ckpt.latest_checkpoint(run_dir)})"
+    )
 
 
 def train(cfg: ExperimentConfig, resume: str | None = None) -> None:
@@ -172,7 +218,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> None:
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
         gradient_accumulation_steps=cfg.optim.grad_accum_steps,
-        step_scheduler_with_optimizer=False,
+        step_scheduler_with_optimizer=False,  # we step it once per optimiser step, not once per rank
     )
     rank, world_size, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     run_dir = Path(cfg.run_dir)
@@ -185,16 +231,17 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> None:
         return
 
     set_seed(cfg.seed)
-    batches = _epochs(cfg, resumed["epoch"] + 1 if resumed else 0, rank, world_size)  # resume: fresh samples
-    first = next(batches)
+    epochs = _epochs(cfg, resumed["epoch"] + 1 if resumed else 0, rank, world_size)  # resume: fresh samples
+    first = next(epochs)
     _infer_action_dim(cfg, first[1])
+    batches = itertools.chain([first], epochs)
     set_seed(cfg.seed)  # identical initial weights on every rank, however the loader used the global RNG
     model = WorldModel(cfg.model)
     optimizer = build_optimizer(model, cfg.optim)
-    schedule = dict(warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.train.steps, lr=cfg.optim.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, **schedule, min_lr=cfg.optim.min_lr)
+    lr_kw = dict(
+        warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.train.steps, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr
     )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, **lr_kw))
     model, optimizer = accelerator.prepare(model, optimizer)
     if resumed:
         state = ckpt.load_checkpoint(
@@ -208,10 +255,10 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> None:
         if not state["rng_restored"]:  # the checkpoint was written by fewer processes
             set_seed(cfg.seed + 1_000_003 * rank + start_step)
         accelerator.print(f"resumed from {resume_from} (step {start_step}, epoch {state['epoch']})")
+        if cfg.train.debug_dump_state:
+            _dump_state(run_dir, "resumed", rank, accelerator.unwrap_model(model), optimizer)
     else:
         set_seed(cfg.seed + rank)  # per-rank noise (latent samples, dropout) from here on
-    if cfg.train.debug_dump_state and resumed:
-        _dump_state(run_dir, "resumed", rank, accelerator.unwrap_model(model), optimizer)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -219,92 +266,59 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> None:
 
     log = MetricsLog(run_dir, enabled=main, total_steps=cfg.train.steps, start_step=start_step)
     stop = StopRequest()
-    pending = [first]
-    step, epoch = start_step, first[0]
-    sums: dict[str, torch.Tensor] = {}
-    count, skipped = 0, Counter()
-    window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
-    clips_per_step = cfg.data.batch_size * cfg.optim.grad_accum_steps * world_size
+    window = _Window()
+    accum, device = cfg.optim.grad_accum_steps, accelerator.device
+    clips_per_step = cfg.data.batch_size * accum * world_size
+    step = start_step
     try:
         while step < cfg.train.steps:
             beta = beta_at(step, beta=cfg.model.beta, warmup_steps=cfg.model.beta_warmup_steps)
             momentum = ema_momentum(step, total_steps=cfg.train.steps, start=cfg.model.ema_start, end=cfg.model.ema_end)
             lr = scheduler.get_last_lr()[0]
-            nonfinite = torch.zeros((), device=accelerator.device)
-            for _ in range(cfg.optim.grad_accum_steps):
-                wait_start = time.perf_counter()
-                epoch, batch = pending.pop() if pending else next(batches)
-                window_wait += time.perf_counter() - wait_start
-                skipped.update(batch["skipped"])
-                frames = batch["frames"].to(accelerator.device, non_blocking=True)
-                action = batch["action"].to(accelerator.device) if cfg.model.latent == "oracle" else None
+
+            # forward/backward over the micro-batches; DDP all-reduces gradients on the last one
+            step_sums: dict[str, torch.Tensor] = {}
+            for _ in range(accum):
+                epoch, batch = window.next_batch(batches)
+                action = batch["action"].to(device) if cfg.model.latent == "oracle" else None
                 with accelerator.accumulate(model):
-                    out = model(frames, action=action, beta=beta)
+                    out = model(batch["frames"].to(device, non_blocking=True), action=action, beta=beta)
                     loss = out["loss"]
                     if step + 1 == cfg.train.debug_nan_at_step and rank == 0:
                         loss = loss * float("nan")  # test hook: a divergence on one rank only
                     accelerator.backward(loss)
-                    nonfinite += (~torch.isfinite(loss.detach())).float()
-                    if accelerator.sync_gradients:
-                        flags = accelerator.reduce(
-                            torch.stack(
-                                [
-                                    nonfinite,
-                                    torch.tensor(float(stop.requested), device=nonfinite.device),
-                                    loss.detach().float(),
-                                ]
-                            ),
-                            "sum",
-                        ).tolist()
-                        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-                        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), clip))
-                        if flags[0] > 0 or (accelerator.scaler is None and not math.isfinite(grad_norm)):
-                            optimizer.zero_grad(set_to_none=True)
-                            terms = {"loss": loss.detach(), **out["terms"]}
-                            values = accelerator.reduce(
-                                torch.stack([v.detach().float() for v in terms.values()]), "mean"
-                            ).tolist()
-                            raise TrainingDiverged(
-                                f"non-finite loss at step {step + 1} (epoch {epoch}): "
-                                + ", ".join(f"{k}={v:.6g}" for k, v in zip(terms, values, strict=True))
-                                + f", grad_norm={grad_norm:.6g}; stopped before the optimiser step and wrote no "
-                                f"checkpoint (newest good one: {ckpt.latest_checkpoint(run_dir)})"
-                            )
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
                 for name, value in {"loss": loss, **out["terms"], **out["monitors"]}.items():
-                    sums[name] = sums.get(name, 0.0) + value.detach().float()
-                count += 1
+                    step_sums[name] = step_sums.get(name, 0.0) + value.detach().float() / accum
+
+            # one all-reduce so that every rank takes the same decision
+            nonfinite = (~torch.isfinite(step_sums["loss"])).float()
+            requested = torch.tensor(float(stop.requested), device=device)
+            bad, stop_now, loss_sum = accelerator.reduce(
+                torch.stack([nonfinite, requested, step_sums["loss"]]), "sum"
+            ).tolist()
+            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf))
+            if bad > 0 or (accelerator.scaler is None and not math.isfinite(grad_norm)):
+                terms = {k: v for k, v in step_sums.items() if k == "loss" or k in out["terms"]}
+                raise _diverged(accelerator, step + 1, epoch, terms, grad_norm, run_dir)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             accelerator.unwrap_model(model).update_target(momentum)
             step += 1
-            window_steps += 1
+            window.add(step_sums, accum)
 
-            elapsed = time.perf_counter() - window_start
+            clips_per_s = clips_per_step * window.steps / window.elapsed
             log.progress(
-                step,
-                loss=flags[2] / world_size,
-                clips_per_s=clips_per_step * window_steps / elapsed,
-                data_wait=window_wait / elapsed,
+                step, loss=loss_sum / world_size, clips_per_s=clips_per_s, data_wait=window.wait / window.elapsed
             )
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                scalars = _window_scalars(accelerator, sums, count, skipped)
-                wait_share = accelerator.reduce(
-                    torch.tensor([window_wait / elapsed], device=accelerator.device), "mean"
-                ).item()
+                scalars = window.scalars(accelerator)
                 scalars.update(
-                    epoch=float(epoch),
-                    beta=beta,
-                    ema_momentum=momentum,
-                    lr=lr,
-                    grad_norm=grad_norm,
-                    data_wait=wait_share,
-                    clips_per_s=clips_per_step * window_steps / elapsed,
+                    epoch=epoch, beta=beta, ema_momentum=momentum, lr=lr, grad_norm=grad_norm, clips_per_s=clips_per_s
                 )
                 log.log(step, scalars)
-                sums, count = {}, 0
-                window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
-            if flags[1] > 0:
+                window.reset()
+            if stop_now > 0:
                 path = _save(accelerator, cfg, step, epoch, model, optimizer, scheduler)
                 log.write(f"stop requested (SIGTERM/Ctrl-C): saved {path} at step {step}; exiting")
                 break
@@ -312,20 +326,19 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> None:
                 _save(accelerator, cfg, step, epoch, model, optimizer, scheduler)
     except TrainingDiverged as err:
         log.write(str(err))
-        _finish(accelerator, log, stop, batches)
+        _finish(accelerator, log, stop, epochs)
         raise
-    else:
-        if cfg.train.debug_dump_state:
-            _dump_state(run_dir, "final", rank, accelerator.unwrap_model(model), optimizer)
-        del model, optimizer, scheduler
-        accelerator.free_memory()
-        _finish(accelerator, log, stop, batches)
+    if cfg.train.debug_dump_state:
+        _dump_state(run_dir, "final", rank, accelerator.unwrap_model(model), optimizer)
+    del model, optimizer, scheduler
+    accelerator.free_memory()
+    _finish(accelerator, log, stop, epochs)
 
 
-def _finish(accelerator: Accelerator, log: MetricsLog, stop: StopRequest, batches: Iterator) -> None:
-    """Close logs and loaders, then leave the process group together (gloo aborts at exit otherwise)."""
+def _finish(accelerator: Accelerator, log: MetricsLog, stop: StopRequest, epochs: Iterator) -> None:
+    """Close the logs and the loader, then leave the process group together (gloo aborts at exit otherwise)."""
     log.close()
     stop.restore()
-    batches.close()
+    epochs.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
