@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,33 @@ def test_launcher_rejects_bad_settings_with_a_clear_message(env, message):
         env=_launch_env(**{"GPUS_PER_NODE": "1", **env}), capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_sigterm_to_the_launchers_checkpoints_and_resume_auto_continues(digits_shards, tmp_path):
+    """What the SLURM script does on pre-emption: SIGTERM to each node's launcher (not to the trainers), which
+    torch.distributed.run forwards; the trainers save a checkpoint and stop; `--resume auto` continues from it."""
+    run_dir = tmp_path / "run"
+    args = _tiny_args(run_dir, digits_shards, "train.steps=100000", "train.checkpoint_every=100000")
+    nodes = _start_two_nodes(args, tmp_path)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().strip()) and time.monotonic() < deadline:
+        assert all(node.poll() is None for node in nodes), "a node exited before training started"
+        time.sleep(0.2)
+    for node in nodes:
+        node.send_signal(signal.SIGTERM)
+    logs = _wait(nodes, timeout=120)
+    # torch.distributed.run re-raises the signal after its workers exit, so the launchers' status is not 0.
+    saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
+    assert len(saved) == 1, f"expected one checkpoint written on SIGTERM, found {saved}:\n{logs[0][-3000:]}"
+    step = int(saved[0].removeprefix("step-"))
+    assert 0 < step < 100000
+    assert f"stop requested (SIGTERM/Ctrl-C): saved {run_dir / 'checkpoints' / saved[0]}" in logs[0]
+
+    nodes = _start_two_nodes([*args, f"train.steps={step + 2}", "--resume", "auto"], tmp_path)
+    logs = _wait(nodes)
+    for rank, (node, log) in enumerate(zip(nodes, logs, strict=True)):
+        assert node.returncode == 0, f"node {rank} exited with {node.returncode} on resume:\n{log[-4000:]}"
+    assert f"resumed from {run_dir / 'checkpoints' / saved[0]} (step {step}" in logs[0]
+    final = json.loads((run_dir / "checkpoints" / f"step-{step + 2:08d}" / "state.json").read_text())
+    assert final["step"] == step + 2 and final["world_size"] == 2
