@@ -3,11 +3,13 @@
     python -m data_pipeline.bench --shards 'data/moving_digits/train/shard-*.tar' [--workers 0 1 2] [--batches N]
 
 Prints one JSON line per worker setting:
-    decoder_fps        frames/s of the decoder alone, one process, decoding clips straight from the shard bytes
-                       (already in memory): the limit the pipeline can reach per process
+    decoder_fps        frames/s of the decoder alone, one process, decoding clips (same length, random starts, same
+                       videos) straight from the shard bytes already in memory: the limit for one process
     pipeline_clips_s   clips/s out of make_train_loader (tar reading, shuffle, decode, clip, collate)
     pipeline_fps       frames/s out of make_train_loader
     ratio              pipeline_fps / decoder_fps
+    *_per_cpu_s, cpu_ratio   the same per CPU-second (main process + workers): the pipeline's overhead, robust to
+                       other load on the machine (wall-clock figures are not)
 The first batch of each pipeline run is not timed (worker start-up).
 """
 
@@ -17,8 +19,10 @@ import argparse
 import json
 import time
 from dataclasses import replace
+from itertools import islice
 
 import numpy as np
+import psutil
 import webdataset as wds
 
 from data_pipeline.clips import clip_indices, clip_starts
@@ -42,8 +46,16 @@ def _load_videos(urls: list[str], limit: int) -> list[tuple[bytes, int]]:
     return videos
 
 
-def decoder_rate(cfg: DataConfig, urls: list[str], num_clips: int, seed: int = 0) -> float:
-    """Frames/s of `cfg.decoder` alone decoding `num_clips` random clips of the shard videos from memory."""
+def _cpu_seconds() -> float:
+    """CPU time of this process and its live children (DataLoader workers)."""
+    me = psutil.Process()
+    times = [me.cpu_times(), *(child.cpu_times() for child in me.children(recursive=True))]
+    return sum(t.user + t.system for t in times)
+
+
+def decoder_rate(cfg: DataConfig, urls: list[str], num_clips: int, seed: int = 0) -> tuple[float, float]:
+    """(wall, CPU) frames/s of `cfg.decoder` alone decoding `num_clips` random clips of the shard videos from
+    memory."""
     videos = _load_videos(urls, num_clips)
     if not videos:
         raise ValueError(f"no samples with a video and a JSON entry in {urls[:3]}")
@@ -57,20 +69,25 @@ def decoder_rate(cfg: DataConfig, urls: list[str], num_clips: int, seed: int = 0
             jobs.append((data, needed.tolist()))
     if not jobs:
         raise ValueError(f"every video in {urls[:3]} is shorter than a clip of {cfg.clip_length} frames")
-    begin = time.perf_counter()
+    decoder.decode(*jobs[0], size=cfg.image_size)  # first-call set-up is not throughput
+    begin, begin_cpu = time.perf_counter(), _cpu_seconds()
     for data, indices in jobs:
         decoder.decode(data, indices, size=cfg.image_size)
-    return len(jobs) * cfg.clips_per_video * cfg.clip_length / (time.perf_counter() - begin)
+    frames = len(jobs) * cfg.clips_per_video * cfg.clip_length
+    return frames / (time.perf_counter() - begin), frames / (_cpu_seconds() - begin_cpu)
 
 
-def pipeline_rate(cfg: DataConfig, shards: str, batches: int) -> float:
-    """Clips/s out of `make_train_loader` over `batches` batches, not counting the first (start-up)."""
-    loader = make_train_loader(replace(cfg, epoch_batches=batches + 1), shards, seed=0, epoch=0, rank=0, world_size=1)
+def pipeline_rate(cfg: DataConfig, shards: str, batches: int) -> tuple[float, float]:
+    """(wall, CPU) clips/s out of `make_train_loader` over `batches` batches, not counting the first (start-up).
+    CPU time counts the main process and its workers."""
+    loader = make_train_loader(replace(cfg, epoch_batches=batches + 2), shards, seed=0, epoch=0, rank=0, world_size=1)
     iterator = iter(loader)
     next(iterator)
-    begin = time.perf_counter()
-    clips = sum(len(batch["key"]) for batch in iterator)
-    return clips / (time.perf_counter() - begin)
+    begin, begin_cpu = time.perf_counter(), _cpu_seconds()
+    clips = sum(len(batch["key"]) for batch in islice(iterator, batches))
+    wall, cpu = time.perf_counter() - begin, _cpu_seconds() - begin_cpu  # read while the workers still live
+    del iterator
+    return clips / wall, clips / cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,9 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = DataConfig(batch_size=args.batch_size, decoder=args.decoder, clips_per_video=args.clips_per_video)
     urls = expand_shards(args.shards)
-    limit = decoder_rate(cfg, urls, num_clips=args.batches * cfg.batch_size)
     for workers in args.workers:
-        clips_s = pipeline_rate(replace(cfg, num_workers=workers), args.shards, args.batches)
+        # measured next to each pipeline run, so both see the same machine load
+        limit, limit_cpu = decoder_rate(cfg, urls, num_clips=args.batches * cfg.batch_size, seed=workers)
+        clips_s, clips_cpu_s = pipeline_rate(replace(cfg, num_workers=workers), args.shards, args.batches)
         fps = clips_s * cfg.clip_length
         record = {
             "workers": workers,
@@ -99,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
             "pipeline_clips_s": round(clips_s, 1),
             "pipeline_fps": round(fps, 1),
             "ratio": round(fps / limit, 3),
+            "decoder_fps_per_cpu_s": round(limit_cpu, 1),
+            "pipeline_fps_per_cpu_s": round(clips_cpu_s * cfg.clip_length, 1),
+            "cpu_ratio": round(clips_cpu_s * cfg.clip_length / limit_cpu, 3),
         }
         print(json.dumps(record), flush=True)
     return 0

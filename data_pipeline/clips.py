@@ -36,42 +36,46 @@ def clip_indices(start: int, clip_length: int, frame_step: int) -> np.ndarray:
     return start + frame_step * np.arange(clip_length, dtype=np.int64)
 
 
-def _rows(meta: dict, key: str, expected: int, num_frames: int) -> np.ndarray | None:
+def _rows(meta: dict, key: str, expected: int, num_frames: int, lo: int, hi: int) -> np.ndarray | None:
+    """Rows lo..hi-1 of `meta[key]` as float32, after checking that it has `expected` rows (only the rows a clip
+    needs are converted: cheaper per clip than the whole video's)."""
     if key not in meta:
         return None
+    rows = meta[key]
+    if not isinstance(rows, list) or len(rows) != expected:
+        per = "frame" if key == "state" else "transition t -> t+1"
+        found = f"{len(rows)} rows" if isinstance(rows, list) else f"a {type(rows).__name__}"
+        raise MetadataError(
+            f"{key!r} has {found} for a video of {num_frames} frames; expected {expected} rows (one per {per})"
+        )
     try:
-        rows = np.asarray(meta[key], dtype=np.float32)
+        return np.asarray(rows[lo:hi], dtype=np.float32)
     except (TypeError, ValueError) as exc:
         raise MetadataError(f"{key!r} is not a rectangular array of numbers: {exc}") from exc
-    if rows.shape[:1] != (expected,):
-        per = "frame" if key == "state" else "transition t -> t+1"
-        raise MetadataError(
-            f"{key!r} has {rows.shape[0] if rows.ndim else 0} rows for a video of {num_frames} frames; "
-            f"expected {expected} (one per {per})"
-        )
-    return rows
 
 
 def cut_metadata(meta: dict, indices: np.ndarray) -> dict[str, np.ndarray]:
-    """Cut a video's per-frame / per-transition arrays to the clip frames `indices` [T] (increasing).
+    """Cut a video's per-frame / per-transition arrays to the clip frames `indices` [T] (non-decreasing).
 
     Returns whichever of these the video has: `state` float32 [T, S], `action` float32 [T-1, A] (summed over the
     video transitions between consecutive clip frames), `events` float32 [T-1] (max over them).
     """
     num_frames = int(meta["num_frames"])
+    lo, hi = int(indices[0]), int(indices[-1])
+    local = indices - lo
     out: dict[str, np.ndarray] = {}
-    state = _rows(meta, "state", num_frames, num_frames)
+    state = _rows(meta, "state", num_frames, num_frames, lo, hi + 1)
     if state is not None:
-        out["state"] = state[indices]
+        out["state"] = state[local]
     # segment k of the clip spans video transitions indices[k] .. indices[k+1]-1
-    action = _rows(meta, "action", num_frames - 1, num_frames)
+    action = _rows(meta, "action", num_frames - 1, num_frames, lo, hi)
     if action is not None:
         sums = np.concatenate([np.zeros((1, *action.shape[1:])), np.cumsum(action, axis=0, dtype=np.float64)])
-        out["action"] = (sums[indices[1:]] - sums[indices[:-1]]).astype(np.float32)
-    events = _rows(meta, "events", num_frames - 1, num_frames)
+        out["action"] = (sums[local[1:]] - sums[local[:-1]]).astype(np.float32)
+    events = _rows(meta, "events", num_frames - 1, num_frames, lo, hi)
     if events is not None:
         out["events"] = np.array(
-            [events[a:b].max() if b > a else 0.0 for a, b in zip(indices[:-1], indices[1:], strict=True)],
+            [events[a:b].max() if b > a else 0.0 for a, b in zip(local[:-1], local[1:], strict=True)],
             dtype=np.float32,
         )
     return out

@@ -161,9 +161,10 @@ def _decode_clips(
             continue
         reader.failure_streak = 0
         positions = positions.reshape(len(clips), cfg.clip_length)
+        whole = len(clips) == 1 and len(needed) == cfg.clip_length  # the decode is the clip: no copy
         for start, pos, row in zip(starts, positions, rows, strict=True):
             yield {
-                "frames": frames[pos],
+                "frames": frames if whole else frames[pos],
                 **row,
                 "labels": meta.get("labels"),
                 "state_names": meta.get("state_names"),
