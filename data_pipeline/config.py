@@ -11,7 +11,8 @@ class DataConfig:
 
     `train_shards` / `val_shards` are a local glob (`data/train/shard-*.tar`), a brace pattern
     (`data/train/shard-{000000..000009}.tar`), a URL (`https://host/shard-{000..009}.tar`), a `pipe:` command
-    (`pipe:aws s3 cp s3://bucket/shard-000000.tar -`), or several of these separated by spaces.
+    (`pipe:aws s3 cp s3://bucket/shard-{000000..000099}.tar -`), or several of these separated by spaces
+    (`pipe:` commands contain spaces themselves, so several of them are separated by `::`).
     """
 
     train_shards: str = "data/moving_digits/train/shard-*.tar"
