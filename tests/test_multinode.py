@@ -167,9 +167,11 @@ def test_launcher_rejects_bad_settings_with_a_clear_message(env, message):
 
 def test_sigterm_to_the_launchers_checkpoints_and_resume_auto_continues(digits_shards, tmp_path):
     """What the SLURM script does on pre-emption: SIGTERM to each node's launcher (not to the trainers), which
-    torch.distributed.run forwards; the trainers save a checkpoint and stop; `--resume auto` continues from it."""
+    torch.distributed.run forwards; the trainers save a checkpoint and stop; `--resume auto` continues from it.
+    The shards are read the way object storage is, through a `pipe:` command (brace-expanded by the pipeline)."""
     run_dir = tmp_path / "run"
-    args = _tiny_args(run_dir, digits_shards, "train.steps=100000", "train.checkpoint_every=100000")
+    pipe = f"data.train_shards=pipe:cat {digits_shards}/train/shard-{{000000..000003}}.tar"
+    args = _tiny_args(run_dir, digits_shards, pipe, "train.steps=100000", "train.checkpoint_every=100000")
     nodes = _start_two_nodes(args, tmp_path)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 120
@@ -190,6 +192,7 @@ def test_sigterm_to_the_launchers_checkpoints_and_resume_auto_continues(digits_s
     logs = _wait(nodes)
     for rank, (node, log) in enumerate(zip(nodes, logs, strict=True)):
         assert node.returncode == 0, f"node {rank} exited with {node.returncode} on resume:\n{log[-4000:]}"
+    assert "train_shards: pipe:cat " in (run_dir / "config.yaml").read_text()
     assert f"resumed from {run_dir / 'checkpoints' / saved[0]} (step {step}" in logs[0]
     final = json.loads((run_dir / "checkpoints" / f"step-{step + 2:08d}" / "state.json").read_text())
     assert final["step"] == step + 2 and final["world_size"] == 2
