@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     out = args.out or ROOT / "runs" / ("bench-quick" if args.quick else "bench")
     steps = args.steps or (300 if args.quick else None)
-    ensure_data(args.data, num_videos=512, val_videos=128)
+    ensure_data(args.data, num_videos=1024, val_videos=256)
     common = [f"data.num_target={args.horizon}", f"eval.horizon={args.horizon}", *args.overrides]
     if steps:
         common.append(f"train.steps={steps}")

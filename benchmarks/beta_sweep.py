@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="extra key=value config overrides for every run")
     args = parser.parse_args(argv)
 
-    ensure_data(args.data, num_videos=512, val_videos=128)
+    ensure_data(args.data, num_videos=1024, val_videos=256)
     rows, lines = (
         {},
         [

@@ -11,7 +11,7 @@ runs=runs/demo
 
 if [ ! -f "$data/val/index.json" ]; then
   echo "== 1/4 generating the default data (stochastic moving digits) into $data"
-  $py -m data_pipeline.make_moving_digits --output "$data" --num-videos 512 --val-videos 128 --seed 0
+  $py -m data_pipeline.make_moving_digits --output "$data" --num-videos 1024 --val-videos 256 --seed 0
 else
   echo "== 1/4 default data found in $data"
 fi
