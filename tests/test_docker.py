@@ -140,6 +140,8 @@ def test_dockerfile_layers_pins_user_volumes_entrypoint():
     entrypoint = [args for k, args in steps if k == "ENTRYPOINT"]
     assert entrypoint and entrypoint[-1].startswith("["), "ENTRYPOINT must be exec form, so signals reach it"
     assert "/opt/adassl/docker/entrypoint.sh" in entrypoint[-1]
+    cmd = json.loads([args for k, args in steps if k == "CMD"][-1])
+    assert (REPO / cmd[cmd.index("--config") + 1]).is_file(), f"CMD names a config that does not exist: {cmd}"
     assert os.access(REPO / "docker" / "entrypoint.sh", os.X_OK)
     assert os.access(REPO / "docker" / "launch_multinode.sh", os.X_OK)
 
