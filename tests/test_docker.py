@@ -274,3 +274,20 @@ def test_install_script_builds_an_importable_project_in_a_new_venv(tmp_path):
     wrong = {n: (versions[n], v) for n, v in _pins().items() if n in versions and versions[n] != v}
     assert not wrong, f"installed versions differ from constraints.txt (installed, pinned): {wrong}"
     assert {"torch", "accelerate", "webdataset", "timm"} <= set(versions)
+
+
+def test_entrypoint_runs_a_command_or_trains(digits_shards, tmp_path):
+    entrypoint = REPO / "docker" / "entrypoint.sh"
+    env = {**os.environ, "PYTHON": sys.executable, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    command = subprocess.run([str(entrypoint), "python", "-c", "print('as a command')"], env=env, capture_output=True,
+                             text=True, timeout=60)  # fmt: skip
+    assert command.returncode == 0 and command.stdout.strip() == "as a command", command.stderr
+
+    run_dir = tmp_path / "run"
+    shards = f"data.train_shards={digits_shards}/train/shard-*.tar"
+    args = ["--config", "configs/tiny.yaml", f"run_dir={run_dir}", shards, "data.num_workers=0", "train.steps=2"]
+    train = subprocess.run([str(entrypoint), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, f"{train.stdout[-2000:]}\n{train.stderr[-4000:]}"
+    assert "node 0 of 1, 1 process(es) here, 1 in all" in train.stderr
+    assert (run_dir / "checkpoints" / "step-00000002" / "state.json").is_file()
