@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from worldmodel.checkpoint import checkpoint_dir, latest_checkpoint, load_model_state, read_state
 from worldmodel.config import load_config
 from worldmodel.model import WorldModel
+from worldmodel.trainer import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).parent / "accelerate"
@@ -196,3 +197,16 @@ def test_sigterm_to_one_rank_checkpoints_both_at_the_step_boundary_and_exits_cle
     saved = latest_checkpoint(run)
     assert saved is not None and read_state(saved)["world_size"] == 2
     assert read_state(saved)["step"] == _metrics(run)[-1]["step"] < 400
+
+
+def test_weight_decay_skips_norms_biases_and_position_embeddings():
+    model = WorldModel(load_config(ROOT / "configs/tiny.yaml").model)
+    decay, no_decay = build_optimizer(model, load_config(ROOT / "configs/tiny.yaml").optim).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] > 0 and no_decay["weight_decay"] == 0
+    assert decayed | exempt == {n for n, p in model.named_parameters() if p.requires_grad}  # no EMA target params
+    assert {"encoder.vit.pos_embed", "predictor.pos_embed", "predictor.frame_embed"} <= exempt
+    assert "encoder.vit.patch_embed.proj.weight" in decayed and "encoder.vit.patch_embed.proj.bias" in exempt
+    assert all("norm" not in n for n in decayed) and all(not n.endswith(".bias") for n in decayed)

@@ -1,0 +1,64 @@
+"""The typed config loader and the shipped configs."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from worldmodel.config import ConfigError, load_config, save_config
+from worldmodel.trainer import resolve_mixed_precision
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", ["tiny", "demo", "gpu_vits"])
+def test_shipped_configs_load_and_point_at_the_default_data(name):
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    assert cfg.data.train_shards == "data/moving_digits/train/shard-*.tar"
+    assert cfg.data.val_shards == "data/moving_digits/val/shard-*.tar"
+    assert cfg.data.image_size == cfg.model.img_size == 64
+
+
+def test_gpu_config_is_vit_s_sized_with_16_frames_in_bf16():
+    cfg = load_config(CONFIGS / "gpu_vits.yaml")
+    assert (cfg.model.embed_dim, cfg.model.depth, cfg.model.num_heads) == (384, 12, 6)
+    assert cfg.data.clip_length == 16 and cfg.train.mixed_precision == "bf16"
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config(CONFIGS / "tiny.yaml", ["model.latent=none", "optim.lr=3e-4", "optim.betas=[0.8, 0.9]"])
+    assert cfg.model.latent == "none" and cfg.optim.lr == 3e-4 and cfg.optim.betas == [0.8, 0.9]
+    assert isinstance(cfg.optim.lr, float)
+
+
+def test_unknown_key_names_the_valid_keys():
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) optim.lrr .*valid keys: optim.lr, optim.min_lr"):
+        load_config(CONFIGS / "tiny.yaml", ["optim.lrr=1e-3"])
+    with pytest.raises(ConfigError, match="valid keys: run_dir, seed, data, model, optim, train, eval"):
+        load_config(CONFIGS / "tiny.yaml", ["trian.steps=3"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.steps=many", "train.steps must be an integer"),
+        ("train.debug_dump_state=1", "train.debug_dump_state must be true or false"),
+        ("model.latent=vae", "model.latent='vae' is not one of none, adassl_v, adassl_s, oracle"),
+        ("train.mixed_precision=fp8", "train.mixed_precision='fp8' is not one of"),
+        ("lr", "must look like section.key=value"),
+    ],
+)
+def test_bad_values_fail_with_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "tiny.yaml", [override])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(CONFIGS / "demo.yaml", ["model.latent=oracle", "model.action_dim=2"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_mixed_precision_auto_is_bf16_only_with_cuda():
+    assert resolve_mixed_precision("auto") == ("bf16" if torch.cuda.is_available() else "no")
+    assert resolve_mixed_precision("fp16") == "fp16"
