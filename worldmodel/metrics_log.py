@@ -36,7 +36,7 @@ class MetricsLog:
         self.jsonl_path = run_dir / "metrics.jsonl"
         _trim_jsonl(self.jsonl_path, start_step)
         self._jsonl = self.jsonl_path.open("a")
-        self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1)
         self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=1.0)
 
     def progress(self, step: int, *, loss: float, clips_per_s: float, data_wait: float) -> None:

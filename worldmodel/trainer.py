@@ -85,12 +85,15 @@ def _epochs(cfg: ExperimentConfig, start_epoch: int, rank: int, world_size: int)
     """(epoch, batch) forever: each epoch is a fresh loader of exactly data.epoch_batches batches on this rank."""
     epoch = start_epoch
     while True:
-        yield from (
-            (epoch, batch)
-            for batch in make_train_loader(
-                cfg.data, cfg.data.train_shards, seed=cfg.seed, epoch=epoch, rank=rank, world_size=world_size
-            )
+        loader = make_train_loader(
+            cfg.data, cfg.data.train_shards, seed=cfg.seed, epoch=epoch, rank=rank, world_size=world_size
         )
+        produced = 0
+        for batch in loader:
+            produced += 1
+            yield epoch, batch
+        if produced == 0:
+            raise RuntimeError(f"epoch {epoch} of {cfg.data.train_shards} produced no batch on rank {rank}")
         epoch += 1
 
 
@@ -132,7 +135,10 @@ def _dump_state(run_dir: Path, tag: str, rank: int, model: nn.Module, optimizer)
 
 
 def _save(accelerator, cfg, step: int, epoch: int, model, optimizer, scheduler) -> Path:
-    """Full-state checkpoint on the main process (RNG states gathered from every rank); all ranks wait for it."""
+    """Full-state checkpoint on the main process (RNG states gathered from every rank); all ranks wait for it.
+
+    Resuming on several machines needs run_dir on a filesystem they share (each rank reads its own RNG file).
+    """
     rng_states = gather_object([ckpt.rng_state_bytes()])
     path = ckpt.checkpoint_dir(cfg.run_dir, step)
     if accelerator.is_main_process:
@@ -186,8 +192,9 @@ class _Window:
     def scalars(self, accelerator: Accelerator) -> dict[str, float]:
         """Means over the window and over ranks; data-wait share averaged over ranks; skips summed over ranks."""
         names = list(self.sums)
-        stacked = torch.stack([self.sums[n] / self.count for n in names] + [torch.tensor(self.wait / self.elapsed)])
-        values = accelerator.reduce(stacked.to(accelerator.device), "mean").tolist()
+        wait_share = torch.tensor(self.wait / self.elapsed, device=accelerator.device)
+        values = accelerator.reduce(torch.stack([*(self.sums[n] / self.count for n in names), wait_share]), "mean")
+        values = values.tolist()
         scalars = dict(zip([*names, "data_wait"], values, strict=True))
         total = Counter()
         for rank_skips in gather_object([dict(self.skipped)]):
