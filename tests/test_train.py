@@ -181,14 +181,17 @@ def test_nan_on_one_rank_stops_both_and_keeps_the_last_good_checkpoint(digits_sh
 def test_sigterm_to_one_rank_checkpoints_both_at_the_step_boundary_and_exits_cleanly(digits_shards, tmp_path):
     run = tmp_path / "run"
     launcher = subprocess.Popen(
-        TWO_GLOO_RANKS + _args(run, digits_shards, "train.steps=400", "train.checkpoint_every=1000"),
+        TWO_GLOO_RANKS
+        + _args(run, digits_shards, "train.steps=400", "train.checkpoint_every=1000", "data.num_workers=1"),
         cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         _wait_for(lambda: (run / "metrics.jsonl").is_file() and len(_metrics(run)) >= 2, launcher)
         ranks = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
         assert len(ranks) == 2, ranks
-        os.kill(int(ranks[-1]), signal.SIGTERM)  # pre-emption seen by one rank only: the other must follow
+        # pre-emption as launchers deliver it: to one rank's process group (the trainer and its DataLoader
+        # worker); the other rank must follow at the same step boundary
+        os.killpg(int(ranks[-1]), signal.SIGTERM)
         out, err = launcher.communicate(timeout=90)
     finally:
         launcher.kill()
