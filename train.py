@@ -30,10 +30,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
 
-    from worldmodel.trainer import TrainingDiverged, train  # heavy imports after the config is known to be valid
+    from worldmodel.trainer import ResumeError, TrainingDiverged, train  # heavy imports once the config is valid
 
     try:
         train(cfg, resume=args.resume)
+    except ResumeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except TrainingDiverged:
         return 1  # the trainer has printed the step and the loss terms
     return 0

@@ -177,6 +177,10 @@ def test_nan_on_one_rank_stops_both_and_keeps_the_last_good_checkpoint(digits_sh
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert [r["step"] for r in _metrics(run)] == [1, 2]
 
+    again = _run(_python(*_args(run, digits_shards)))  # a fresh start must not mix with the existing run
+    assert again.returncode == 2
+    assert "already holds checkpoints (newest step-00000002); pass --resume auto" in again.stderr
+
 
 def test_sigterm_to_one_rank_checkpoints_both_at_the_step_boundary_and_exits_cleanly(digits_shards, tmp_path):
     run = tmp_path / "run"

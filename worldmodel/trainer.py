@@ -38,6 +38,10 @@ from worldmodel.schedules import beta_at, ema_momentum, lr_factor
 _NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.Embedding)
 
 
+class ResumeError(ValueError):
+    """The run directory and --resume disagree (checkpoints exist but no --resume, or a bad checkpoint path)."""
+
+
 class TrainingDiverged(RuntimeError):
     """A loss became NaN/inf; the message names the step and every loss term. No checkpoint was written."""
 
@@ -122,7 +126,7 @@ def _resume_dir(resume: str | None, run_dir: Path) -> Path | None:
     newest = ckpt.latest_checkpoint(run_dir)
     if resume is None:
         if newest is not None:
-            raise FileExistsError(
+            raise ResumeError(
                 f"run_dir {run_dir} already holds checkpoints (newest {newest.name}); pass --resume auto to continue "
                 "that run, or set run_dir=... to start a new one"
             )
@@ -131,7 +135,7 @@ def _resume_dir(resume: str | None, run_dir: Path) -> Path | None:
         return newest
     problem = ckpt.verify_checkpoint(resume)
     if problem is not None:
-        raise FileNotFoundError(f"--resume {resume} is not a complete checkpoint: {problem}")
+        raise ResumeError(f"--resume {resume} is not a complete checkpoint: {problem}")
     return Path(resume)
 
 
