@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import warnings
 import zlib
 from collections import Counter
@@ -267,7 +268,20 @@ def make_train_loader(cfg: DataConfig, shards: str, *, seed: int, epoch: int, ra
             stacklevel=2,
         )
     dataset = TrainClips(cfg, urls, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
-    return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers)
+    return DataLoader(
+        dataset, batch_size=None, num_workers=cfg.num_workers, worker_init_fn=_workers_leave_stopping_to_the_trainer
+    )
+
+
+def _workers_leave_stopping_to_the_trainer(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM/SIGINT.
+
+    Launchers (torch elastic, SLURM, Ctrl-C in a terminal) signal a trainer's whole process group; a worker killed
+    that way makes the DataLoader raise in the trainer before it can checkpoint. The trainer shuts its workers down
+    itself when it stops.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class EvalClips(IterableDataset):

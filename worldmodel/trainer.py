@@ -85,24 +85,6 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-class _WorkersIgnoreStopSignals:
-    """worker_init_fn wrapper: DataLoader workers ignore SIGTERM/SIGINT.
-
-    Launchers (torch elastic, SLURM, Ctrl-C in a terminal) signal a trainer's whole process group; a worker killed
-    that way makes the DataLoader raise in the trainer before it can checkpoint. The trainer shuts its workers down
-    itself when it stops.
-    """
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-
-    def __call__(self, worker_id: int) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if self.inner is not None:
-            self.inner(worker_id)
-
-
 def _epochs(cfg: ExperimentConfig, start_epoch: int, rank: int, world_size: int) -> Iterator[tuple[int, dict]]:
     """(epoch, batch) forever: each epoch is a fresh loader of exactly data.epoch_batches batches on this rank."""
     epoch = start_epoch
@@ -110,8 +92,6 @@ def _epochs(cfg: ExperimentConfig, start_epoch: int, rank: int, world_size: int)
         loader = make_train_loader(
             cfg.data, cfg.data.train_shards, seed=cfg.seed, epoch=epoch, rank=rank, world_size=world_size
         )
-        if loader.num_workers > 0:
-            loader.worker_init_fn = _WorkersIgnoreStopSignals(loader.worker_init_fn)
         produced = 0
         for batch in loader:
             produced += 1
