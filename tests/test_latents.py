@@ -46,9 +46,14 @@ def test_context_summary_sees_previous_and_current_frame():
     summaries = Summaries(embed_dim=4, summary_dim=6)
     tokens = torch.randn(2, 3, 5, 4)
     s = summaries.context(tokens)
-    pooled = tokens.mean(2)
+    pooled = summaries.context_pool(tokens)
     torch.testing.assert_close(s[:, 0], summaries.context_proj(torch.cat([pooled[:, 0], pooled[:, 0]], -1)))
     torch.testing.assert_close(s[:, 2], summaries.context_proj(torch.cat([pooled[:, 1], pooled[:, 2]], -1)))
+    changed = tokens.clone()
+    changed[:, 0] += 1.0  # frame 0 is seen by s_0 and s_1, never by s_2
+    s_changed = summaries.context(changed)
+    torch.testing.assert_close(s_changed[:, 2], s[:, 2])
+    assert not torch.allclose(s_changed[:, 1], s[:, 1])
     assert summaries.target(tokens).shape == (2, 3, 6)
 
 

@@ -51,9 +51,9 @@ def digits():
 
 
 def perturb_conditioning(model: WorldModel) -> None:
-    """Random weights for the zero-initialised conditioning, so that r visibly changes predictions."""
+    """Random weights for the zero-initialised conditioning and output change, so r visibly changes predictions."""
     for name, param in model.predictor.named_parameters():
-        if "modulation" in name:
+        if "modulation" in name or "out_proj" in name:
             nn.init.normal_(param, std=0.5)
 
 
@@ -280,7 +280,9 @@ def test_loss_goes_down_on_moving_digits(latent, objective, digits):
         losses.append(out["loss"].item())
     assert np.isfinite(losses).all()
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
-    assert last < 0.6 * first, f"{latent}/{objective}: loss {first:.3f} -> {last:.3f}"
+    # jepa starts from the copy-last prediction (residual predictor), already a fair guess: a smaller drop is expected
+    ratio = 0.8 if objective == "jepa" else 0.6
+    assert last < ratio * first, f"{latent}/{objective}: loss {first:.3f} -> {last:.3f}"
 
 
 def test_default_config_forward_backward_on_cpu():

@@ -25,9 +25,9 @@ def make_predictor(cond_dim: int = 0, conditioning: str = "adaln", seed: int = 0
 
 
 def perturb_conditioning(predictor: Predictor) -> None:
-    """Give the zero-initialised conditioning maps random weights, as training would."""
+    """Give the zero-initialised maps (conditioning, output change) random weights, as training would."""
     for name, param in predictor.named_parameters():
-        if "modulation" in name or "cond_token" in name:
+        if "modulation" in name or "cond_token" in name or "out_proj" in name:
             nn.init.normal_(param, std=0.5)
 
 
@@ -64,6 +64,7 @@ def test_changing_a_future_frame_or_its_latent_never_changes_a_past_prediction(c
 
 def test_prediction_uses_earlier_frames():
     predictor = make_predictor()
+    perturb_conditioning(predictor)
     tokens = torch.randn(1, T, N, D)
     changed = tokens.clone()
     changed[:, 0] += 1.0
@@ -90,3 +91,10 @@ def test_invalid_depths_and_inputs_are_rejected():
         predictor(torch.randn(1, 9, N, D))
     with pytest.raises(ValueError, match="conditioning must be"):
         predictor(torch.randn(1, 3, N, D), torch.randn(1, 2, 3))
+
+
+def test_predictor_starts_as_copy_last():
+    """Residual prediction: at initialisation frame t+1 is predicted as frame t's tokens (zero change)."""
+    predictor = make_predictor(cond_dim=3, conditioning="adaln")
+    tokens = torch.randn(2, T, N, D)
+    torch.testing.assert_close(predictor(tokens, torch.randn(2, T, 3)), tokens)

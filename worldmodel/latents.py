@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, reduce
+from einops import rearrange
 from torch import Tensor, nn
 
 SIGMA_MIN = 1e-6
@@ -54,23 +54,43 @@ def mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim_in, hidden), nn.GELU(), nn.Linear(hidden, dim_out))
 
 
+class AttentivePool(nn.Module):
+    """tokens [B, T, N, D] -> [B, T, heads * D]: per head, a softmax-weighted mean of the frame's patch tokens.
+
+    A plain mean over patches is dominated by the background (in the default data a digit covers a few of 64
+    patches), which leaves the summaries nearly constant and the latent nothing to read; learned weights can attend
+    to the patches that move.
+    """
+
+    def __init__(self, embed_dim: int, heads: int = 4):
+        super().__init__()
+        self.score = nn.Linear(embed_dim, heads)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        weights = self.score(tokens).softmax(dim=2)  # [B, T, N, heads]
+        pooled = torch.einsum("btnh,btnd->bthd", weights, tokens)
+        return rearrange(pooled, "b t h d -> b t (h d)")
+
+
 class Summaries(nn.Module):
     """Context summaries s_t [B, T, S] from online tokens and target summaries s+_t [B, T, S] from target tokens."""
 
-    def __init__(self, embed_dim: int, summary_dim: int):
+    def __init__(self, embed_dim: int, summary_dim: int, heads: int = 4):
         super().__init__()
-        self.context_proj = nn.Linear(2 * embed_dim, summary_dim)
-        self.target_proj = nn.Linear(embed_dim, summary_dim)
+        self.context_pool = AttentivePool(embed_dim, heads)
+        self.target_pool = AttentivePool(embed_dim, heads)
+        self.context_proj = nn.Linear(2 * heads * embed_dim, summary_dim)
+        self.target_proj = nn.Linear(heads * embed_dim, summary_dim)
 
     def context(self, tokens: Tensor) -> Tensor:
         """tokens: [B, T, N, D] -> s [B, T, S]; s_t sees the pooled tokens of frames t-1 and t (t=0 repeats)."""
-        pooled = reduce(tokens, "b t n d -> b t d", "mean")
+        pooled = self.context_pool(tokens)
         previous = torch.cat([pooled[:, :1], pooled[:, :-1]], dim=1)
         return self.context_proj(torch.cat([previous, pooled], dim=-1))
 
     def target(self, target_tokens: Tensor) -> Tensor:
         """target_tokens: [B, T, N, D] -> s+ [B, T, S] (pass them detached: the posterior's view of x+ is no-grad)."""
-        return self.target_proj(reduce(target_tokens, "b t n d -> b t d", "mean"))
+        return self.target_proj(self.target_pool(target_tokens))
 
 
 class VariationalLatent(nn.Module):

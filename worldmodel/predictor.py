@@ -115,11 +115,16 @@ class Predictor(nn.Module):
             self.cond_token = nn.Linear(cond_dim, dim)
         self.norm = nn.LayerNorm(dim)
         self.out_proj = nn.Linear(dim, embed_dim)
+        # Residual prediction: frame t+1 = frame t + a learned change. Starting at zero change, the predictor begins
+        # as the copy-last baseline and its open-loop rollouts stay near the data instead of drifting off it.
+        nn.init.zeros_(self.out_proj.weight)
+        nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, tokens: Tensor, cond: Tensor | None = None) -> Tensor:
         """tokens: [B, T, N, D]; cond: [B, T, cond_dim] (row t conditions transition t -> t+1) or None.
 
-        Returns [B, T, N, D]: position t is the prediction of frame t+1's (normalised target) tokens.
+        Returns [B, T, N, D]: position t is the prediction of frame t+1's (normalised target) tokens, computed as
+        frame t's tokens plus a predicted change.
         """
         b, t, n, _ = tokens.shape
         if t > self.max_frames:
@@ -137,8 +142,8 @@ class Predictor(nn.Module):
             x = torch.cat([x, self.cond_token(flat_cond)[:, None]], dim=1)
         for block in self.head:
             x = block(x, cond=flat_cond)
-        out = self.out_proj(self.norm(x[:, :n]))
-        return rearrange(out, "(b t) n d -> b t n d", b=b)
+        change = rearrange(self.out_proj(self.norm(x[:, :n])), "(b t) n d -> b t n d", b=b)
+        return tokens + change
 
 
 def expand_cond(r: Tensor, num_frames: int) -> Tensor:
