@@ -19,12 +19,18 @@ Regularisers are returned per transition, [B, T-1]; the model averages them over
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
 SIGMA_MIN = 1e-6
+# Initial sigma of posterior and prior. With sigma ~0.7 (softplus of a fresh layer's output) the sample r is mostly
+# noise, the zero-initialised conditioning learns to ignore it and r is never used; a small start lets the
+# posterior mean's information through from the first steps.
+SIGMA_INIT = 0.1
 STATS_MOMENTUM = 0.99  # running marginal statistics of adassl_s (rate and values), used by its prior_sample
 
 
@@ -100,6 +106,9 @@ class VariationalLatent(nn.Module):
         super().__init__()
         self.posterior_net = mlp(2 * summary_dim, summary_dim, 2 * latent_dim)
         self.prior_net = mlp(summary_dim, summary_dim, 2 * latent_dim)
+        raw_sigma_init = math.log(math.expm1(SIGMA_INIT))  # softplus^-1
+        for net in (self.posterior_net, self.prior_net):
+            nn.init.constant_(net[-1].bias[latent_dim:], raw_sigma_init)
 
     @staticmethod
     def _gaussian(raw: Tensor) -> tuple[Tensor, Tensor]:
