@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or ROOT / "runs" / ("bench-quick" if args.quick else "bench")
     steps = args.steps or (300 if args.quick else None)
     ensure_data(args.data, num_videos=1024, val_videos=256)
-    common = [f"data.num_target={args.horizon}", f"eval.horizon={args.horizon}", *args.overrides]
+    # horizon-long targets after the context; the predictor's frame embedding must cover the whole clip
+    common = [f"data.num_target={args.horizon}", f"eval.horizon={args.horizon}", "model.max_frames=16", *args.overrides]
     if steps:
         common.append(f"train.steps={steps}")
     eval_args = ["--horizon", str(args.horizon), "--num-samples", str(args.num_samples)]
