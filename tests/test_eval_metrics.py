@@ -1,8 +1,9 @@
-"""Rollout metrics on hand-made latents with known answers."""
+"""Rollout metrics and strip retrieval on hand-made latents with known answers."""
 
 import pytest
 import torch
 
+from worldmodel.evaluation.plots import nearest_frames
 from worldmodel.evaluation.rollout_metrics import (
     ErrorAccumulator,
     copy_last,
@@ -96,3 +97,31 @@ def test_accumulator_splits_by_event_and_averages_over_batches():
     empty = ErrorAccumulator(horizon=1)
     empty.add("m", {name: torch.ones(1, 1) for name in ("l1", "l2", "cos")}, torch.tensor([[False]]))
     assert empty.result()["m"]["event"]["l1"] == [None]
+
+
+def test_retrieval_uses_the_full_token_grid_not_the_pooled_latent():
+    # 4 patches x 2 dims; a bright "object" on one patch of a blank canvas. The query has the object on patch 3.
+    # Bank frame 0 has it on patch 0 (same mean over patches as the query: pooled distance 0, wrong place);
+    # bank frame 1 has it on patch 3, slightly dimmer (pooled distance > 0, right place).
+    query = torch.zeros(1, 4, 2)
+    query[0, 3] = 1.0
+    bank = torch.zeros(2, 4, 2)
+    bank[0, 0] = 1.0
+    bank[1, 3] = 0.9
+    pooled_pick = torch.cdist(query.mean(dim=1), bank.mean(dim=1)).argmin(dim=1)
+    assert pooled_pick.tolist() == [0]  # what retrieval on pooled latents would show
+    assert nearest_frames(query, bank).tolist() == [1]
+    assert nearest_frames(query, bank.half(), chunk=1).tolist() == [1]  # float16 bank, one frame per chunk
+
+
+def test_retrieval_matches_brute_force_across_chunks():
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.randn(5, 6, 3, generator=generator)
+    bank = torch.randn(11, 6, 3, generator=generator)
+    bank[7] = queries[2]  # an exact match must be found
+    brute = ((queries[:, None] - bank[None]) ** 2).mean(dim=(2, 3)).argmin(dim=1)
+    for chunk in (1, 4, 11, 64):
+        assert torch.equal(nearest_frames(queries, bank, chunk=chunk), brute)
+    assert nearest_frames(queries, bank)[2] == 7
+    with pytest.raises(ValueError, match="token grid"):
+        nearest_frames(queries, bank[:, :5])

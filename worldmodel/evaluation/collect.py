@@ -1,4 +1,5 @@
-"""One pass over the eval batches: rollouts in every mode, per-step errors, and the pooled latents the probes need.
+"""One pass over the eval batches: rollouts in every mode, per-step errors, the pooled latents the probes need, and
+the token grids the frame strips retrieve pixels with.
 
 All predictions come from `model.rollout` (the function training uses); nothing here predicts on its own. The
 copy-last baseline is the one exception by design: it is the last context frame's target latents repeated.
@@ -37,6 +38,7 @@ LATENT_READOUTS = {
     "adassl_s": {"features": ("r", "mask_prob"), "detector": "expected_active"},
 }
 MAX_STRIP_SAMPLES = 4  # sampled futures drawn per frame strip
+STRIP_MODES = ("prediction", "prior_mean", "posterior", "action")  # deterministic rows a frame strip may draw
 
 
 def pool(tokens: torch.Tensor) -> torch.Tensor:
@@ -46,15 +48,22 @@ def pool(tokens: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Collected:
-    """Everything gathered over the eval set (C clips, T frames, H horizon steps, D latent width)."""
+    """Everything gathered over the eval set (C clips, T frames, H horizon steps, N patches, D latent width).
+
+    Full token grids are kept for retrieval only: every frame's target tokens (the bank, float16, as large as the
+    uint8 frames kept beside it) and the predicted tokens of the first `num_strips` clips (the strip examples).
+    """
 
     errors: ErrorAccumulator
+    num_strips: int = 0  # clips (the first ones) whose predicted token grids are kept for frame strips
     diversity: MeanAccumulator = field(default_factory=MeanAccumulator)
     target_pooled: list[np.ndarray] = field(default_factory=list)  # [B, T, D] per batch
     online_pooled: list[np.ndarray] = field(default_factory=list)  # [B, T, D]
     predicted_pooled: dict[str, list[np.ndarray]] = field(default_factory=dict)  # mode -> [B, H, D]
     frames: list[np.ndarray] = field(default_factory=list)  # uint8 [B, T, H, W, C]
-    strip_samples: list[np.ndarray] = field(default_factory=list)  # [B, k, H, D] sampled futures, k <= 4
+    target_tokens: list[np.ndarray] = field(default_factory=list)  # float16 [B, T, N, D], the retrieval bank
+    strip_tokens: dict[str, list[np.ndarray]] = field(default_factory=dict)  # STRIP_MODES -> float16 [b, H, N, D]
+    strip_samples: list[np.ndarray] = field(default_factory=list)  # float16 [b, k, H, N, D] sampled futures, k <= 4
     state: list[np.ndarray] = field(default_factory=list)
     labels: list[np.ndarray] = field(default_factory=list)
     action: list[np.ndarray] = field(default_factory=list)
@@ -72,6 +81,10 @@ def _np(x: torch.Tensor) -> np.ndarray:
     return x.detach().float().cpu().numpy()
 
 
+def _np16(x: torch.Tensor) -> np.ndarray:
+    return x.detach().to(torch.float16).cpu().numpy()
+
+
 @torch.no_grad()
 def process_batch(
     model: torch.nn.Module,
@@ -85,11 +98,11 @@ def process_batch(
     device: torch.device,
     generator: torch.Generator | None = None,
 ) -> None:
-    """Roll out one batch in every mode of `latent` and add errors and pooled latents to `out`.
+    """Roll out one batch in every mode of `latent` and add errors, pooled latents and token grids to `out`.
 
     batch: the pipeline's dict (frames uint8 [B, T, H, W, C], optional state [B, T, S], action [B, T-1, A],
     events [B, T-1], labels [B, L]). Errors are against model.encode_target of the true future frames; `generator`
-    draws the prior samples.
+    draws the prior samples. Predicted token grids are kept only for clips among the first `out.num_strips`.
     """
     frames = batch["frames"].to(device)
     online = model.encode(frames)  # [B, T, N, D]
@@ -97,6 +110,7 @@ def process_batch(
     context = online[:, :num_context]
     future = target[:, num_context : num_context + horizon]  # [B, H, N, D]
     events = batch.get("events")
+    num_strip = max(0, min(len(frames), out.num_strips - sum(len(f) for f in out.frames)))  # strip clips here
     step_event = step_events(events, num_context, horizon) if events is not None else None
 
     preds = {"copy_last": copy_last(target[:, :num_context], horizon)}
@@ -112,6 +126,8 @@ def process_batch(
     for name, pred in preds.items():
         out.errors.add(name, step_errors(pred, future), step_event)
         out.predicted_pooled.setdefault(name, []).append(_np(pool(pred)))
+        if name in STRIP_MODES and num_strip:
+            out.strip_tokens.setdefault(name, []).append(_np16(pred[:num_strip]))
 
     if latent in SAMPLED_LATENTS:
         samples = model.rollout(context, horizon, "prior_sample", k=num_samples, generator=generator)  # [K, B, H, N, D]
@@ -123,7 +139,8 @@ def process_batch(
         batch_index = torch.arange(pooled.shape[1], device=pooled.device)
         out.predicted_pooled.setdefault("best_of_k", []).append(_np(pooled[best, batch_index]))
         out.predicted_pooled.setdefault("prior_sample", []).append(_np(pooled[0]))
-        out.strip_samples.append(_np(pooled[:MAX_STRIP_SAMPLES].transpose(0, 1)))
+        if num_strip:
+            out.strip_samples.append(_np16(samples[:MAX_STRIP_SAMPLES, :num_strip].transpose(0, 1)))
 
     if latent in LATENT_READOUTS:
         inferred = model.infer_latents(online, target)
@@ -132,6 +149,7 @@ def process_batch(
             out.latents.setdefault(key, []).append(_np(inferred[key]))
 
     out.target_pooled.append(_np(pool(target)))
+    out.target_tokens.append(_np16(target))
     out.online_pooled.append(_np(pool(online)))
     out.frames.append(batch["frames"].cpu().numpy())
     for key in ("state", "labels", "action", "events"):

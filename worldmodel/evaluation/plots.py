@@ -1,7 +1,9 @@
 """PNG figures of an evaluation: error against horizon, probe R² against horizon, frame strips.
 
-Predicted latents have no pixels; a frame strip shows, for each predicted latent, the real eval-set frame whose
-pooled target latent is nearest (L2) to the prediction's pooled latent (nearest-neighbour retrieval, no decoder).
+Predicted latents have no pixels; a frame strip shows, for each predicted token grid, the real eval-set frame whose
+target tokens are nearest by the full token grid (mean squared difference over all N x D elements, the space the
+rollout errors are measured in; nearest-neighbour retrieval, no decoder). Pooling over patches first would let the
+background decide: on a small object on a plain canvas every frame pools to nearly the same vector.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from einops import rearrange  # noqa: E402
 
 R2_FLOOR = -1.0  # an R² below this (a probe far off on predicted latents) is drawn at the floor
 SPLIT_TITLES = {"all": "all transitions", "event": "event transitions", "no_event": "no-event transitions"}
@@ -68,9 +71,27 @@ def plot_probes(predicted: dict[str, dict[str, list]], encoded: dict[str, float 
     _save(fig, path)
 
 
-def nearest_frames(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest bank entry (L2) for each query. queries: [M, D]; bank: [F, D] -> int64 [M]."""
-    return torch.cdist(queries.float(), bank.float()).argmin(dim=1)
+def nearest_frames(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Index of the bank frame nearest to each query by the full token grid (mean squared difference over N x D).
+
+    queries: [M, N, D] predicted token grids; bank: [F, N, D] target tokens of the eval frames (any float dtype,
+    e.g. float16) -> int64 [M]. Distances are computed in float32, `chunk` bank frames at a time.
+    """
+    if queries.shape[1:] != bank.shape[1:]:
+        raise ValueError(
+            f"queries {tuple(queries.shape)} and bank {tuple(bank.shape)} must share the token grid [N, D]; "
+            "pass predicted and target tokens of the same model"
+        )
+    flat = rearrange(queries.float(), "m n d -> m (n d)")
+    best_dist = torch.full((len(flat),), float("inf"), device=flat.device)
+    best_index = torch.zeros(len(flat), dtype=torch.int64, device=flat.device)
+    for start in range(0, len(bank), chunk):
+        block = rearrange(bank[start : start + chunk].to(flat.device, torch.float32), "f n d -> f (n d)")
+        dist, index = torch.cdist(flat, block, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1)
+        better = dist < best_dist
+        best_dist = torch.where(better, dist, best_dist)
+        best_index = torch.where(better, index + start, best_index)
+    return best_index
 
 
 def plot_strip(

@@ -26,13 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import PartialState
+from einops import rearrange
 from tqdm import tqdm
 
 from data_pipeline.stream import make_eval_loader
 from worldmodel.checkpoint import latest_checkpoint, load_model_state, read_state
 from worldmodel.config import ExperimentConfig, load_config
 from worldmodel.evaluation import EvaluationError
-from worldmodel.evaluation.collect import LATENT_READOUTS, Collected, process_batch
+from worldmodel.evaluation.collect import LATENT_READOUTS, STRIP_MODES, Collected, process_batch
 from worldmodel.evaluation.plots import nearest_frames, plot_errors, plot_probes, plot_strip
 from worldmodel.evaluation.probe_suite import label_probes, latent_action_probes, state_probes
 from worldmodel.evaluation.probes import split_clips
@@ -43,9 +44,10 @@ from worldmodel.monitors import effective_rank, per_dim_std
 
 PIXELS_NOTE = (
     "Frame strips: row 0 shows the context frames and the true future; every further row is one predicted future. "
-    "Predicted latents have no pixels: each is shown as the real eval-set frame whose pooled target latent is "
-    "nearest (L2) to the prediction's pooled latent (nearest-neighbour retrieval over all eval frames, the clip's "
-    "own frames included; no decoder)."
+    "Predicted latents have no pixels: each is shown as the real eval-set frame whose target tokens are nearest "
+    "by the full token grid (mean squared difference over all patches and dims, the space of the rollout errors; "
+    "not pooled, so where things are counts) to the predicted tokens (nearest-neighbour retrieval over all eval "
+    "frames, the clip's own frames included; no decoder)."
 )
 
 
@@ -99,7 +101,7 @@ def evaluate_run(
         )
     generator = torch.Generator(device=device).manual_seed(seed)
     loader = make_eval_loader(cfg.data, shards, num_clips=num_clips, seed=seed, batch_size=batch_size)
-    collected = Collected(errors=ErrorAccumulator(horizon))
+    collected = Collected(errors=ErrorAccumulator(horizon), num_strips=cfg.eval.num_strips)
     for batch in tqdm(loader, total=math.ceil(num_clips / batch_size), desc="evaluate", disable=not progress):
         process_batch(
             model,
@@ -140,7 +142,7 @@ def evaluate_run(
     out_dir = run_dir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics["pixels"] = PIXELS_NOTE
-    metrics["plots"] = write_plots(collected, metrics, out_dir, cfg.eval.num_strips)
+    metrics["plots"] = write_plots(collected, metrics, out_dir)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out_dir / "report.md").write_text(render_report(metrics))
     return metrics
@@ -222,29 +224,29 @@ def collapse_stats(collected: Collected) -> dict:
     return out
 
 
-def write_plots(collected: Collected, metrics: dict, out_dir: Path, num_strips: int) -> list[str]:
-    """Write the PNG figures into out_dir; returns their file names."""
+def write_plots(collected: Collected, metrics: dict, out_dir: Path) -> list[str]:
+    """Write the PNG figures into out_dir; returns their file names. Strips are drawn for the clips whose predicted
+    token grids `collected` kept (its first `num_strips` clips)."""
     written = ["errors.png"]
     plot_errors(metrics["modes"], out_dir / "errors.png")
     if metrics["probes"].get("predicted"):
         plot_probes(metrics["probes"]["predicted"], metrics["probes"]["encoded"], out_dir / "probes.png")
         written.append("probes.png")
     frames = collected.stacked("frames")  # uint8 [C, T, H, W, C]
-    bank = torch.from_numpy(collected.stacked("target_pooled"))
-    bank = bank.reshape(-1, bank.shape[-1])  # [C * T, D]
-    flat_frames = frames.reshape(-1, *frames.shape[2:])
+    bank = torch.from_numpy(rearrange(collected.stacked("target_tokens"), "c t n d -> (c t) n d"))  # float16
+    flat_frames = rearrange(frames, "c t h w ch -> (c t) h w ch")
     num_context, horizon = metrics["num_context"], metrics["horizon"]
-    samples = collected.stacked("strip_samples")  # [C, k, H, D] or None
-    for clip in range(min(num_strips, len(frames))):
+    predicted = {mode: np.concatenate(parts) for mode, parts in collected.strip_tokens.items()}  # [S, H, N, D]
+    samples = collected.stacked("strip_samples")  # [S, k, H, N, D] or None
+    for clip in range(min(collected.num_strips, len(frames))):
         rows = {}
-        for mode in ("prediction", "prior_mean", "posterior", "action"):
-            if mode in collected.predicted_pooled and not (mode == "prior_mean" and "prediction" in rows):
-                rows[mode] = np.concatenate(collected.predicted_pooled[mode])[clip]
+        for mode in STRIP_MODES:
+            if mode in predicted and not (mode == "prior_mean" and "prediction" in rows):
+                rows[mode] = predicted[mode][clip]
         if samples is not None:
             rows.update({f"sample {k + 1}": s for k, s in enumerate(samples[clip])})
         futures = {
-            label: flat_frames[nearest_frames(torch.from_numpy(latents), bank).numpy()]
-            for label, latents in rows.items()
+            label: flat_frames[nearest_frames(torch.from_numpy(tokens), bank).numpy()] for label, tokens in rows.items()
         }
         name = f"strip-{clip:02d}.png"
         plot_strip(
