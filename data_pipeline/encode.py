@@ -1,8 +1,8 @@
-"""Encode frames to an in-memory H.264 MP4 with PyAV (libx264), deterministically.
+"""Encode frames to an in-memory H.264 MP4 with PyAV (libx264).
 
 The writer's format: yuv420p, a fixed GOP (`gop` frames between keyframes, no scene-cut keyframes) and no
-B-frames, so a reader seeks to any frame by decoding at most `gop` frames. One encoder thread, so the same frames
-always give the same bytes.
+B-frames, so a reader seeks to any frame by decoding at most `gop` frames. One encoder thread; even so, libx264
+through PyAV was seen to give different bytes (same frames, within codec noise) for about 1 call in 10 here.
 """
 
 from __future__ import annotations

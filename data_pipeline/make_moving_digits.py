@@ -202,7 +202,8 @@ def make_moving_digits(
     progress: bool = True,
 ) -> dict[str, WriteSummary]:
     """Generate `num_videos` training and `val_videos` (default num_videos // 10, at least 1) held-out videos into
-    OUTPUT/train/ and OUTPUT/val/ shards. Train uses seed [seed, 0], val [seed, 1]: same seed, same bytes."""
+    OUTPUT/train/ and OUTPUT/val/ shards. Train uses seed [seed, 0], val [seed, 1]: same seed, same frames and
+    metadata."""
     bank = mnist_digits(mnist) if mnist else sklearn_digits()
     counts = {"train": num_videos, "val": max(1, num_videos // 10) if val_videos is None else val_videos}
     summaries = {}

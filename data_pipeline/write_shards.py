@@ -13,7 +13,8 @@ Input: `NAME.mp4` (or .webm, .avi, .mkv, .mov, ...) with an optional sidecar `NA
 KEY.json is the sidecar with `fps`, `num_frames`, `height`, `width` filled in from the decoded video. Every video is
 decoded once to check it; one that cannot be decoded is reported by name and skipped. With --size/--fps/--gop the
 video is re-encoded to H.264 (short GOP, no B-frames) and the sidecar rows follow the kept frames. The output is
-deterministic: the same input gives byte-identical shards (fixed order, tar mtimes, owners and JSON layout).
+deterministic: the same input gives byte-identical shards (fixed order, tar mtimes, owners and JSON layout);
+with re-encoding the samples and metadata are the same but libx264 may not give the same bytes every time.
 """
 
 from __future__ import annotations

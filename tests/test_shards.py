@@ -88,14 +88,31 @@ def test_sidecars_round_trip_and_bad_inputs_are_skipped_by_name(video_folder, tm
 
 
 def test_rewriting_gives_identical_bytes(video_folder, tmp_path):
-    write_shards(video_folder, tmp_path / "a", samples_per_shard=2, size=32, progress=False)
-    write_shards(video_folder, tmp_path / "b", samples_per_shard=2, size=32, progress=False)
+    write_shards(video_folder, tmp_path / "a", samples_per_shard=2, progress=False)
+    write_shards(video_folder, tmp_path / "b", samples_per_shard=2, progress=False)
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert names == ["index.json", "shard-000000.tar", "shard-000001.tar"]
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     with tarfile.open(tmp_path / "a" / "shard-000000.tar") as tar:
         assert {(m.mtime, m.uid, m.gid, m.uname) for m in tar.getmembers()} == {(0, 0, 0, "")}
+
+
+def test_rewriting_with_reencode_gives_the_same_samples(video_folder, tmp_path):
+    """libx264 through PyAV is not bit-exact from call to call here (seen: 1 in ~10 encodes of the same frames
+    differs), so a re-encoded shard is compared by content: same members, same metadata, frames within codec noise."""
+    write_shards(video_folder, tmp_path / "a", samples_per_shard=2, size=32, progress=False)
+    write_shards(video_folder, tmp_path / "b", samples_per_shard=2, size=32, progress=False)
+    a, b = _read_shards(tmp_path / "a"), _read_shards(tmp_path / "b")
+    assert sorted(a) == sorted(b)
+    decoder = get_decoder("pyav")
+    for name in a:
+        if name.endswith(".json"):
+            assert a[name] == b[name], name
+            continue
+        indices = list(range(decoder.info(a[name]).num_frames))
+        fa, fb = decoder.decode(a[name], indices), decoder.decode(b[name], indices)
+        assert np.abs(fa.astype(int) - fb).mean() < 1.0, name
 
 
 def test_rewrite_into_same_folder_removes_stale_shards(video_folder, tmp_path):
