@@ -17,7 +17,7 @@ import json
 import math
 from pathlib import Path
 
-from benchmarks.runs import ROOT, ensure_data, train_and_evaluate
+from benchmarks.runs import ROOT, ensure_data, metric, probe_mean, train_and_evaluate
 
 METHODS = ("none", "adassl_v", "adassl_s", "oracle")
 HORIZONS = (1, 4, 8)
@@ -36,17 +36,6 @@ ROLLOUT_ROWS = (
 )
 
 
-def _get(tree: dict, *path: str | int) -> float | None:
-    """Walk nested dicts/lists; None where any step is missing."""
-    node = tree
-    for key in path:
-        try:
-            node = node[key]
-        except (KeyError, IndexError, TypeError):
-            return None
-    return node if isinstance(node, int | float) else None
-
-
 def _mean_std(values: list[float | None]) -> str:
     vals = [v for v in values if v is not None and math.isfinite(v)]
     if not vals:
@@ -56,14 +45,6 @@ def _mean_std(values: list[float | None]) -> str:
         return f"{mean:.3f}"
     std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
     return f"{mean:.3f} ± {std:.3f}"
-
-
-def _probe(metrics: dict, kind: str) -> float | None:
-    """Mean R² of the encoded-frame probes over position (x*, y*) or velocity (vx*, vy*) columns."""
-    encoded = metrics.get("probes", {}).get("encoded", {}) or {}
-    prefix = ("x", "y") if kind == "position" else ("vx", "vy")
-    vals = [v for k, v in encoded.items() if k.rstrip("0123456789") in prefix and v is not None]
-    return sum(vals) / len(vals) if vals else None
 
 
 def build_table(results: dict[str, list[dict]], horizon: int) -> tuple[str, dict]:
@@ -79,7 +60,7 @@ def build_table(results: dict[str, list[dict]], horizon: int) -> tuple[str, dict
         cells, row = [], {}
         for split in ("event", "no_event"):
             for h in horizons:
-                vals = [_get(m, "modes", mode, split, "l1", h - 1) for m in results[method]]
+                vals = [metric(m, "modes", mode, split, "l1", h - 1) for m in results[method]]
                 cells.append(_mean_std(vals))
                 row[f"{split}_h{h}"] = vals
         table["rollout_l1"][label] = row
@@ -94,13 +75,13 @@ def build_table(results: dict[str, list[dict]], horizon: int) -> tuple[str, dict
     ]
     for method, runs in results.items():
         cols = {
-            "position_r2": [_probe(m, "position") for m in runs],
-            "velocity_r2": [_probe(m, "velocity") for m in runs],
-            "digit_acc": [_get(m, "probes", "labels", "digit0") for m in runs],
-            "kl_kick_auc": [_get(m, "latent_action", "detector", "event_auc") for m in runs],
-            "innovation_kick_auc": [_get(m, "latent_action", "features", "innovation", "event_auc") for m in runs],
+            "position_r2": [probe_mean(m, "position") for m in runs],
+            "velocity_r2": [probe_mean(m, "velocity") for m in runs],
+            "digit_acc": [metric(m, "probes", "labels", "digit0") for m in runs],
+            "kl_kick_auc": [metric(m, "latent_action", "detector", "event_auc") for m in runs],
+            "innovation_kick_auc": [metric(m, "latent_action", "features", "innovation", "event_auc") for m in runs],
             "innovation_action_r2": [
-                _get(m, "latent_action", "features", "innovation", "action_r2_mean") for m in runs
+                metric(m, "latent_action", "features", "innovation", "action_r2_mean") for m in runs
             ],
         }
         table["representation"][method] = cols

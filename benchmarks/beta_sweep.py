@@ -15,8 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks.adassl_vs_jepa import _get, _probe
-from benchmarks.runs import ROOT, ensure_data, train_and_evaluate
+from benchmarks.runs import ROOT, ensure_data, metric, probe_mean, train_and_evaluate
 
 
 def _fmt(value: float | None) -> str:
@@ -55,13 +54,13 @@ def main(argv: list[str] | None = None) -> None:
         m = train_and_evaluate(args.out / f"beta-{beta:g}", args.config, overrides, args.data,
                                ["--horizon", str(args.horizon)])  # fmt: skip
         row = {
-            "kl_event": _get(m, "latent_action", "detector", "mean_event"),
-            "kl_no_event": _get(m, "latent_action", "detector", "mean_no_event"),
-            "kl_auc": _get(m, "latent_action", "detector", "event_auc"),
-            "prior_mean": _get(m, "modes", "prior_mean", "event", "l1", 0),
-            "best_of_k": _get(m, "modes", "best_of_k", "event", "l1", 0),
-            "posterior": _get(m, "modes", "posterior", "event", "l1", 0),
-            "position_r2": _probe(m, "position"),
+            "kl_event": metric(m, "latent_action", "detector", "mean_event"),
+            "kl_no_event": metric(m, "latent_action", "detector", "mean_no_event"),
+            "kl_auc": metric(m, "latent_action", "detector", "event_auc"),
+            "prior_mean": metric(m, "modes", "prior_mean", "event", "l1", 0),
+            "best_of_k": metric(m, "modes", "best_of_k", "event", "l1", 0),
+            "posterior": metric(m, "modes", "posterior", "event", "l1", 0),
+            "position_r2": probe_mean(m, "position"),
         }
         rows[str(beta)] = row
         lines.append(f"| {beta:g} | " + " | ".join(_fmt(v) for v in row.values()) + " |")

@@ -45,3 +45,22 @@ def train_and_evaluate(run_dir: Path, config: str, overrides: list[str], data_di
             *eval_args,
         ])  # fmt: skip
     return json.loads(metrics_path.read_text())
+
+
+def metric(tree: dict, *path: str | int) -> float | None:
+    """Walk nested dicts/lists; None where any step is missing."""
+    node = tree
+    for key in path:
+        try:
+            node = node[key]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return node if isinstance(node, int | float) else None
+
+
+def probe_mean(metrics: dict, kind: str) -> float | None:
+    """Mean R² of the encoded-frame probes over position (x*, y*) or velocity (vx*, vy*) columns."""
+    encoded = metrics.get("probes", {}).get("encoded", {}) or {}
+    prefix = ("x", "y") if kind == "position" else ("vx", "vy")
+    vals = [v for k, v in encoded.items() if k.rstrip("0123456789") in prefix and v is not None]
+    return sum(vals) / len(vals) if vals else None
