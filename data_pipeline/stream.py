@@ -16,6 +16,7 @@ worker's previous batch. Nothing in a shard is unpickled or executed: only video
 from __future__ import annotations
 
 import json
+import math
 import random
 import signal
 import warnings
@@ -175,42 +176,91 @@ def _decode_clips(
             }
 
 
-def _stack_if_all(clips: list[dict], name: str, dtype: torch.dtype) -> torch.Tensor | None:
+def _frames_buffer(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised uint8 tensor `shape` = [B, T, H, W, C] to collate a batch's frames into.
+
+    Inside a DataLoader worker it lives in shared memory (as torch's own default_collate does there), so handing the
+    batch to the training process copies no frames: only a file descriptor travels.
+    """
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+
+
+def _stack_if_all(clips: list[dict], name: str, dtype: type) -> np.ndarray | None:
     values = [c.get(name) for c in clips]
     if any(v is None for v in values) or len({v.shape for v in values}) != 1:
         return None
-    return torch.from_numpy(np.stack(values)).to(dtype)
+    return np.stack(values).astype(dtype, copy=False)
 
 
-def collate(clips: list[dict], skipped: dict[str, int]) -> dict:
-    """Clips -> the batch dict of docs/architecture.md: `frames` uint8 [B, T, H, W, C], `state` float32 [B, T, S],
-    `action` float32 [B, T-1, A], `events` float32 [B, T-1], `labels` int64 [B, L] (each only when every clip has
-    it), names from the first clip, `key`, `start` int64 [B], and `skipped` (counts since the previous batch)."""
-    shapes = {c["frames"].shape for c in clips}
-    if len(shapes) != 1:
-        raise ValueError(f"clips in a batch have different frame shapes {sorted(shapes)}; set data.image_size > 0")
-    batch: dict = {"frames": torch.from_numpy(np.stack([c["frames"] for c in clips]))}
+def _collate_rows(frames: torch.Tensor, clips: list[dict], skipped: dict[str, int]) -> dict:
+    """The batch of `clips` whose frames are already in `frames` uint8 [B, T, H, W, C]: the batch dict of
+    docs/architecture.md (`state`, `action`, `events`, `labels` only when every clip has it; names from the first
+    clip; `key`; `start`; `skipped`, the counts since the previous batch), except that the per-clip arrays stay numpy
+    here: `state` float32 [B, T, S], `action` float32 [B, T-1, A], `events` float32 [B, T-1], `labels` int64 [B, L],
+    `start` int64 [B]. Small arrays pickle by value, far cheaper than one shared-memory segment per tensor when a
+    worker sends the batch; `as_tensors` turns them into tensors in the consuming process.
+    """
+    batch: dict = {"frames": frames}
     for name in ("state", "action", "events"):
-        stacked = _stack_if_all(clips, name, torch.float32)
+        stacked = _stack_if_all(clips, name, np.float32)
         if stacked is not None:
             batch[name] = stacked
     label_names = list(clips[0]["labels"] or {})
     if label_names and all(c["labels"] and list(c["labels"]) == label_names for c in clips):
-        batch["labels"] = torch.tensor([[c["labels"][n] for n in label_names] for c in clips], dtype=torch.int64)
+        batch["labels"] = np.array([[c["labels"][n] for n in label_names] for c in clips], dtype=np.int64)
     batch["state_names"] = list(clips[0]["state_names"] or [])
     batch["action_names"] = list(clips[0]["action_names"] or [])
     batch["label_names"] = label_names if "labels" in batch else []
     batch["key"] = [c["key"] for c in clips]
-    batch["start"] = torch.tensor([c["start"] for c in clips], dtype=torch.int64)
+    batch["start"] = np.array([c["start"] for c in clips], dtype=np.int64)
     batch["skipped"] = skipped
     return batch
 
 
+def as_tensors(batch: dict) -> dict:
+    """A batch with its numpy arrays turned into tensors (no copy): the form of docs/architecture.md."""
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+
+
 def _batches(clips: Iterable[dict], reader: _Reader, batch_size: int, partial: bool) -> Iterator[dict]:
-    for group in iter(lambda: list(islice(clips, batch_size)), []):
-        if len(group) < batch_size and not partial:
-            return
-        yield collate(group, reader.pop_skipped())
+    """Group clips into batches of `batch_size` (a last, smaller one only if `partial`), numpy arrays not yet
+    tensors (see `_collate_rows`). Each clip's frames are copied into the batch's frames buffer as soon as the clip
+    is decoded, while they are still in the CPU cache, and dropped from the clip."""
+    group: list[dict] = []
+    for clip in clips:
+        if not group:
+            buffer = _frames_buffer((batch_size, *clip["frames"].shape))  # uint8 [B, T, H, W, C]
+            frames = buffer.numpy()
+        if clip["frames"].shape != frames.shape[1:]:
+            raise ValueError(
+                f"clips in a batch have different frame shapes {frames.shape[1:]} and {clip['frames'].shape}; set "
+                "data.image_size > 0"
+            )
+        frames[len(group)] = clip.pop("frames")
+        group.append(clip)
+        if len(group) == batch_size:
+            yield _collate_rows(buffer, group, reader.pop_skipped())
+            group = []
+    if group and partial:
+        yield _collate_rows(buffer[: len(group)], group, reader.pop_skipped())
+
+
+def _identity(batch: dict) -> dict:
+    return batch
+
+
+class _BatchLoader(DataLoader):
+    """A DataLoader of whole batches (batch_size=None) that makes their numpy arrays tensors in the consuming
+    process, after the transfer from a worker (see `_collate_rows`)."""
+
+    def __init__(self, dataset: IterableDataset, **kwargs) -> None:
+        super().__init__(dataset, batch_size=None, collate_fn=_identity, **kwargs)
+
+    def __iter__(self) -> Iterator[dict]:
+        return map(as_tensors, super().__iter__())
 
 
 def _worker() -> tuple[int, int]:
@@ -268,9 +318,7 @@ def make_train_loader(cfg: DataConfig, shards: str, *, seed: int, epoch: int, ra
             stacklevel=2,
         )
     dataset = TrainClips(cfg, urls, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
-    return DataLoader(
-        dataset, batch_size=None, num_workers=cfg.num_workers, worker_init_fn=_workers_leave_stopping_to_the_trainer
-    )
+    return _BatchLoader(dataset, num_workers=cfg.num_workers, worker_init_fn=_workers_leave_stopping_to_the_trainer)
 
 
 def _workers_leave_stopping_to_the_trainer(worker_id: int) -> None:
@@ -324,4 +372,4 @@ def make_eval_loader(
         raise ValueError(f"num_clips must be >= 1, got {num_clips}")
     urls = expand_shards(shards)
     dataset = EvalClips(cfg, urls, num_clips=num_clips, seed=seed, batch_size=batch_size or cfg.batch_size)
-    return DataLoader(dataset, batch_size=None, num_workers=0)
+    return _BatchLoader(dataset, num_workers=0)
