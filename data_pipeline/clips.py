@@ -62,8 +62,17 @@ def cut_metadata(meta: dict, indices: np.ndarray) -> dict[str, np.ndarray]:
     """
     num_frames = int(meta["num_frames"])
     lo, hi = int(indices[0]), int(indices[-1])
-    local = indices - lo
     out: dict[str, np.ndarray] = {}
+    if len(indices) > 1 and hi - lo == len(indices) - 1:  # consecutive frames: each row is the clip's own, as is
+        for key, expected, stop in (("state", num_frames, hi + 1), ("action", num_frames - 1, hi)):
+            rows = _rows(meta, key, expected, num_frames, lo, stop)
+            if rows is not None:
+                out[key] = rows
+        events = _rows(meta, "events", num_frames - 1, num_frames, lo, hi)
+        if events is not None:
+            out["events"] = events if events.ndim == 1 else events.reshape(len(events), -1).max(axis=1)
+        return out
+    local = indices - lo
     state = _rows(meta, "state", num_frames, num_frames, lo, hi + 1)
     if state is not None:
         out["state"] = state[local]

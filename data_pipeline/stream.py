@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import json
 import math
+import queue
 import random
 import signal
+import threading
 import warnings
 import zlib
 from collections import Counter
@@ -56,18 +58,21 @@ class _Reader:
         self.cfg = cfg
         self.decoder = get_decoder(cfg.decoder)
         self.skipped: Counter[str] = Counter()
+        self._skipped_lock = threading.Lock()  # shard errors are counted by the read-ahead thread
         self.pass_samples = 0  # samples delivered in the current pass over the shards
         self.max_pass_samples = 0
         self.failure_streak = 0
 
     def shard_error(self, exn: Exception) -> bool:
         """webdataset exception handler: a shard that cannot be opened or read is counted, and the stream goes on."""
-        self.skipped["shard_error"] += 1
+        with self._skipped_lock:
+            self.skipped["shard_error"] += 1
         warnings.warn(f"skipping unreadable shard data: {exn}", stacklevel=2)
         return True
 
     def skip(self, reason: str, key: str) -> None:
-        self.skipped[reason] += 1
+        with self._skipped_lock:
+            self.skipped[reason] += 1
         self.failure_streak += 1
         # A usable sample recurs every pass, so a streak this long means there is none (the margin covers samples
         # waiting in the shuffle buffer).
@@ -81,7 +86,8 @@ class _Reader:
             )
 
     def pop_skipped(self) -> dict[str, int]:
-        counts, self.skipped = dict(self.skipped), Counter()
+        with self._skipped_lock:
+            counts, self.skipped = dict(self.skipped), Counter()
         return counts
 
 
@@ -171,26 +177,77 @@ def _plan(sample: dict, cfg: DataConfig, rng: np.random.Generator, clips_per_vid
     return plan
 
 
-def _decode_clips(
+def _plan_chunks(
     samples: Iterable[dict],
-    reader: _Reader,
+    cfg: DataConfig,
     start_rng: Callable[[str], np.random.Generator],
     clips_per_video: int,
     chunk: int,
-) -> Iterator[dict]:
-    """Decode + clip: for each sample, `clips_per_video` clips from one decode of the union of their frames.
+) -> Iterator[list[_Plan]]:
+    """The plans of the samples, `chunk` samples at a time (each chunk is read, then planned, as one step)."""
+    for group in iter(lambda: list(islice(samples, chunk)), []):
+        yield [_plan(sample, cfg, start_rng(sample.get("__key__", "?")), clips_per_video) for sample in group]
+
+
+_END = object()
+
+
+def _put(items: queue.Queue, item: object, stop: threading.Event) -> bool:
+    """Put `item` once there is room; False if the consumer stopped first."""
+    while not stop.is_set():
+        try:
+            items.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _read_ahead(items: Iterable, depth: int) -> Iterator:
+    """`items`, iterated by a background thread up to `depth` items ahead of the consumer.
+
+    The thread holds the GIL only while running Python code, so reading and planning the next chunk of samples (tar,
+    shuffle, JSON, clip starts) overlaps the decoder's C code on the current one. An exception of `items` is raised
+    in the consumer at its place in the stream; the thread stops when the consumer is closed or dropped.
+    """
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not _put(buffer, (item, None), stop):
+                    return
+            _put(buffer, (_END, None), stop)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            _put(buffer, (_END, exc), stop)
+
+    threading.Thread(target=produce, name="clip-read-ahead", daemon=True).start()
+    try:
+        while True:
+            item, exc = buffer.get()
+            if item is _END:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+def _decode_clips(plan_chunks: Iterable[list[_Plan]], reader: _Reader) -> Iterator[dict]:
+    """Decode + clip: for each planned sample, its clips from one decode of the union of their frames.
 
     Yields dicts with `frames` uint8 [T, H, W, C], optional `state` [T, S], `action` [T-1, A], `events` [T-1],
     `labels` {name: int}, names, `key` and `start`. Unusable samples are skipped and counted.
 
-    Samples are taken `chunk` at a time and each step runs over the whole chunk before the next one: read them, plan
-    their clips, decode them one after another, then yield. Each step's code and data then stay in the CPU caches,
-    as in the decoder-only benchmark; interleaving the steps sample by sample cost ~150 us more per clip (64x64
-    clips of 8 frames). The order of everything seeded, skipped or yielded is that of the samples.
+    A chunk of samples is decoded one after another, then its clips are yielded: running each step over a whole chunk
+    keeps its code and data in the CPU caches, as in the decoder-only benchmark (interleaving read, plan and decode
+    sample by sample cost ~150 us more per 64x64 clip of 8 frames). Skips are counted, and clips yielded, in the order
+    of the samples.
     """
     cfg = reader.cfg
-    for group in iter(lambda: list(islice(samples, chunk)), []):
-        plans = [_plan(sample, cfg, start_rng(sample.get("__key__", "?")), clips_per_video) for sample in group]
+    for plans in plan_chunks:
         for plan in plans:
             if plan.skip is None:
                 try:
@@ -327,18 +384,16 @@ class TrainClips(IterableDataset):
         reader = _Reader(cfg)
         seeds = [self.seed, self.epoch, slot.index]
         clip_rng = np.random.default_rng(seeds)
+        chunk_samples = max(1, cfg.batch_size // cfg.clips_per_video)
         pipeline = wds.DataPipeline(
             lambda: _urls(slot_passes(self.urls, self.seed, self.epoch, slot), reader, modulo.count if modulo else 1),
             wds.tarfile_to_samples(handler=reader.shard_error, select_files=_format_entries_only),
             lambda samples: _keep_slot(samples, reader, modulo),
             wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=random.Random(str(seeds))),
-            lambda samples: _decode_clips(
-                samples,
-                reader,
-                lambda key: clip_rng,
-                cfg.clips_per_video,
-                chunk=max(1, cfg.batch_size // cfg.clips_per_video),
+            lambda samples: _read_ahead(
+                _plan_chunks(samples, cfg, lambda key: clip_rng, cfg.clips_per_video, chunk_samples), depth=2
             ),
+            lambda plan_chunks: _decode_clips(plan_chunks, reader),
             lambda clips: _batches(clips, reader, cfg.batch_size, partial=False),
         )
         yield from islice(pipeline, my_batches)
@@ -393,9 +448,10 @@ class EvalClips(IterableDataset):
         pipeline = wds.DataPipeline(
             lambda: iter([{"url": url} for url in self.urls]),
             wds.tarfile_to_samples(handler=reader.shard_error, select_files=_format_entries_only),
-            lambda samples: _decode_clips(
-                samples, reader, start_rng, clips_per_video=1, chunk=min(self.batch_size, self.num_clips)
+            lambda samples: _read_ahead(
+                _plan_chunks(samples, self.cfg, start_rng, 1, chunk=min(self.batch_size, self.num_clips)), depth=2
             ),
+            lambda plan_chunks: _decode_clips(plan_chunks, reader),
             lambda clips: islice(clips, self.num_clips),
             lambda clips: _batches(clips, reader, self.batch_size, partial=True),
         )
