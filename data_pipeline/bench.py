@@ -3,8 +3,9 @@
     python -m data_pipeline.bench --shards 'data/moving_digits/train/shard-*.tar' [--workers 0 1 2] [--batches N]
 
 Prints one JSON line per worker setting:
-    decoder_fps        frames/s of the decoder alone, one process, decoding clips (same length, random starts, same
-                       videos) straight from the shard bytes already in memory: the limit for one process
+    decoder_fps        frames/s of the decoder alone, one process, making the same decoder calls as the pipeline did
+                       for the timed clips (same videos, same frames), from video bytes already in memory: the limit
+                       for one process
     pipeline_clips_s   clips/s out of make_train_loader (tar reading, shuffle, decode, clip, collate)
     pipeline_fps       frames/s out of make_train_loader
     ratio              pipeline_fps / decoder_fps
@@ -25,7 +26,7 @@ import numpy as np
 import psutil
 import webdataset as wds
 
-from data_pipeline.clips import clip_indices, clip_starts
+from data_pipeline.clips import clip_indices
 from data_pipeline.config import DataConfig
 from data_pipeline.decoders import get_decoder
 from data_pipeline.shardlist import expand_shards
@@ -33,16 +34,15 @@ from data_pipeline.stream import make_train_loader
 from data_pipeline.write_shards import VIDEO_EXTENSIONS
 
 
-def _load_videos(urls: list[str], limit: int) -> list[tuple[bytes, int]]:
-    """Up to `limit` (video bytes, num_frames) pairs read from the shards into memory."""
-    videos = []
+def _load_videos(urls: list[str], keys: set[str]) -> dict[str, bytes]:
+    """The video bytes of the samples `keys`, read from the shards into memory."""
+    videos: dict[str, bytes] = {}
     for sample in wds.DataPipeline(lambda: iter([{"url": u} for u in urls]), wds.tarfile_to_samples()):
         ext = next((e for e in VIDEO_EXTENSIONS if e in sample), None)
-        if ext is None or "json" not in sample:
-            continue
-        videos.append((sample[ext], int(json.loads(sample["json"])["num_frames"])))
-        if len(videos) >= limit:
-            break
+        if ext is not None and sample["__key__"] in keys:
+            videos[sample["__key__"]] = sample[ext]
+            if len(videos) == len(keys):
+                break
     return videos
 
 
@@ -53,41 +53,51 @@ def _cpu_seconds() -> float:
     return sum(t.user + t.system for t in times)
 
 
-def decoder_rate(cfg: DataConfig, urls: list[str], num_clips: int, seed: int = 0) -> tuple[float, float]:
-    """(wall, CPU) frames/s of `cfg.decoder` alone decoding `num_clips` random clips of the shard videos from
-    memory."""
-    videos = _load_videos(urls, num_clips)
-    if not videos:
-        raise ValueError(f"no samples with a video and a JSON entry in {urls[:3]}")
-    decoder, rng = get_decoder(cfg.decoder), np.random.default_rng(seed)
+def decode_jobs(cfg: DataConfig, clips: list[tuple[str, int]]) -> list[tuple[str, list[int]]]:
+    """The decoder calls the pipeline made for `clips` ((key, start) in the order the batches gave them): one call
+    per sample, for the union of the frames of its `cfg.clips_per_video` clips (a sample's clips come out one after
+    another; a sample cut by the ends of the timed batches gets a call for the clips inside them)."""
+    starts: dict[str, list[int]] = {}
+    for key, start in clips:
+        starts.setdefault(key, []).append(start)
     jobs = []
-    for i in range(num_clips):
-        data, num_frames = videos[i % len(videos)]
-        starts = clip_starts(num_frames, cfg.clip_length, cfg.frame_step, rng, cfg.clips_per_video)
-        if starts is not None:
-            needed = np.unique(np.concatenate([clip_indices(s, cfg.clip_length, cfg.frame_step) for s in starts]))
-            jobs.append((data, needed.tolist()))
-    if not jobs:
-        raise ValueError(f"every video in {urls[:3]} is shorter than a clip of {cfg.clip_length} frames")
-    decoder.decode(*jobs[0], size=cfg.image_size)  # first-call set-up is not throughput
+    for key, key_starts in starts.items():
+        for i in range(0, len(key_starts), cfg.clips_per_video):
+            group = key_starts[i : i + cfg.clips_per_video]
+            frames = np.concatenate([clip_indices(s, cfg.clip_length, cfg.frame_step) for s in group])
+            jobs.append((key, (frames if len(group) == 1 else np.unique(frames)).tolist()))
+    return jobs
+
+
+def decoder_rate(cfg: DataConfig, urls: list[str], clips: list[tuple[str, int]]) -> tuple[float, float]:
+    """(wall, CPU) frames/s of `cfg.decoder` alone, in one process, making the decoder calls the pipeline made for
+    `clips` ((key, start) pairs) on the same video bytes, read into memory beforehand."""
+    jobs = decode_jobs(cfg, clips)
+    videos = _load_videos(urls, {key for key, _ in jobs})
+    if not jobs or len(videos) < len({key for key, _ in jobs}):
+        raise ValueError(f"the clips' videos are not all in {urls[:3]}")
+    decoder = get_decoder(cfg.decoder)
+    decoder.decode(videos[jobs[0][0]], jobs[0][1], size=cfg.image_size)  # first-call set-up is not throughput
     begin, begin_cpu = time.perf_counter(), _cpu_seconds()
-    for data, indices in jobs:
-        decoder.decode(data, indices, size=cfg.image_size)
-    frames = len(jobs) * cfg.clips_per_video * cfg.clip_length
+    for key, indices in jobs:
+        decoder.decode(videos[key], indices, size=cfg.image_size)
+    frames = len(clips) * cfg.clip_length
     return frames / (time.perf_counter() - begin), frames / (_cpu_seconds() - begin_cpu)
 
 
-def pipeline_rate(cfg: DataConfig, shards: str, batches: int) -> tuple[float, float]:
-    """(wall, CPU) clips/s out of `make_train_loader` over `batches` batches, not counting the first (start-up).
-    CPU time counts the main process and its workers."""
+def pipeline_rate(cfg: DataConfig, shards: str, batches: int) -> tuple[float, float, list[tuple[str, int]]]:
+    """(wall, CPU) clips/s out of `make_train_loader` over `batches` batches, not counting the first (start-up), and
+    the (key, start) of the timed clips. CPU time counts the main process and its workers."""
     loader = make_train_loader(replace(cfg, epoch_batches=batches + 2), shards, seed=0, epoch=0, rank=0, world_size=1)
     iterator = iter(loader)
     next(iterator)
+    clips: list[tuple[str, int]] = []
     begin, begin_cpu = time.perf_counter(), _cpu_seconds()
-    clips = sum(len(batch["key"]) for batch in islice(iterator, batches))
+    for batch in islice(iterator, batches):
+        clips.extend(zip(batch["key"], batch["start"].tolist(), strict=True))
     wall, cpu = time.perf_counter() - begin, _cpu_seconds() - begin_cpu  # read while the workers still live
     del iterator
-    return clips / wall, clips / cpu
+    return len(clips) / wall, len(clips) / cpu, clips
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = DataConfig(batch_size=args.batch_size, decoder=args.decoder, clips_per_video=args.clips_per_video)
     urls = expand_shards(args.shards)
     for workers in args.workers:
-        # measured next to each pipeline run, so both see the same machine load
-        limit, limit_cpu = decoder_rate(cfg, urls, num_clips=args.batches * cfg.batch_size, seed=workers)
-        clips_s, clips_cpu_s = pipeline_rate(replace(cfg, num_workers=workers), args.shards, args.batches)
+        clips_s, clips_cpu_s, clips = pipeline_rate(replace(cfg, num_workers=workers), args.shards, args.batches)
+        # right after the pipeline run (same machine load), the same decoder calls on the same clips
+        limit, limit_cpu = decoder_rate(cfg, urls, clips)
         fps = clips_s * cfg.clip_length
         record = {
             "workers": workers,

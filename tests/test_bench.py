@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from data_pipeline.bench import main
+from data_pipeline.bench import decode_jobs, main
+from data_pipeline.config import DataConfig
 
 
 def test_bench_prints_one_json_line_per_setting(digits_shards, capsys):
@@ -16,3 +17,10 @@ def test_bench_prints_one_json_line_per_setting(digits_shards, capsys):
         assert r["decoder_fps"] > 0 and r["pipeline_clips_s"] > 0 and r["batch_size"] == 4
         assert abs(r["pipeline_fps"] - r["pipeline_clips_s"] * r["clip_length"]) < 1
         assert abs(r["ratio"] - r["pipeline_fps"] / r["decoder_fps"]) < 0.01
+
+
+def test_the_limit_decodes_the_pipelines_clips_with_its_calls():
+    one = DataConfig(num_context=2, num_target=1)
+    assert decode_jobs(one, [("a", 0), ("b", 4), ("a", 1)]) == [("a", [0, 1, 2]), ("a", [1, 2, 3]), ("b", [4, 5, 6])]
+    two = DataConfig(num_context=2, num_target=1, clips_per_video=2)  # one call per sample: the union of its clips
+    assert decode_jobs(two, [("a", 0), ("a", 2), ("b", 5)]) == [("a", [0, 1, 2, 3, 4]), ("b", [5, 6, 7])]

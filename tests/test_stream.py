@@ -9,6 +9,7 @@ import json
 import pickle
 import tarfile
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from data_pipeline.decoders import get_decoder
 from data_pipeline.encode import encode_h264
 from data_pipeline.make_moving_digits import simulate
 from data_pipeline.shardlist import ShardListError
-from data_pipeline.stream import NoDecodableDataError, make_eval_loader, make_train_loader
+from data_pipeline.stream import NoDecodableDataError, _read_ahead, make_eval_loader, make_train_loader
 
 CFG = DataConfig(num_context=3, num_target=3, batch_size=2, num_workers=0, shuffle_buffer=4, epoch_batches=4)
 
@@ -68,6 +69,46 @@ def test_batches_follow_the_contract(digits_shards):
     np.testing.assert_allclose(batch["state"][0].numpy(), np.asarray(meta["state"])[indices], atol=1e-4)
     np.testing.assert_array_equal(batch["frames"][0].numpy(), get_decoder("pyav").decode(sample["mp4"], indices))
     assert batch["labels"][0, 0] == meta["labels"]["digit0"]
+
+
+def test_worker_batches_are_tensors_of_the_contract(digits_shards):
+    """From a worker (frames in shared memory, small arrays sent by value) and with several clips per video."""
+    cfg = replace(CFG, num_workers=1, clips_per_video=2, epoch_batches=3)
+    batches = list(make_train_loader(cfg, _train_glob(digits_shards), seed=0, epoch=0, rank=0, world_size=1))
+    assert len(batches) == 3
+    dtypes = {"frames": "uint8", "state": "float32", "action": "float32", "events": "float32", "labels": "int64"}
+    for batch in batches:
+        assert {name: str(batch[name].dtype) for name in dtypes} == {k: f"torch.{v}" for k, v in dtypes.items()}
+        assert str(batch["start"].dtype) == "torch.int64" and batch["start"].shape == (2,)
+        assert batch["frames"].shape == (2, 6, 64, 64, 3) and batch["state"].shape == (2, 6, 4)
+    batch = batches[0]
+    sample = _samples(digits_shards)[batch["key"][0]]
+    indices = clip_indices(int(batch["start"][0]), 6, 1)
+    np.testing.assert_array_equal(batch["frames"][0].numpy(), get_decoder("pyav").decode(sample["mp4"], indices))
+    np.testing.assert_allclose(
+        batch["action"][0].numpy(), np.asarray(json.loads(sample["json"])["action"])[indices[:-1]], atol=1e-6
+    )
+
+
+def test_read_ahead_keeps_order_raises_in_place_and_stops():
+    def items():
+        yield from range(5)
+        raise ValueError("bad shard")
+
+    got = []
+    with pytest.raises(ValueError, match="bad shard"):
+        for item in _read_ahead(items(), depth=2):
+            got.append(item)
+    assert got == [0, 1, 2, 3, 4]
+
+    reader = _read_ahead(iter(range(10**6)), depth=2)
+    assert next(reader) == 0
+    before = threading.active_count()
+    reader.close()  # the consumer stops: so does the thread
+    deadline = time.monotonic() + 5
+    while threading.active_count() >= before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() < before
 
 
 def test_two_ranks_two_workers_read_disjoint_samples_and_equal_batches(digits_shards):
@@ -235,6 +276,22 @@ def test_clip_metadata_merges_skipped_transitions():
     np.testing.assert_array_equal(cut["state"], [[1, 10], [3, 30], [5, 50]])
     np.testing.assert_array_equal(cut["action"], [[2, 1 + 2], [2, 3 + 4]])
     np.testing.assert_array_equal(cut["events"], [1, 0])
+
+
+def test_consecutive_clip_metadata_is_the_rows_themselves():
+    meta = {
+        "num_frames": 6,
+        "state": [[t, -t] for t in range(6)],
+        "action": [[0.1 * t, 1.0] for t in range(5)],
+        "events": [0, 1, 0, 0, 1],
+    }
+    cut = cut_metadata(meta, clip_indices(2, 3, 1))  # frames 2, 3, 4
+    assert {k: v.dtype for k, v in cut.items()} == dict.fromkeys(("state", "action", "events"), np.float32)
+    np.testing.assert_array_equal(cut["state"], np.float32([[2, -2], [3, -3], [4, -4]]))
+    np.testing.assert_array_equal(cut["action"], np.float32([[0.2, 1.0], [0.3, 1.0]]))
+    np.testing.assert_array_equal(cut["events"], [0, 0])
+    with pytest.raises(ValueError, match="'action' has 4 rows"):
+        cut_metadata({**meta, "action": meta["action"][:4]}, clip_indices(0, 3, 1))
 
 
 def test_clip_starts_respect_the_span():
