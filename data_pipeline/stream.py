@@ -321,14 +321,27 @@ def as_tensors(batch: dict) -> dict:
     return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
 
 
+def _fresh_buffers(shape: tuple[int, ...]) -> Iterator[torch.Tensor]:
+    """Frames buffers `shape` = [B, T, H, W, C], each written once (zeros) so that its shared-memory pages exist: run
+    in a read-ahead thread, this takes the page faults (~0.4 ms per 64x64 batch) off the decoding thread."""
+    while True:
+        yield _frames_buffer(shape).zero_()
+
+
 def _batches(clips: Iterable[dict], reader: _Reader, batch_size: int, partial: bool) -> Iterator[dict]:
     """Group clips into batches of `batch_size` (a last, smaller one only if `partial`), numpy arrays not yet
     tensors (see `_collate_rows`). Each clip's frames are copied into the batch's frames buffer as soon as the clip
-    is decoded, while they are still in the CPU cache, and dropped from the clip."""
+    is decoded, and dropped from the clip. In a DataLoader worker the (shared-memory) buffers are prepared ahead."""
     group: list[dict] = []
+    buffers: Iterator[torch.Tensor] | None = None
     for clip in clips:
         if not group:
-            buffer = _frames_buffer((batch_size, *clip["frames"].shape))  # uint8 [B, T, H, W, C]
+            shape = (batch_size, *clip["frames"].shape)  # uint8 [B, T, H, W, C]
+            if buffers is None and get_worker_info() is not None:
+                buffers = _read_ahead(_fresh_buffers(shape), depth=1)
+            buffer = next(buffers) if buffers is not None else None
+            if buffer is None or buffer.shape != shape:  # (frame sizes may differ between batches if image_size=0)
+                buffer = _frames_buffer(shape)
             frames = buffer.numpy()
         if clip["frames"].shape != frames.shape[1:]:
             raise ValueError(
