@@ -20,6 +20,7 @@ from data_pipeline.config import DataConfig
 
 LATENTS = ("none", "adassl_v", "adassl_s", "oracle")
 OBJECTIVES = ("jepa", "infonce")
+TOKEN_NORMS = ("layernorm", "center_layernorm", "standardize")  # model.target_norm (worldmodel/encoder.py TokenNorm)
 
 
 class ConfigError(ValueError):
@@ -58,7 +59,7 @@ class ModelConfig:
     rollout_steps: int = 0  # >0 adds a term where the predictor consumes its own predictions this many steps
     rollout_weight: float = 1.0
     temperature: float = 0.1  # infonce
-    target_norm: str = "center_layernorm"  # layernorm | center_layernorm (DINO-style centring; stops collapse)
+    target_norm: str = "layernorm"  # layernorm | center_layernorm | standardize (see encoder.TokenNorm)
     center_momentum: float = 0.9
     ema_start: float = 0.996  # EMA momentum of the target encoder, cosine schedule ema_start -> ema_end
     ema_end: float = 1.0
@@ -124,7 +125,7 @@ def _check_choices(cfg: ExperimentConfig) -> None:
         "model.objective": (cfg.model.objective, OBJECTIVES),
         "model.conditioning": (cfg.model.conditioning, ("adaln", "token")),
         "model.loss": (cfg.model.loss, ("l1", "smooth_l1")),
-        "model.target_norm": (cfg.model.target_norm, ("layernorm", "center_layernorm")),
+        "model.target_norm": (cfg.model.target_norm, TOKEN_NORMS),
         "train.mixed_precision": (cfg.train.mixed_precision, ("auto", "no", "bf16", "fp16")),
         "data.decoder": (cfg.data.decoder, ("decord", "pyav")),
     }

@@ -21,7 +21,7 @@ from einops import rearrange
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from worldmodel.config import ModelConfig
+from worldmodel.config import TOKEN_NORMS, ModelConfig
 
 
 def preprocess(frames: Tensor, img_size: int) -> Tensor:
@@ -100,34 +100,50 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
 
 
 class TokenNorm(nn.Module):
-    """Normalised tokens: layer norm over D (no affine), after subtracting a running mean when `center` is set.
+    """Normalised tokens, one of three `mode`s (no learned parameters):
 
-    The running mean `center` [D] is a buffer updated from target tokens by `update` (momentum `momentum`,
-    averaged over processes when torch.distributed is initialised). Online tokens are normalised with the same
-    centre so that the predictor's inputs and its targets live in one space, which lets a rollout feed predictions
-    back in.
+    - `layernorm`: layer norm over D;
+    - `center_layernorm`: subtract a running mean [D], then layer norm over D (DINO-style centring);
+    - `standardize`: subtract the running mean [D] and divide by the running std [D] (batch-norm statistics, no
+      per-token rescaling). Tokens close to the mean (a plain background) stay close to zero instead of having
+      their small residuals blown up to unit norm by a per-token layer norm, so the loss weighs the patches that
+      carry content, and no dimension can shrink to a constant unnoticed.
+
+    The running statistics (`center`, `var`, buffers [D]) are updated by `update` (momentum `momentum`, averaged
+    over processes when torch.distributed is initialised). The model keeps one TokenNorm per token space (online
+    and target), each with its own statistics: the two encoders' raw means differ.
     """
 
-    def __init__(self, dim: int, center: bool, momentum: float):
+    def __init__(self, dim: int, mode: str, momentum: float, eps: float = 1e-5):
         super().__init__()
-        self.use_center = center
+        if mode not in TOKEN_NORMS:
+            raise ValueError(f"model.target_norm={mode!r} is not one of {', '.join(TOKEN_NORMS)}")
+        self.mode = mode
         self.momentum = momentum
+        self.eps = eps
         self.register_buffer("center", torch.zeros(dim))
+        self.register_buffer("var", torch.ones(dim))
 
     def forward(self, tokens: Tensor) -> Tensor:
-        """tokens: [..., D] -> layer-normed [..., D] (float32 statistics)."""
+        """tokens: [..., D] -> normalised [..., D] (float32)."""
         x = tokens.float()
-        if self.use_center:
-            x = x - self.center
-        return F.layer_norm(x, x.shape[-1:])
+        if self.mode == "layernorm":
+            return F.layer_norm(x, x.shape[-1:])
+        x = x - self.center
+        if self.mode == "center_layernorm":
+            return F.layer_norm(x, x.shape[-1:])
+        return x * torch.rsqrt(self.var + self.eps)
 
     @torch.no_grad()
     def update(self, tokens: Tensor) -> None:
-        """Move the centre toward the mean of `tokens` [..., D] (no-op without centring)."""
-        if not self.use_center:
+        """Move the running mean (and variance) toward the statistics of `tokens` [..., D] (no-op for layernorm)."""
+        if self.mode == "layernorm":
             return
-        mean = tokens.detach().float().reshape(-1, tokens.shape[-1]).mean(0)
+        flat = tokens.detach().float().reshape(-1, tokens.shape[-1])
+        moments = torch.stack([flat.mean(0), flat.pow(2).mean(0)])  # [2, D]: E[x], E[x^2]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(mean)
-            mean /= torch.distributed.get_world_size()
+            torch.distributed.all_reduce(moments)
+            moments /= torch.distributed.get_world_size()
+        mean, var = moments[0], (moments[1] - moments[0] ** 2).clamp_min(0.0)
         self.center.mul_(self.momentum).add_(mean, alpha=1.0 - self.momentum)
+        self.var.mul_(self.momentum).add_(var, alpha=1.0 - self.momentum)

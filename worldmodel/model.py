@@ -1,10 +1,15 @@
 """WorldModel: the one interface train.py and evaluate.py share (docs/architecture.md, "WorldModel").
 
-Token spaces. `encode` returns the online encoder's tokens normalised exactly as the training targets
-(`TokenNorm`: optional running-mean centring, then a parameter-free layer norm), so the predictor's inputs and
-outputs live in one space and a rollout can feed predictions back in. `encode_target` returns the targets: the EMA
-target encoder's normalised tokens (objective `jepa`), or the online encoder's under no grad (`infonce`, which
-needs no EMA; the target encoder still exists and `update_target` still moves it, unused).
+Token spaces. `encode` returns the online encoder's tokens and `encode_target` the training targets: the EMA
+target encoder's tokens (objective `jepa`), or the online encoder's under no grad (`infonce`, which needs no EMA; the
+target encoder still exists and `update_target` still moves it, unused). Each space is normalised by its own
+`TokenNorm` (`model.target_norm`; running statistics, no parameters): the two encoders' raw means differ, and one
+shared centre left the online tokens offset from the targets by three times the frame-to-frame change.
+
+Residual prediction in the target space. The prediction of frame t+1 is frame t's *target* tokens plus a change
+computed from the online tokens of frames <= t, so the predictor learns the temporal change only. A rollout's first
+step starts from the last context frame's target tokens, later steps from the previous prediction, so every step's
+output stays in the target space the metrics and probes read.
 
 Indexing. For frames 0..T-1 the predictor's output at position t predicts frame t+1, conditioned on the latent
 (or action) of transition t -> t+1; latents, actions and regularisers are per transition, [B, T-1, ...].
@@ -47,7 +52,8 @@ class WorldModel(nn.Module):
         self.cfg = cfg
         self.encoder = FrameEncoder(cfg)
         self.target_encoder = make_target(self.encoder)
-        self.norm = TokenNorm(cfg.embed_dim, center=cfg.target_norm == "center_layernorm", momentum=cfg.center_momentum)
+        self.norm = TokenNorm(cfg.embed_dim, cfg.target_norm, cfg.center_momentum)  # target tokens
+        self.online_norm = TokenNorm(cfg.embed_dim, cfg.target_norm, cfg.center_momentum)
         self.predictor = Predictor(
             embed_dim=cfg.embed_dim,
             num_patches=(cfg.img_size // cfg.patch_size) ** 2,
@@ -71,14 +77,16 @@ class WorldModel(nn.Module):
     # ---- encoders -------------------------------------------------------------------------------------------
 
     def encode(self, frames: Tensor) -> Tensor:
-        """frames: uint8 [B, T, H, W, C] -> online tokens [B, T, N, D], normalised like the targets."""
-        return self.norm(self.encoder(preprocess(frames, self.cfg.img_size)))
+        """frames: uint8 [B, T, H, W, C] -> normalised online tokens [B, T, N, D] (the predictor's inputs)."""
+        return self.online_norm(self.encoder(preprocess(frames, self.cfg.img_size)))
 
     @torch.no_grad()
     def encode_target(self, frames: Tensor) -> Tensor:
         """frames: uint8 [B, T, H, W, C] -> normalised training targets [B, T, N, D] (no grad)."""
-        encoder = self.target_encoder if self.cfg.objective == "jepa" else self.encoder
-        return self.norm(encoder(preprocess(frames, self.cfg.img_size)))
+        x = preprocess(frames, self.cfg.img_size)
+        if self.cfg.objective == "jepa":
+            return self.norm(self.target_encoder(x))
+        return self.online_norm(self.encoder(x))
 
     def update_target(self, momentum: float) -> None:
         """EMA step of the target encoder: target <- momentum * target + (1 - momentum) * online (fused, no grad)."""
@@ -110,12 +118,14 @@ class WorldModel(nn.Module):
         out.pop("reg")
         return out
 
-    def predict_next(self, tokens: Tensor, r: Tensor | None = None) -> Tensor:
-        """Teacher-forced one-step predictions: tokens [B, T, N, D], r [B, T, d_r] or None -> [B, T, N, D].
+    def predict_next(self, tokens: Tensor, r: Tensor | None = None, base: Tensor | None = None) -> Tensor:
+        """Teacher-forced one-step predictions: tokens [B, T, N, D], r [B, T, d_r] or None, base [B, T, N, D] (the
+        target tokens of the same frames; None uses `tokens`) -> [B, T, N, D].
 
-        Position t predicts frame t+1 given r_t (the latent or embedded action of transition t -> t+1).
+        Position t predicts frame t+1 as base[:, t] plus a change, given r_t (the latent or embedded action of
+        transition t -> t+1).
         """
-        return self.predictor(tokens, r)
+        return self.predictor(tokens, r, base=base)
 
     # ---- training forward -------------------------------------------------------------------------------------
 
@@ -130,7 +140,7 @@ class WorldModel(nn.Module):
         if x.shape[1] < 2:
             raise ValueError(f"a training clip needs at least 2 frames, got T={x.shape[1]}")
         raw = self.encoder(x)
-        tokens = self.norm(raw)
+        tokens = self.online_norm(raw)
         if cfg.objective == "jepa":
             with torch.no_grad():
                 raw_target = self.target_encoder(x)
@@ -139,7 +149,10 @@ class WorldModel(nn.Module):
             raw_target, target = raw, tokens
 
         r, latent_terms, latent_monitors = self._training_latents(tokens, target, action)
-        pred = self.predictor(tokens[:, :-1], r)
+        # jepa: the change is added to frame t's target tokens (the space of the targets); infonce's targets are the
+        # online tokens themselves, so there the base is the online tokens, with their gradient
+        base = target[:, :-1].detach() if cfg.objective == "jepa" else None
+        pred = self.predictor(tokens[:, :-1], r, base=base)
         terms: dict[str, Tensor] = {}
         monitors: dict[str, Tensor] = {}
         terms["pred"] = self._prediction_loss(pred, target[:, 1:], monitors)
@@ -152,9 +165,13 @@ class WorldModel(nn.Module):
         pooled = rearrange(reduce(raw, "b t n d -> b t d", "mean"), "b t d -> (b t) d")
         monitors.update(emb_std=per_dim_std(pooled), emb_eff_rank=effective_rank(pooled))
         monitors["target_var"] = batch_variance(target)
+        if cfg.objective == "jepa":  # the copy-last loss on the same targets: `pred` must get below it to be useful
+            with torch.no_grad():
+                monitors["copy_last"] = jepa_loss(target[:, :-1], target[:, 1:], cfg.loss)
         monitors.update(latent_monitors)
         if self.training:
             self.norm.update(raw_target)
+            self.online_norm.update(raw)
         return {"loss": loss, "terms": terms, "monitors": monitors}
 
     def _training_latents(
@@ -202,6 +219,7 @@ class WorldModel(nn.Module):
             _TRAIN_ROLLOUT_MODE[self.cfg.latent],
             future_tokens=target[:, context:],
             actions=future_actions,
+            context_targets=target[:, :context],
         )[0]
         return self._prediction_loss(pred, target[:, context:], {})
 
@@ -216,13 +234,16 @@ class WorldModel(nn.Module):
         future_tokens: Tensor | None = None,
         actions: Tensor | None = None,
         generator: torch.Generator | None = None,
+        context_targets: Tensor | None = None,
     ) -> Tensor:
         """Autoregressive open-loop prediction in latent space.
 
         context_tokens: [B, Tc, N, D] (from `encode`); horizon: H >= 1 steps; mode: prior_mean | prior_sample |
         posterior | zero | action; k: number of futures K; future_tokens: [B, H, N, D] target tokens of frames
         Tc..Tc+H-1 (mode posterior); actions: [B, H, A], row h the action of transition Tc-1+h -> Tc+h (mode
-        action, oracle only); generator: for prior_sample noise.
+        action, oracle only); generator: for prior_sample noise; context_targets: [B, Tc, N, D] target tokens of the
+        context frames (from `encode_target`), the base the first step's change is added to. Pass them: None falls
+        back to context_tokens, which is the target space only for objective infonce.
 
         Step h predicts frame Tc+h from frames 0..Tc+h-1 (true context, then earlier predictions) and r_h, the
         latent of transition Tc+h-1 -> Tc+h: prior_mean / prior_sample from the prior given s of the last two
@@ -255,17 +276,26 @@ class WorldModel(nn.Module):
         if mode == "action":
             self._check_actions(actions, b, horizon, "actions")
 
+        if context_targets is None:
+            context_targets = context_tokens
+        if context_targets.shape != context_tokens.shape:
+            raise ValueError(
+                f"context_targets must match context_tokens {tuple(context_tokens.shape)}, got "
+                f"{tuple(context_targets.shape)}"
+            )
         copies = 1 if latent == "none" else k
         seq = repeat(context_tokens, "b t n d -> (k b) t n d", k=copies)
+        base = repeat(context_targets, "b t n d -> (k b) t n d", k=copies)
         future = None if future_tokens is None else repeat(future_tokens, "b h n d -> (k b) h n d", k=copies)
         acts = None if actions is None else repeat(actions, "b h a -> (k b) h a", k=copies)
         predictions = []
         for h in range(horizon):
             r = self._rollout_latent(mode, seq, h, future, acts, generator)
             cond = None if r is None else expand_cond(r.to(seq.dtype), seq.shape[1])
-            next_tokens = self.predictor(seq, cond)[:, -1].to(seq.dtype)
+            next_tokens = self.predictor(seq, cond, base=base)[:, -1].to(seq.dtype)
             predictions.append(next_tokens)
             seq = torch.cat([seq, next_tokens[:, None]], dim=1)
+            base = torch.cat([base, next_tokens[:, None]], dim=1)
         out = rearrange(torch.stack(predictions, dim=1), "(k b) h n d -> k b h n d", k=copies)
         return out.expand(k, -1, -1, -1, -1) if copies != k else out
 

@@ -120,11 +120,13 @@ class Predictor(nn.Module):
         nn.init.zeros_(self.out_proj.weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, tokens: Tensor, cond: Tensor | None = None) -> Tensor:
-        """tokens: [B, T, N, D]; cond: [B, T, cond_dim] (row t conditions transition t -> t+1) or None.
+    def forward(self, tokens: Tensor, cond: Tensor | None = None, base: Tensor | None = None) -> Tensor:
+        """tokens: [B, T, N, D]; cond: [B, T, cond_dim] (row t conditions transition t -> t+1) or None; base:
+        [B, T, N, D] or None (= tokens).
 
         Returns [B, T, N, D]: position t is the prediction of frame t+1's (normalised target) tokens, computed as
-        frame t's tokens plus a predicted change.
+        base[:, t] plus a predicted change. The model passes frame t's *target* tokens as the base, so the change is
+        the temporal change in the target space alone, not also the map from the online to the target encoder.
         """
         b, t, n, _ = tokens.shape
         if t > self.max_frames:
@@ -143,7 +145,9 @@ class Predictor(nn.Module):
         for block in self.head:
             x = block(x, cond=flat_cond)
         change = rearrange(self.out_proj(self.norm(x[:, :n])), "(b t) n d -> b t n d", b=b)
-        return tokens + change
+        if base is not None and base.shape != tokens.shape:
+            raise ValueError(f"base must have the tokens' shape {tuple(tokens.shape)}, got {tuple(base.shape)}")
+        return (tokens if base is None else base) + change
 
 
 def expand_cond(r: Tensor, num_frames: int) -> Tensor:
