@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from worldmodel.evaluation.collect import grid_pool, pool
 from worldmodel.evaluation.plots import nearest_frames
 from worldmodel.evaluation.rollout_metrics import (
     ErrorAccumulator,
@@ -125,3 +126,13 @@ def test_retrieval_matches_brute_force_across_chunks():
     assert nearest_frames(queries, bank)[2] == 7
     with pytest.raises(ValueError, match="token grid"):
         nearest_frames(queries, bank[:, :5])
+
+
+def test_grid_pool_averages_cells_of_the_patch_grid():
+    tokens = torch.arange(16.0).reshape(1, 16, 1)  # a 4x4 grid, one dim: token i holds i (row-major)
+    two = grid_pool(tokens, 2)  # [1, 4]: the means of the four 2x2 quadrants
+    torch.testing.assert_close(two, torch.tensor([[2.5, 4.5, 10.5, 12.5]]))
+    torch.testing.assert_close(grid_pool(tokens, 1), pool(tokens))  # one cell: the plain mean
+    torch.testing.assert_close(grid_pool(tokens, 8), tokens.reshape(1, 16))  # more cells than patches: the grid
+    with pytest.raises(ValueError, match="square"):
+        grid_pool(torch.zeros(1, 12, 2), 2)

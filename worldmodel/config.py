@@ -103,6 +103,7 @@ class EvalConfig:
     num_clips: int = 256  # held-out clips evaluated
     batch_size: int = 32
     probe_ridge: float = 1e-2  # ridge penalty of the state probes
+    probe_grid: int = 4  # probes read the token grid average-pooled to this many cells per side (1 = mean)
     num_strips: int = 4  # examples drawn as frame strips
 
 
@@ -144,6 +145,7 @@ def _check_choices(cfg: ExperimentConfig) -> None:
         "train.keep_checkpoints": cfg.train.keep_checkpoints,
         "optim.grad_accum_steps": cfg.optim.grad_accum_steps,
         "model.latent_dim": cfg.model.latent_dim,
+        "eval.probe_grid": cfg.eval.probe_grid,
     }
     for key, value in positive.items():
         if value < 1:

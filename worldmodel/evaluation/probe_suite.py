@@ -1,6 +1,7 @@
 """The evaluator's probes over a whole eval set: state, labels and latent actions.
 
-Inputs are numpy arrays gathered over all clips (C clips of T frames; pooled latents are means over patches):
+Inputs are numpy arrays gathered over all clips (C clips of T frames; pooled latents are the token grid pooled to
+eval.probe_grid cells per side, `collect.grid_pool`):
 all probes read the *target encoder's* space, because that is where the predictor's outputs live, so one probe
 fitted on encoded true frames can be applied unchanged to predicted latents.
 

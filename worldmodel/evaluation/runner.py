@@ -101,7 +101,9 @@ def evaluate_run(
         )
     generator = torch.Generator(device=device).manual_seed(seed)
     loader = make_eval_loader(cfg.data, shards, num_clips=num_clips, seed=seed, batch_size=batch_size)
-    collected = Collected(errors=ErrorAccumulator(horizon), num_strips=cfg.eval.num_strips)
+    collected = Collected(
+        errors=ErrorAccumulator(horizon), num_strips=cfg.eval.num_strips, probe_cells=cfg.eval.probe_grid
+    )
     for batch in tqdm(loader, total=math.ceil(num_clips / batch_size), desc="evaluate", disable=not progress):
         process_batch(
             model,
@@ -166,13 +168,13 @@ def run_probes(collected: Collected, cfg: ExperimentConfig, metrics: dict, seed:
         return {}, None
     fit, test = split_clips(metrics["num_clips"], seed)
     probes: dict = {"num_fit_clips": len(fit), "num_test_clips": len(test)}
-    target_pooled = collected.stacked("target_pooled")
+    target_features = collected.stacked("target_probe")  # [C, T, F]: the token grid pooled to eval.probe_grid cells
     names = collected.names
     if "state" in present:
         predicted = {mode: np.concatenate(parts) for mode, parts in collected.predicted_pooled.items()}
         probes.update(
             state_probes(
-                target_pooled,
+                target_features,
                 predicted,
                 collected.stacked("state"),
                 names.get("state_names") or [f"state{i}" for i in range(collected.state[0].shape[-1])],
@@ -187,7 +189,7 @@ def run_probes(collected: Collected, cfg: ExperimentConfig, metrics: dict, seed:
     if "labels" in present:
         labels = collected.stacked("labels")
         label_names = names.get("label_names") or [f"label{i}" for i in range(labels.shape[-1])]
-        probes["labels"], label_notes = label_probes(target_pooled, labels, label_names, fit, test)
+        probes["labels"], label_notes = label_probes(target_features, labels, label_names, fit, test)
         notes.extend(label_notes)
     else:
         notes.append("the shards have no `labels` field: label probes skipped")
