@@ -77,7 +77,8 @@ def label_probes(
 ) -> tuple[dict[str, float | None], list[str]]:
     """Held-out accuracy of logistic probes from single pooled frames to per-clip labels.
 
-    target_pooled: [C, T, D]; labels: int [C, L]. Every frame of a clip is one sample carrying the clip's labels.
+    target_pooled: [C, T, D] (the runner passes the mean over patches: identity is what, not where); labels: int
+    [C, L]. Every frame of a clip is one sample carrying the clip's labels.
     Returns ({name: accuracy or None}, notes) with a note for each label that could not be probed.
     """
     frames = target_pooled.shape[1]

@@ -189,7 +189,7 @@ def run_probes(collected: Collected, cfg: ExperimentConfig, metrics: dict, seed:
     if "labels" in present:
         labels = collected.stacked("labels")
         label_names = names.get("label_names") or [f"label{i}" for i in range(labels.shape[-1])]
-        probes["labels"], label_notes = label_probes(target_features, labels, label_names, fit, test)
+        probes["labels"], label_notes = label_probes(collected.stacked("target_pooled"), labels, label_names, fit, test)
         notes.extend(label_notes)
     else:
         notes.append("the shards have no `labels` field: label probes skipped")
