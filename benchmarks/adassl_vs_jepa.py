@@ -50,23 +50,34 @@ def _mean_std(values: list[float | None]) -> str:
 def build_table(results: dict[str, list[dict]], horizon: int) -> tuple[str, dict]:
     """Markdown table and its JSON twin from {method: [metrics.json per seed]}."""
     horizons = [h for h in HORIZONS if h <= horizon]
-    table: dict = {"rollout_l1": {}, "representation": {}}
+    table: dict = {"rollout_l1": {}, "rollout_l1_over_copy_last": {}, "representation": {}}
     head = " | ".join(f"h={h} {split}" for split in ("kicked", "unkicked") for h in horizons)
-    lines = ["### Rollout L1 (lower is better)", "", f"| model / mode | {head} |"]
-    lines.append("|---" * (1 + 2 * len(horizons)) + "|")
-    for label, method, mode in ROLLOUT_ROWS:
-        if method not in results:
-            continue
-        cells, row = [], {}
-        for split in ("event", "no_event"):
-            for h in horizons:
-                vals = [metric(m, "modes", mode, split, "l1", h - 1) for m in results[method]]
-                cells.append(_mean_std(vals))
-                row[f"{split}_h{h}"] = vals
-        table["rollout_l1"][label] = row
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines: list[str] = []
+    for key, title in (
+        ("rollout_l1", "Rollout L1 (lower is better)"),
+        (
+            "rollout_l1_over_copy_last",
+            "Rollout L1 over the same run's copy-last L1 (lower is better; each model has its own latent space, so "
+            "this ratio is the comparable one)",
+        ),
+    ):
+        lines += [f"### {title}", "", f"| model / mode | {head} |", "|---" * (1 + 2 * len(horizons)) + "|"]
+        for label, method, mode in ROLLOUT_ROWS:
+            if method not in results:
+                continue
+            cells, row = [], {}
+            for split in ("event", "no_event"):
+                for h in horizons:
+                    vals = [metric(m, "modes", mode, split, "l1", h - 1) for m in results[method]]
+                    if key == "rollout_l1_over_copy_last":
+                        bases = [metric(m, "modes", "copy_last", split, "l1", h - 1) for m in results[method]]
+                        vals = [None if v is None or not b else v / b for v, b in zip(vals, bases, strict=True)]
+                    cells.append(_mean_std(vals))
+                    row[f"{split}_h{h}"] = vals
+            table[key][label] = row
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
     lines += [
-        "",
         "### Representation and latent actions",
         "",
         "| model | position R² | velocity R² | digit accuracy | KL kick AUC | innovation kick AUC "
