@@ -77,6 +77,203 @@ def test_monitors_detect_collapse():
 
 @pytest.mark.parametrize("latent", LATENT_KINDS)
 @pytest.mark.parametrize("objective", ["jepa", "infonce"])
+def test_forward_terms_and_gradients(latent, objective, digits):
+    frames, action = digits
+    model = make_model(latent=latent, objective=objective, rollout_steps=2)
+    out = model(frames, action=action, beta=0.5)
+    expected = {"pred", "reg", "rollout"} | ({"kl"} if latent == "adassl_v" else set())
+    assert set(out["terms"]) == expected
+    assert {"emb_std", "emb_eff_rank", "target_var"} <= set(out["monitors"])
+    assert ("copy_last" in out["monitors"]) == (objective == "jepa")
+    for value in [out["loss"], *out["terms"].values(), *out["monitors"].values()]:
+        assert value.ndim == 0 and torch.isfinite(value)
+    terms = out["terms"]
+    torch.testing.assert_close(out["loss"], terms["pred"] + 0.5 * terms["reg"] + terms["rollout"])
+    out["loss"].backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert no_grad == []  # every trainable parameter is used (DDP without find_unused_parameters)
+    assert all(p.grad is None for p in model.target_encoder.parameters())
+
+
+def test_oracle_without_action_is_a_clear_error(digits):
+    frames, _ = digits
+    with pytest.raises(ValueError, match="latent=oracle needs action"):
+        make_model(latent="oracle")(frames)
+
+
+def test_ema_target_gets_no_grads_and_moves_toward_online(digits):
+    frames, _ = digits
+    model = make_model(latent="adassl_v")
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(frames, beta=0.01)["loss"].backward()
+    optimizer.step()
+    assert all(not p.requires_grad and p.grad is None for p in model.target_encoder.parameters())
+
+    def gap() -> float:
+        pairs = zip(model.target_encoder.parameters(), model.encoder.parameters(), strict=True)
+        return sum((t - o).norm().item() for t, o in pairs)
+
+    before = gap()
+    assert before > 0
+    model.update_target(0.9)
+    assert gap() == pytest.approx(0.9 * before, rel=1e-4)
+
+
+@pytest.mark.parametrize("target_norm", ["center_layernorm", "standardize"])
+def test_norm_statistics_update_only_in_training_and_separately_per_space(target_norm, digits):
+    frames, _ = digits
+    model = make_model(target_norm=target_norm)
+    model.eval()
+    model(frames)
+    assert model.norm.center.eq(0).all() and model.online_norm.center.eq(0).all()
+    model.train()
+    with torch.no_grad():  # the online encoder apart from its EMA copy, so the two spaces' raw means differ
+        for p in model.encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model(frames)
+    assert model.norm.center.abs().sum() > 0 and model.online_norm.center.abs().sum() > 0
+    assert not torch.allclose(model.norm.center, model.online_norm.center)
+
+
+# ---- latent inference -----------------------------------------------------------------------------------------------
+
+
+def test_infer_latents_per_transition(digits):
+    frames, _ = digits
+    model = make_model(latent="adassl_v").eval()
+    tokens, target = model.encode(frames), model.encode_target(frames)
+    assert tokens.shape == target.shape == (8, 4, 16, 32)
+    out = model.infer_latents(tokens, target)
+    assert set(out) == {"mu_q", "sigma_q", "mu_p", "sigma_p", "innovation", "kl"}
+    assert out["mu_q"].shape == (8, 3, 4) and out["kl"].shape == (8, 3)
+    torch.testing.assert_close(out["innovation"], (out["mu_q"] - out["mu_p"]) / out["sigma_p"])
+
+    sparse = make_model(latent="adassl_s").eval()
+    out = sparse.infer_latents(tokens, target)
+    assert {"mask_prob", "values", "mask", "r", "expected_active"} <= set(out)
+    assert out["mask_prob"].shape == (8, 3, 4) and out["expected_active"].shape == (8, 3)
+
+    for latent in ("none", "oracle"):
+        with pytest.raises(ValueError, match="needs an inferred latent"):
+            make_model(latent=latent).infer_latents(tokens, target)
+
+
+def test_adassl_v_and_none_predict_the_same_at_init(digits):
+    frames, _ = digits
+    plain = make_model(latent="none").eval()
+    adassl = make_model(latent="adassl_v", seed=1).eval()
+    result = adassl.load_state_dict(plain.state_dict(), strict=False)
+    assert result.unexpected_keys == []
+    assert all(k.startswith(("summaries.", "latent.")) or "modulation" in k for k in result.missing_keys)
+    tokens = plain.encode(frames)
+    r = torch.randn(8, 4, 4)
+    torch.testing.assert_close(adassl.predict_next(tokens, r), plain.predict_next(tokens))
+
+
+# ---- rollout ------------------------------------------------------------------------------------------------------
+
+
+class KnownPredictor(nn.Module):
+    """Position t outputs base[t] + tokens[t] + t + 100 * cond[t, 0] (every patch and dim)."""
+
+    def forward(self, tokens, cond=None, base=None):
+        t = torch.arange(tokens.shape[1], dtype=tokens.dtype)[None, :, None, None]
+        shift = 0.0 if cond is None else 100 * cond[:, :, None, None, 0]
+        return base + tokens + t + shift
+
+
+def test_rollout_indexing_with_a_known_predictor():
+    model = make_model(latent="oracle")
+    model.predictor = KnownPredictor()
+    with torch.no_grad():
+        model.latent.embed.weight.zero_()
+        model.latent.embed.weight[0, 0] = 1.0  # r[0] = action[0]
+        model.latent.embed.bias.zero_()
+    context = torch.stack([torch.full((16, 32), 1.0), torch.full((16, 32), 3.0)])[None]  # frames 0, 1: [1, 2, N, D]
+    context_targets = 10 * context  # the target tokens of frames 0, 1: the first step's base
+    actions = torch.tensor([[[0.1, 0.0], [0.2, 0.0], [0.3, 0.0]]])  # transitions 1->2, 2->3, 3->4
+    out = model.rollout(context, 3, "action", actions=actions, context_targets=context_targets)
+    assert out.shape == (1, 1, 3, 16, 32)
+    # frame 2 = target1 + frame1 + 1 + 100*a0; then each prediction is both the next input and the next base:
+    # frame 3 = 2*frame2 + 2 + 100*a1; frame 4 = 2*frame3 + 3 + 100*a2
+    expected = torch.tensor([30 + 3 + 1 + 10, 2 * 44 + 2 + 20, 2 * 110 + 3 + 30], dtype=torch.float32)
+    torch.testing.assert_close(out[0, 0, :, 0, 0], expected)
+    assert out[0, 0].std(dim=(1, 2)).max() == 0
+
+
+def test_one_step_rollout_equals_teacher_forcing_with_the_posterior_mean(digits):
+    frames, _ = digits
+    model = make_model(latent="adassl_v").eval()
+    perturb_conditioning(model)
+    tokens, target = model.encode(frames), model.encode_target(frames)
+    mu_q = model.infer_latents(tokens, target)["mu_q"]  # [B, 3, d]: transitions 0->1, 1->2, 2->3
+    teacher = model.predict_next(tokens[:, :3], mu_q, base=target[:, :3])  # position t predicts frame t+1
+    rolled = model.rollout(tokens[:, :3], 1, "posterior", future_tokens=target[:, 3:], context_targets=target[:, :3])
+    torch.testing.assert_close(rolled[0, :, 0], teacher[:, 2])
+
+
+def test_posterior_rollout_step_h_uses_future_frame_h(digits):
+    frames, _ = digits
+    model = make_model(latent="adassl_v", max_frames=8).eval()
+    perturb_conditioning(model)
+    tokens, target = model.encode(frames), model.encode_target(frames)
+    future = target[:, 1:]  # frames 1..3 after one context frame
+    out = model.rollout(tokens[:, :1], 3, "posterior", future_tokens=future)
+    changed = future.clone()
+    changed[:, 1] = torch.randn_like(changed[:, 1])
+    out2 = model.rollout(tokens[:, :1], 3, "posterior", future_tokens=changed)
+    torch.testing.assert_close(out2[:, :, 0], out[:, :, 0])
+    assert not torch.allclose(out2[:, :, 1], out[:, :, 1])
+
+
+@pytest.mark.parametrize("latent", ["adassl_v", "adassl_s"])
+def test_prior_sample_gives_k_different_futures_and_prior_mean_one(latent, digits):
+    frames, _ = digits
+    model = make_model(latent=latent)
+    model.train()
+    model(frames)  # adassl_s: fills its marginal statistics
+    model.eval()
+    perturb_conditioning(model)
+    tokens = model.encode(frames)
+    generator = torch.Generator().manual_seed(0)
+    samples = model.rollout(tokens[:, :2], 2, "prior_sample", k=5, generator=generator)
+    assert samples.shape == (5, 8, 2, 16, 32)
+    assert not torch.allclose(samples[0], samples[1])
+    mean = model.rollout(tokens[:, :2], 2, "prior_mean", k=3)
+    torch.testing.assert_close(mean[0], mean[2])
+
+
+def test_none_rollout_is_deterministic_copies(digits):
+    frames, _ = digits
+    model = make_model(latent="none").eval()
+    tokens = model.encode(frames)
+    out = model.rollout(tokens[:, :2], 2, "prior_sample", k=3)
+    assert out.shape == (3, 8, 2, 16, 32)
+    torch.testing.assert_close(out[0], out[2])
+    torch.testing.assert_close(out[0, :, 0], model.predict_next(tokens[:, :2])[:, 1])
+
+
+def test_rollout_rejects_bad_requests(digits):
+    frames, _ = digits
+    model = make_model(latent="adassl_v", max_frames=4)
+    tokens = model.encode(frames)
+    with pytest.raises(ValueError, match="needs future_tokens"):
+        model.rollout(tokens[:, :2], 2, "posterior")
+    with pytest.raises(ValueError, match="not available for latent=adassl_v"):
+        model.rollout(tokens[:, :2], 2, "action", actions=torch.zeros(8, 2, 2))
+    with pytest.raises(ValueError, match="max_frames=4"):
+        model.rollout(tokens[:, :2], 4, "zero")
+    with pytest.raises(ValueError, match="not available for latent=oracle"):
+        make_model(latent="oracle").rollout(tokens[:, :2], 2, "prior_mean")
+    with pytest.raises(ValueError, match=r"actions \[B, 2, A\]"):
+        make_model(latent="oracle").rollout(tokens[:, :2], 2, "action", actions=torch.zeros(8, 3, 2))
+
+
+# ---- training ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("latent", LATENT_KINDS)
+@pytest.mark.parametrize("objective", ["jepa", "infonce"])
 def test_loss_goes_down_on_moving_digits(latent, objective, digits):
     """jepa: with the encoders held fixed (so the targets do not move), the predictor and the latent modules learn to
     beat copy-last on real moving-digit clips; it starts as copy-last (the change is zero-initialised). infonce:
