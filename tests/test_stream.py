@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data_pipeline.batching import read_ahead
 from data_pipeline.clips import clip_indices, clip_starts, cut_metadata
 from data_pipeline.config import DataConfig
 from data_pipeline.decoders import get_decoder
 from data_pipeline.encode import encode_h264
 from data_pipeline.make_moving_digits import simulate
 from data_pipeline.shardlist import ShardListError
-from data_pipeline.stream import NoDecodableDataError, _read_ahead, make_eval_loader, make_train_loader
+from data_pipeline.stream import NoDecodableDataError, make_eval_loader, make_train_loader
 
 CFG = DataConfig(num_context=3, num_target=3, batch_size=2, num_workers=0, shuffle_buffer=4, epoch_batches=4)
 
@@ -97,11 +98,11 @@ def test_read_ahead_keeps_order_raises_in_place_and_stops():
 
     got = []
     with pytest.raises(ValueError, match="bad shard"):
-        for item in _read_ahead(items(), depth=2):
+        for item in read_ahead(items(), depth=2):
             got.append(item)
     assert got == [0, 1, 2, 3, 4]
 
-    reader = _read_ahead(iter(range(10**6)), depth=2)
+    reader = read_ahead(iter(range(10**6)), depth=2)
     assert next(reader) == 0
     before = threading.active_count()
     reader.close()  # the consumer stops: so does the thread
