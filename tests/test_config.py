@@ -46,6 +46,7 @@ def test_unknown_key_names_the_valid_keys():
         ("train.debug_dump_state=1", "train.debug_dump_state must be true or false"),
         ("model.latent=vae", "model.latent='vae' is not one of none, adassl_v, adassl_s, oracle"),
         ("train.mixed_precision=fp8", "train.mixed_precision='fp8' is not one of"),
+        ("model.context_summary=mean", "model.context_summary=.mean. is not one of frames, trunk"),
         ("lr", "must look like section.key=value"),
     ],
 )

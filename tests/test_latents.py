@@ -57,6 +57,20 @@ def test_context_summary_sees_previous_and_current_frame():
     assert summaries.target(tokens).shape == (2, 3, 6)
 
 
+def test_trunk_context_summary_reads_one_position_of_the_trunk_output():
+    torch.manual_seed(0)
+    summaries = Summaries(embed_dim=4, summary_dim=6, context_source="trunk", context_dim=8)
+    features = torch.randn(2, 3, 5, 8)  # predictor trunk output [B, T, N, P]: position t has seen frames <= t
+    s = summaries.context(features)
+    assert s.shape == (2, 3, 6)
+    torch.testing.assert_close(s[:, 1], summaries.context_proj(summaries.context_pool(features)[:, 1]))
+    changed = features.clone()
+    changed[:, 0] += 1.0
+    torch.testing.assert_close(summaries.context(changed)[:, 1:], s[:, 1:])
+    with pytest.raises(ValueError, match="model.context_summary='pooled'"):
+        Summaries(embed_dim=4, summary_dim=6, context_source="pooled")
+
+
 def test_variational_latent_reparameterised_sample_and_kl():
     torch.manual_seed(0)
     latent = VariationalLatent(summary_dim=6, latent_dim=3)

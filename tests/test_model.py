@@ -95,6 +95,24 @@ def test_forward_terms_and_gradients(latent, objective, digits):
     assert all(p.grad is None for p in model.target_encoder.parameters())
 
 
+@pytest.mark.parametrize("latent", ["adassl_v", "adassl_s"])
+def test_trunk_context_summary_trains_every_parameter_and_reads_the_past_only(latent, digits):
+    frames, action = digits
+    model = make_model(latent=latent, context_summary="trunk")
+    out = model(frames, action=action, beta=0.5)
+    out["loss"].backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    model.eval()
+    tokens, target = model.encode(frames), model.encode_target(frames)
+    s, s_plus = model.summaries_of(tokens, target)
+    assert s.shape == s_plus.shape == (8, 3, 16)
+    changed = tokens.clone()
+    changed[:, 2:] = torch.randn_like(changed[:, 2:])  # frames 2, 3: unseen by s_0, s_1 (transitions 0->1, 1->2)
+    s_changed, _ = model.summaries_of(changed, target)
+    torch.testing.assert_close(s_changed[:, :2], s[:, :2])
+    assert not torch.allclose(s_changed[:, 2], s[:, 2])
+
+
 def test_oracle_without_action_is_a_clear_error(digits):
     frames, _ = digits
     with pytest.raises(ValueError, match="latent=oracle needs action"):
@@ -201,9 +219,10 @@ def test_rollout_indexing_with_a_known_predictor():
     assert out[0, 0].std(dim=(1, 2)).max() == 0
 
 
-def test_one_step_rollout_equals_teacher_forcing_with_the_posterior_mean(digits):
+@pytest.mark.parametrize("context_summary", ["frames", "trunk"])
+def test_one_step_rollout_equals_teacher_forcing_with_the_posterior_mean(context_summary, digits):
     frames, _ = digits
-    model = make_model(latent="adassl_v").eval()
+    model = make_model(latent="adassl_v", context_summary=context_summary).eval()
     perturb_conditioning(model)
     tokens, target = model.encode(frames), model.encode_target(frames)
     mu_q = model.infer_latents(tokens, target)["mu_q"]  # [B, 3, d]: transitions 0->1, 1->2, 2->3

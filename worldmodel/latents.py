@@ -2,8 +2,10 @@
 
 Per transition t -> t+1 (DESIGN.md section 1):
 
-- the context summary s_t comes from the online tokens of frames t-1 and t, mean-pooled over patches and
-  concatenated (frame 0 repeats itself), then projected: one frame alone carries no velocity;
+- the context summary s_t comes from the online tokens of frames t-1 and t, attention-pooled over patches and
+  concatenated (frame 0 repeats itself), then projected: one frame alone carries no velocity
+  (`model.context_summary=frames`); or from the predictor trunk's output at t, which has seen all frames <= t
+  (`trunk`);
 - the target summary s+_{t+1} comes from the EMA target encoder's normalised tokens of frame t+1, pooled and
   projected (the caller passes them without gradient);
 - `adassl_v`: posterior q(r | s, s+) and conditional prior p(r | s), diagonal Gaussians, sigma = softplus + 1e-6,
@@ -25,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+
+from worldmodel.config import CONTEXT_SUMMARIES
 
 SIGMA_MIN = 1e-6
 # Initial sigma of posterior and prior. With sigma ~0.7 (softplus of a fresh layer's output) the sample r is mostly
@@ -79,18 +83,35 @@ class AttentivePool(nn.Module):
 
 
 class Summaries(nn.Module):
-    """Context summaries s_t [B, T, S] from online tokens and target summaries s+_t [B, T, S] from target tokens."""
+    """Context summaries s_t [B, T, S] and target summaries s+_t [B, T, S] from target tokens.
 
-    def __init__(self, embed_dim: int, summary_dim: int, heads: int = 4):
+    `context_source` (model.context_summary): "frames" pools the online tokens of frames t-1 and t (one frame alone
+    carries no velocity); "trunk" pools the predictor trunk's output at position t, which has seen every frame <= t
+    (`context_dim` is then the predictor width), so the prior reads the same history the predictor does.
+    """
+
+    def __init__(
+        self, embed_dim: int, summary_dim: int, heads: int = 4, context_source: str = "frames", context_dim: int = 0
+    ):
         super().__init__()
-        self.context_pool = AttentivePool(embed_dim, heads)
+        if context_source not in CONTEXT_SUMMARIES:
+            raise ValueError(f"model.context_summary={context_source!r} is not one of {', '.join(CONTEXT_SUMMARIES)}")
+        self.context_source = context_source
+        context_dim = context_dim or embed_dim
+        frames = 2 if context_source == "frames" else 1
+        self.context_pool = AttentivePool(context_dim, heads)
         self.target_pool = AttentivePool(embed_dim, heads)
-        self.context_proj = nn.Linear(2 * heads * embed_dim, summary_dim)
+        self.context_proj = nn.Linear(frames * heads * context_dim, summary_dim)
         self.target_proj = nn.Linear(heads * embed_dim, summary_dim)
 
     def context(self, tokens: Tensor) -> Tensor:
-        """tokens: [B, T, N, D] -> s [B, T, S]; s_t sees the pooled tokens of frames t-1 and t (t=0 repeats)."""
+        """tokens: [B, T, N, D] (online tokens, or trunk features [B, T, N, P] for "trunk") -> s [B, T, S].
+
+        "frames": s_t sees the pooled tokens of frames t-1 and t (t=0 repeats); "trunk": s_t pools position t.
+        """
         pooled = self.context_pool(tokens)
+        if self.context_source == "trunk":
+            return self.context_proj(pooled)
         previous = torch.cat([pooled[:, :1], pooled[:, :-1]], dim=1)
         return self.context_proj(torch.cat([previous, pooled], dim=-1))
 

@@ -68,7 +68,9 @@ class WorldModel(nn.Module):
         self.summaries = None
         self.latent: nn.Module | None = None
         if cfg.latent in ("adassl_v", "adassl_s"):
-            self.summaries = Summaries(cfg.embed_dim, cfg.summary_dim)
+            self.summaries = Summaries(
+                cfg.embed_dim, cfg.summary_dim, context_source=cfg.context_summary, context_dim=cfg.pred_dim
+            )
             latent_cls = VariationalLatent if cfg.latent == "adassl_v" else SparseLatent
             self.latent = latent_cls(cfg.summary_dim, cfg.latent_dim)
         elif cfg.latent == "oracle":
@@ -94,13 +96,22 @@ class WorldModel(nn.Module):
 
     # ---- latents and one-step prediction ----------------------------------------------------------------------
 
-    def summaries_of(self, tokens: Tensor, target_tokens: Tensor) -> tuple[Tensor, Tensor]:
+    def summaries_of(
+        self, tokens: Tensor, target_tokens: Tensor, features: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Per-transition summaries: s_t [B, T-1, S] from `tokens`, s+_{t+1} [B, T-1, S] from `target_tokens`.
 
-        Only for adassl_v / adassl_s; `target_tokens` are detached here.
+        Only for adassl_v / adassl_s; `target_tokens` are detached here. With model.context_summary=trunk, s_t pools
+        the predictor trunk's output at t: pass `features` = predictor.trunk_features(tokens[:, :-1]) if you have
+        them, else they are computed.
         """
         self._require_inferred_latent("summaries_of")
-        s = self.summaries.context(tokens)[:, :-1]
+        if self.cfg.context_summary == "trunk":
+            if features is None:
+                features = self.predictor.trunk_features(tokens[:, :-1])
+            s = self.summaries.context(features)
+        else:
+            s = self.summaries.context(tokens)[:, :-1]
         s_plus = self.summaries.target(target_tokens.detach())[:, 1:]
         return s, s_plus
 
@@ -148,11 +159,12 @@ class WorldModel(nn.Module):
         else:
             raw_target, target = raw, tokens
 
-        r, latent_terms, latent_monitors = self._training_latents(tokens, target, action)
+        features = self.predictor.trunk_features(tokens[:, :-1])  # [B, T-1, N, P]
+        r, latent_terms, latent_monitors = self._training_latents(tokens, target, action, features)
         # jepa: the change is added to frame t's target tokens (the space of the targets); infonce's targets are the
         # online tokens themselves, so there the base is the online tokens, with their gradient
-        base = target[:, :-1].detach() if cfg.objective == "jepa" else None
-        pred = self.predictor(tokens[:, :-1], r, base=base)
+        base = target[:, :-1].detach() if cfg.objective == "jepa" else tokens[:, :-1]
+        pred = self.predictor.from_features(features, r, base)
         terms: dict[str, Tensor] = {}
         monitors: dict[str, Tensor] = {}
         terms["pred"] = self._prediction_loss(pred, target[:, 1:], monitors)
@@ -175,7 +187,7 @@ class WorldModel(nn.Module):
         return {"loss": loss, "terms": terms, "monitors": monitors}
 
     def _training_latents(
-        self, tokens: Tensor, target: Tensor, action: Tensor | None
+        self, tokens: Tensor, target: Tensor, action: Tensor | None, features: Tensor
     ) -> tuple[Tensor | None, dict[str, Tensor], dict[str, Tensor]]:
         """r [B, T-1, d_r] (None for latent none), regulariser terms, and latent monitors."""
         latent = self.cfg.latent
@@ -185,7 +197,7 @@ class WorldModel(nn.Module):
         if latent == "oracle":
             self._check_actions(action, tokens.shape[0], tokens.shape[1] - 1, "action")
             return self.latent(action), {"reg": zero}, {}
-        s, s_plus = self.summaries_of(tokens, target)
+        s, s_plus = self.summaries_of(tokens, target, features)
         out = self.latent(s, s_plus)
         terms = {"reg": out["reg"].mean()}
         if latent == "adassl_v":
@@ -290,32 +302,42 @@ class WorldModel(nn.Module):
         acts = None if actions is None else repeat(actions, "b h a -> (k b) h a", k=copies)
         predictions = []
         for h in range(horizon):
-            r = self._rollout_latent(mode, seq, h, future, acts, generator)
+            features = self.predictor.trunk_features(seq) if self._reads_trunk(mode) else None
+            r = self._rollout_latent(mode, seq, features, h, future, acts, generator)
             cond = None if r is None else expand_cond(r.to(seq.dtype), seq.shape[1])
-            next_tokens = self.predictor(seq, cond, base=base)[:, -1].to(seq.dtype)
+            if features is None:
+                next_tokens = self.predictor(seq, cond, base=base)[:, -1].to(seq.dtype)
+            else:
+                next_tokens = self.predictor.from_features(features, cond, base)[:, -1].to(seq.dtype)
             predictions.append(next_tokens)
             seq = torch.cat([seq, next_tokens[:, None]], dim=1)
             base = torch.cat([base, next_tokens[:, None]], dim=1)
         out = rearrange(torch.stack(predictions, dim=1), "(k b) h n d -> k b h n d", k=copies)
         return out.expand(k, -1, -1, -1, -1) if copies != k else out
 
+    def _reads_trunk(self, mode: str) -> bool:
+        """Whether rollout mode `mode` infers r from the predictor trunk's output (model.context_summary=trunk)."""
+        return self.summaries is not None and self.cfg.context_summary == "trunk" and mode not in ("zero", "action")
+
     def _rollout_latent(
         self,
         mode: str,
         seq: Tensor,
+        features: Tensor | None,
         h: int,
         future: Tensor | None,
         actions: Tensor | None,
         generator: torch.Generator | None,
     ) -> Tensor | None:
-        """r [B', d_r] for rollout step h given the sequence so far seq [B', L, N, D]; None for latent none."""
+        """r [B', d_r] for rollout step h given the sequence so far seq [B', L, N, D] (and, for context_summary
+        trunk, its trunk features [B', L, N, P]); None for latent none."""
         if self.cfg.latent == "none":
             return None
         if mode == "zero":
             return seq.new_zeros(seq.shape[0], self.cfg.latent_dim)
         if mode == "action":
             return self.latent(actions[:, h])
-        s = self.summaries.context(seq[:, -2:])[:, -1]
+        s = self.summaries.context(seq[:, -2:] if features is None else features[:, -1:])[:, -1]
         s_plus = self.summaries.target(future[:, h : h + 1].detach())[:, 0] if mode == "posterior" else None
         return self.latent.rollout_r(mode, s, s_plus, generator)
 

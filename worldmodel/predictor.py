@@ -128,26 +128,36 @@ class Predictor(nn.Module):
         base[:, t] plus a predicted change. The model passes frame t's *target* tokens as the base, so the change is
         the temporal change in the target space alone, not also the map from the online to the target encoder.
         """
+        if base is not None and base.shape != tokens.shape:
+            raise ValueError(f"base must have the tokens' shape {tuple(tokens.shape)}, got {tuple(base.shape)}")
+        return self.from_features(self.trunk_features(tokens), cond, tokens if base is None else base)
+
+    def trunk_features(self, tokens: Tensor) -> Tensor:
+        """tokens: [B, T, N, D] -> the frame-causal trunk's output [B, T, N, P] (position t has seen frames <= t)."""
         b, t, n, _ = tokens.shape
         if t > self.max_frames:
             raise ValueError(f"{t} input frames exceed model.max_frames={self.max_frames}; raise model.max_frames")
-        if cond is not None and cond.shape[:2] != (b, t):
-            raise ValueError(f"conditioning must be [B, T, d] = [{b}, {t}, d], got {tuple(cond.shape)}")
         x = self.in_proj(tokens) + self.pos_embed + self.frame_embed[:, :t]
         x = rearrange(x, "b t n p -> b (t n) p")
         mask = frame_causal_mask(t, n, device=x.device)
         for block in self.trunk:
             x = block(x, mask)
-        x = rearrange(x, "b (t n) p -> (b t) n p", t=t)
+        return rearrange(x, "b (t n) p -> b t n p", t=t)
+
+    def from_features(self, features: Tensor, cond: Tensor | None, base: Tensor) -> Tensor:
+        """features: [B, T, N, P] from `trunk_features`; cond: [B, T, cond_dim] or None; base: [B, T, N, D] ->
+        base + the predicted change, [B, T, N, D] (see `forward`)."""
+        b, t, n, _ = features.shape
+        if cond is not None and cond.shape[:2] != (b, t):
+            raise ValueError(f"conditioning must be [B, T, d] = [{b}, {t}, d], got {tuple(cond.shape)}")
+        x = rearrange(features, "b t n p -> (b t) n p")
         flat_cond = None if cond is None or self.cond_dim == 0 else rearrange(cond, "b t c -> (b t) c")
         if self.token_conditioning and flat_cond is not None:
             x = torch.cat([x, self.cond_token(flat_cond)[:, None]], dim=1)
         for block in self.head:
             x = block(x, cond=flat_cond)
         change = rearrange(self.out_proj(self.norm(x[:, :n])), "(b t) n d -> b t n d", b=b)
-        if base is not None and base.shape != tokens.shape:
-            raise ValueError(f"base must have the tokens' shape {tuple(tokens.shape)}, got {tuple(base.shape)}")
-        return (tokens if base is None else base) + change
+        return base + change
 
 
 def expand_cond(r: Tensor, num_frames: int) -> Tensor:
