@@ -113,6 +113,18 @@ def test_trunk_context_summary_trains_every_parameter_and_reads_the_past_only(la
     assert not torch.allclose(s_changed[:, 2], s[:, 2])
 
 
+def test_beta_scale_copy_last_weighs_the_regulariser_by_the_copy_last_loss(digits):
+    frames, action = digits
+    model = make_model(latent="adassl_v", beta_scale="copy_last")
+    out = model(frames, action=action, beta=0.5)
+    copy_last = out["monitors"]["copy_last"]
+    assert 0 < copy_last < 10
+    torch.testing.assert_close(out["monitors"]["beta_eff"], 0.5 * copy_last)
+    torch.testing.assert_close(out["loss"], out["terms"]["pred"] + 0.5 * copy_last * out["terms"]["reg"])
+    with pytest.raises(ValueError, match="beta_scale=copy_last needs model.objective=jepa"):
+        make_model(latent="adassl_v", beta_scale="copy_last", objective="infonce")
+
+
 def test_oracle_without_action_is_a_clear_error(digits):
     frames, _ = digits
     with pytest.raises(ValueError, match="latent=oracle needs action"):

@@ -56,6 +56,10 @@ class ModelConfig:
     context_summary: str = "frames"  # frames | trunk : what s_t (prior and posterior input) pools, see latents.py
     action_dim: int = 0  # oracle only: width of the action rows (0 = take it from the data at start-up)
     beta: float = 0.01  # weight of the latent regulariser (see the normalisation above)
+    # none: loss = pred + beta * reg. copy_last: beta is multiplied by the batch's copy-last loss (no grad), i.e. a
+    # nat in r must cut the prediction error by beta x the copy-last error: the target space grows during training
+    # (the copy-last loss rose 0.08 -> 0.29 over the demo's 1000 steps), which makes a fixed beta drift weaker
+    beta_scale: str = "none"  # none | copy_last
     beta_warmup_steps: int = 500  # beta rises linearly from 0 over these steps
     loss: str = "l1"  # l1 | smooth_l1 (jepa objective)
     rollout_steps: int = 0  # >0 adds a term where the predictor consumes its own predictions this many steps
@@ -130,6 +134,7 @@ def _check_choices(cfg: ExperimentConfig) -> None:
         "model.loss": (cfg.model.loss, ("l1", "smooth_l1")),
         "model.target_norm": (cfg.model.target_norm, TOKEN_NORMS),
         "model.context_summary": (cfg.model.context_summary, CONTEXT_SUMMARIES),
+        "model.beta_scale": (cfg.model.beta_scale, ("none", "copy_last")),
         "train.mixed_precision": (cfg.train.mixed_precision, ("auto", "no", "bf16", "fp16")),
         "data.decoder": (cfg.data.decoder, ("decord", "pyav")),
     }
