@@ -12,6 +12,9 @@ Dynamics, for every digit i and transition t -> t+1:
 JSON ground truth per video: `state` row t = [x0, y0, vx0, vy0, x1, ...] (digit centre in pixels, x = column,
 y = row; velocity in px/frame), `action` row t = the kick applied at transition t -> t+1 ([dvx0, dvy0, ...], zeros
 without a kick), `events` [t] = 1 if any digit was kicked in transition t -> t+1, `labels` = {"digit0": 7, ...}.
+
+`--still` writes the diagnostic variant: digits rest and a kick is a one-frame jump (see `simulate`), so the kicks
+are all that cannot be predicted.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ FPS = 10.0
 GOP, CRF = 8, 10  # short GOP for cheap random access; crf 10 keeps decoded pixels within a few levels
 MIN_SPEED, MAX_SPEED = 1.5, 3.5  # px/frame
 MIN_TURN = np.pi / 3  # a kick turns the velocity by at least 60 degrees
+MIN_JUMP, MAX_JUMP = 3.0, 6.0  # px: a kick's displacement in `still` videos
 
 
 @dataclass(frozen=True)
@@ -131,12 +135,19 @@ def simulate(
     num_digits: int = 1,
     kick_prob: float = 0.2,
     digits: DigitBank | None = None,
+    still: bool = False,
 ) -> tuple[np.ndarray, dict]:
     """Simulate one moving-digits video.
 
     Returns `frames`: uint8 [num_frames, 64, 64, 3] and its JSON metadata (fps, num_frames, height, width,
     state [num_frames][4 * num_digits], state_names, action [num_frames - 1][2 * num_digits], action_names,
     events [num_frames - 1], labels). Deterministic given the state of `rng`.
+
+    `still=True` is the diagnostic variant: digits rest, and a kick is a one-frame jump of MIN_JUMP..MAX_JUMP px
+    in a random direction (the action row holds the displacement; the state's velocity is the last displacement).
+    Every unkicked transition is then exactly predictable (copy the last frame), so all that cannot be predicted is
+    the kicks: the setting AdaSSL's latent is built for, without the deterministic motion a small predictor must
+    learn first.
     """
     if num_frames < 2:
         raise ValueError(f"num_frames must be >= 2 to have a transition, got {num_frames}")
@@ -150,15 +161,26 @@ def simulate(
     lo, hi = DIGIT_SIZE / 2, CANVAS - DIGIT_SIZE / 2
 
     p = rng.uniform(lo, hi, size=(num_digits, 2))
-    v = np.stack([_random_velocity(rng, rng.uniform(0, 2 * np.pi)) for _ in range(num_digits)])
+    if still:
+        v = np.zeros((num_digits, 2))
+    else:
+        v = np.stack([_random_velocity(rng, rng.uniform(0, 2 * np.pi)) for _ in range(num_digits)])
     states, actions, events = [np.concatenate([p, v], axis=1).reshape(-1)], [], []
     frames = [_render(p, glyphs)]
     for _ in range(num_frames - 1):
         kicked = rng.random(num_digits) < kick_prob
         kick = np.zeros((num_digits, 2))
         for i in np.flatnonzero(kicked):
-            kick[i] = _kicked_velocity(rng, v[i]) - v[i]
-        moved = [_reflect(p[i] + v[i] + kick[i], v[i] + kick[i], lo, hi) for i in range(num_digits)]
+            if still:
+                direction = rng.uniform(0, 2 * np.pi)
+                kick[i] = rng.uniform(MIN_JUMP, MAX_JUMP) * np.array([np.cos(direction), np.sin(direction)])
+            else:
+                kick[i] = _kicked_velocity(rng, v[i]) - v[i]
+        if still:  # a jump lasts one frame; the state's velocity is the displacement just made
+            moved = [_reflect(p[i] + kick[i], kick[i], lo, hi) for i in range(num_digits)]
+            moved = [(q, q - p[i]) for i, (q, _) in enumerate(moved)]
+        else:
+            moved = [_reflect(p[i] + v[i] + kick[i], v[i] + kick[i], lo, hi) for i in range(num_digits)]
         p = np.stack([m[0] for m in moved])
         v = np.stack([m[1] for m in moved])
         states.append(np.concatenate([p, v], axis=1).reshape(-1))
@@ -196,6 +218,7 @@ def make_moving_digits(
     num_frames: int = 32,
     num_digits: int = 1,
     kick_prob: float = 0.2,
+    still: bool = False,
     val_videos: int | None = None,
     mnist: str | Path | None = None,
     samples_per_shard: int = 100,
@@ -210,7 +233,16 @@ def make_moving_digits(
     for split_id, (split, count) in enumerate(counts.items()):
         rng = np.random.default_rng([seed, split_id])
         summaries[split] = write_samples(
-            _videos(split, count, rng, num_frames=num_frames, num_digits=num_digits, kick_prob=kick_prob, digits=bank),
+            _videos(
+                split,
+                count,
+                rng,
+                num_frames=num_frames,
+                num_digits=num_digits,
+                kick_prob=kick_prob,
+                digits=bank,
+                still=still,
+            ),
             Path(output) / split,
             samples_per_shard=samples_per_shard,
             total=count,
@@ -227,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-frames", type=int, default=32)
     parser.add_argument("--num-digits", type=int, default=1, choices=(1, 2))
     parser.add_argument("--kick-prob", type=float, default=0.2, help="probability that a transition kicks a digit")
+    parser.add_argument(
+        "--still", action="store_true",
+        help="diagnostic variant: digits rest and a kick is a one-frame jump (see simulate)",
+    )  # fmt: skip
     parser.add_argument("--val-videos", type=int, help="held-out videos (default num-videos // 10)")
     parser.add_argument("--mnist", help="folder with MNIST IDX files (default: scikit-learn's bundled 8x8 digits)")
     parser.add_argument("--samples-per-shard", type=int, default=100)
@@ -238,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         num_frames=args.num_frames,
         num_digits=args.num_digits,
         kick_prob=args.kick_prob,
+        still=args.still,
         val_videos=args.val_videos,
         mnist=args.mnist,
         samples_per_shard=args.samples_per_shard,

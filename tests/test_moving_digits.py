@@ -85,6 +85,21 @@ def test_dynamics_match_state_action_and_events():
         assert (cos <= np.cos(np.pi / 3) + 1e-3).all()
 
 
+def test_still_digits_move_only_when_kicked():
+    frames, meta = simulate(60, np.random.default_rng(3), kick_prob=0.2, still=True)
+    state, action, events = np.asarray(meta["state"]), np.asarray(meta["action"]), np.asarray(meta["events"])
+    moved = np.linalg.norm(state[1:, :2] - state[:-1, :2], axis=1) > 0
+    np.testing.assert_array_equal(moved, events.astype(bool))
+    assert 0 < events.sum() < len(events)
+    jumps = np.linalg.norm(action[events.astype(bool)], axis=1)
+    assert (jumps >= 3.0 - 1e-3).all() and (jumps <= 6.0 + 1e-3).all()
+    np.testing.assert_allclose(state[1:, 2:], state[1:, :2] - state[:-1, :2], atol=1e-3)  # velocity = last jump
+    unkicked = np.flatnonzero(events == 0)
+    np.testing.assert_array_equal(frames[unkicked + 1], frames[unkicked])  # the pixels agree: nothing moves
+    offsets = np.stack([_centroid(f) for f in frames]) - state[:, :2]
+    assert np.abs(offsets - offsets[0]).max() <= 1.0 + 1e-6
+
+
 def test_no_kicks_without_kick_prob():
     _, meta = simulate(30, np.random.default_rng(1), kick_prob=0.0)
     assert not any(meta["events"]) and not np.asarray(meta["action"]).any()
