@@ -1,18 +1,24 @@
 """Batches of decoded clips and their hand-over from DataLoader workers (used by data_pipeline/stream.py).
 
-- `batches`: clips -> batches; each clip's frames are copied into the batch's frames buffer as it arrives, a
-  shared-memory buffer inside a worker, so handing a batch to the training process copies no frames;
-- `BatchLoader`: a DataLoader of such batches that turns their small numpy arrays into tensors in the consuming
-  process (sent by value, far cheaper than one shared-memory segment per tensor);
+- `batches`: clips -> batches; each clip's frames are copied into the batch's frames buffer as it arrives. Inside a
+  DataLoader worker the buffer is a slot of the worker's `_FramesRing`, shared memory allocated once per worker, so
+  a batch travels to the training process as a small `_SlotRef` (where its frames are), not as frames, and not as a
+  fresh shared-memory segment per batch (creating, mapping, faulting in and passing the file descriptor of a new
+  segment cost more CPU per batch than the ring's one copy out of the slot);
+- `BatchLoader`: a DataLoader of such batches that, in the consuming process, copies each batch's frames out of
+  their slot (freeing it for the worker) and turns the small numpy arrays into tensors (sent by value, far cheaper
+  than one shared-memory segment per tensor);
 - `read_ahead`: an iterator run by a background thread a few items ahead of its consumer.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -68,12 +74,103 @@ def _frames_buffer(shape: tuple[int, ...]) -> torch.Tensor:
     """An uninitialised uint8 tensor `shape` = [B, T, H, W, C] to collate a batch's frames into.
 
     Inside a DataLoader worker it lives in shared memory (as torch's own default_collate does there), so handing the
-    batch to the training process copies no frames: only a file descriptor travels.
+    batch to the training process copies no frames: only a file descriptor travels. Workers use it only when their
+    `_FramesRing` has no free slot.
     """
     if get_worker_info() is None:
         return torch.empty(shape, dtype=torch.uint8)
     storage = torch.UntypedStorage._new_shared(math.prod(shape))
     return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+
+
+# Slots per worker ring. DataLoader (in order, the default) sends a worker's next index before its current batch is
+# handed to BatchLoader.__iter__, and holds at most prefetch_factor * num_workers indices sent but not yet handed on;
+# it deals them round-robin, so at most prefetch_factor + 1 of one worker's batches are sent but not yet copied out
+# of their slots (the one it is writing included): 3 at the default prefetch_factor 2, plus one spare. Correctness
+# does not rest on this: a worker writes only slots whose busy flag the consumer has cleared, and a batch that finds
+# no free slot (a larger prefetch_factor, or one worker left running at the end of an epoch) gets its own shared
+# buffer (`_frames_buffer`) instead.
+RING_SLOTS = 4
+_PAGE = 4096  # slots start on page boundaries
+_ring_ids = itertools.count()  # per process: tells a worker's successive rings apart
+
+
+@dataclass
+class _SlotRef:
+    """What a worker sends instead of a batch's frames when they are in a slot of its ring: where they are.
+
+    `ring` is the ring itself (uint8 [bytes], shared memory: its file descriptor travels once), attached to the first
+    batch that uses the ring; the consumer keeps it for the worker's later batches (see `_copy_out`)."""
+
+    worker: int  # DataLoader worker id
+    ring_id: int  # which ring of that worker (a new one is made when a batch outgrows the slots)
+    offset: int  # bytes: where the frames start in the ring
+    flag: int  # bytes: where the slot's busy flag is in the ring (1 from the worker's write to the consumer's copy)
+    shape: tuple[int, ...]  # the frames' shape [B, T, H, W, C]
+    ring: torch.Tensor | None = None
+
+
+class _FramesRing:
+    """A worker's frames buffers: `slots` slots of `slot_bytes` in one shared-memory storage, allocated (and its pages
+    faulted in) once, followed by one busy flag (uint8) per slot.
+
+    The worker takes a free slot for each batch and marks it busy; the consumer clears the flag once it has copied
+    the frames out (`_copy_out`), and only then can the slot be taken again.
+    """
+
+    def __init__(self, worker: int, slots: int, slot_bytes: int) -> None:
+        if slots < 1 or slot_bytes < 1:
+            raise ValueError(f"a frames ring needs slots >= 1 and slot_bytes >= 1, got {slots} and {slot_bytes}")
+        self.worker, self.ring_id, self.slots, self.slot_bytes = worker, next(_ring_ids), slots, slot_bytes
+        self.stride = -(-slot_bytes // _PAGE) * _PAGE
+        storage = torch.UntypedStorage._new_shared(slots * self.stride + slots)
+        self.memory = torch.empty(0, dtype=torch.uint8).set_(storage).zero_()  # uint8 [bytes]
+        self.array = self.memory.numpy()
+        self.busy = self.array[slots * self.stride :]  # uint8 [slots], a view
+        self.sent = False  # whether a _SlotRef carrying the ring itself has been made
+        self.next = 0
+
+    def take(self, shape: tuple[int, ...]) -> tuple[np.ndarray, _SlotRef] | None:
+        """A free slot for frames `shape` = [B, T, H, W, C], marked busy: (a uint8 array `shape` in the slot to write
+        the frames into, the reference to send for them), or None if the frames do not fit or no slot is free."""
+        size = math.prod(shape)
+        if size > self.slot_bytes:
+            return None
+        for i in range(self.slots):
+            slot = (self.next + i) % self.slots
+            if not self.busy[slot]:
+                break
+        else:
+            return None
+        self.next = (slot + 1) % self.slots
+        self.busy[slot] = 1
+        offset = slot * self.stride
+        ref = _SlotRef(self.worker, self.ring_id, offset, self.slots * self.stride + slot, tuple(shape))
+        if not self.sent:
+            ref.ring, self.sent = self.memory, True
+        return self.array[offset : offset + size].reshape(shape), ref
+
+
+def _copy_out(ref: _SlotRef, rings: dict[int, tuple[int, np.ndarray]], pin: bool = False) -> torch.Tensor:
+    """In the consuming process: the frames uint8 `ref.shape` = [B, T, H, W, C] copied out of their slot into a
+    tensor of their own (in pinned memory if `pin`), and the slot freed for its worker. `rings` holds each worker's
+    current ring (worker id -> (ring_id, uint8 [bytes])); a reference that carries its ring updates it."""
+    if ref.ring is not None:
+        rings[ref.worker] = (ref.ring_id, ref.ring.numpy())
+    ring_id, memory = rings.get(ref.worker, (None, None))
+    if memory is None or ring_id != ref.ring_id:
+        raise RuntimeError(
+            f"a batch from DataLoader worker {ref.worker} is in its frames ring {ref.ring_id}, which this iterator "
+            f"never received (it has {ring_id}): batches of a worker must arrive in the order it made them"
+        )
+    frames = torch.empty(ref.shape, dtype=torch.uint8, pin_memory=pin)
+    # numpy copies with one thread (torch's copy_ would wake its thread pool for ~1.5 MB, which costs more here)
+    np.copyto(frames.numpy(), memory[ref.offset : ref.offset + math.prod(ref.shape)].reshape(ref.shape))
+    # The copy has read the whole slot before the worker can see this store (x86 never makes a store visible before
+    # earlier loads; Arm allows it in principle, but cores commit a store only once the loads before it have their
+    # values): from here on the worker may write the slot again.
+    memory[ref.flag] = 0
+    return frames
 
 
 def _stack_if_all(clips: list[dict], name: str, dtype: type) -> np.ndarray | None:
@@ -83,8 +180,9 @@ def _stack_if_all(clips: list[dict], name: str, dtype: type) -> np.ndarray | Non
     return np.stack(values).astype(dtype, copy=False)
 
 
-def _collate_rows(frames: torch.Tensor, clips: list[dict], skipped: dict[str, int]) -> dict:
-    """The batch of `clips` whose frames are already in `frames` uint8 [B, T, H, W, C]: the batch dict of
+def _collate_rows(frames: torch.Tensor | _SlotRef, clips: list[dict], skipped: dict[str, int]) -> dict:
+    """The batch of `clips` whose frames are already in `frames` uint8 [B, T, H, W, C] (or in the ring slot it
+    refers to, which BatchLoader copies out in the consuming process): the batch dict of
     docs/architecture.md (`state`, `action`, `events`, `labels` only when every clip has it; names from the first
     clip; `key`; `start`; `skipped`, the counts since the previous batch), except that the per-clip arrays stay numpy
     here: `state` float32 [B, T, S], `action` float32 [B, T-1, A], `events` float32 [B, T-1], `labels` int64 [B, L],
@@ -113,31 +211,37 @@ def as_tensors(batch: dict) -> dict:
     return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
 
 
-def _fresh_buffers(shape: tuple[int, ...]) -> Iterator[torch.Tensor]:
-    """Frames buffers `shape` = [B, T, H, W, C], each written once (zeros) so that its shared-memory pages exist: run
-    in a read-ahead thread, this takes the page faults (~0.4 ms per 64x64 batch) off the decoding thread."""
-    while True:
-        yield _frames_buffer(shape).zero_()
-
-
 def batches(
-    clips: Iterable[dict], pop_skipped: Callable[[], dict[str, int]], batch_size: int, partial: bool
+    clips: Iterable[dict],
+    pop_skipped: Callable[[], dict[str, int]],
+    batch_size: int,
+    partial: bool,
+    ring_slots: int = RING_SLOTS,
 ) -> Iterator[dict]:
     """Group clips into batches of `batch_size` (a last, smaller one only if `partial`), numpy arrays not yet
     tensors (see `_collate_rows`); `pop_skipped` gives the skip counts since the previous batch. Each clip's frames
-    are copied into the batch's frames buffer as soon as the clip is decoded, and dropped from the clip. In a
-    DataLoader worker the (shared-memory) buffers are prepared ahead."""
+    are copied into the batch's frames buffer as soon as the clip is decoded, and dropped from the clip.
+
+    In a DataLoader worker the buffer is a slot of the worker's `_FramesRing` of `ring_slots` slots and the batch's
+    `frames` is a `_SlotRef` to it (BatchLoader copies the frames out); a batch that finds no free slot gets a fresh
+    shared-memory tensor. In-process, `frames` is an ordinary tensor.
+    """
+    info = get_worker_info()
+    ring: _FramesRing | None = None
     group: list[dict] = []
-    buffers: Iterator[torch.Tensor] | None = None
     for clip in clips:
         if not group:
             shape = (batch_size, *clip["frames"].shape)  # uint8 [B, T, H, W, C]
-            if buffers is None and get_worker_info() is not None:
-                buffers = read_ahead(_fresh_buffers(shape), depth=1)
-            buffer = next(buffers) if buffers is not None else None
-            if buffer is None or buffer.shape != shape:  # (frame sizes may differ between batches if image_size=0)
-                buffer = _frames_buffer(shape)
-            frames = buffer.numpy()
+            taken = None
+            if info is not None:
+                if ring is None or math.prod(shape) > ring.slot_bytes:  # (frame sizes may differ if image_size=0)
+                    ring = _FramesRing(info.id, ring_slots, math.prod(shape))
+                taken = ring.take(shape)
+            if taken is None:
+                sent: torch.Tensor | _SlotRef = _frames_buffer(shape)
+                frames = sent.numpy()
+            else:
+                frames, sent = taken
         if clip["frames"].shape != frames.shape[1:]:
             raise ValueError(
                 f"clips in a batch have different frame shapes {frames.shape[1:]} and {clip['frames'].shape}; set "
@@ -146,10 +250,13 @@ def batches(
         frames[len(group)] = clip.pop("frames")
         group.append(clip)
         if len(group) == batch_size:
-            yield _collate_rows(buffer, group, pop_skipped())
+            yield _collate_rows(sent, group, pop_skipped())
             group = []
     if group and partial:
-        yield _collate_rows(buffer[: len(group)], group, pop_skipped())
+        rows = (len(group), *shape[1:])
+        yield _collate_rows(
+            replace(sent, shape=rows) if isinstance(sent, _SlotRef) else sent[: len(group)], group, pop_skipped()
+        )
 
 
 def _identity(batch: dict) -> dict:
@@ -157,11 +264,25 @@ def _identity(batch: dict) -> dict:
 
 
 class BatchLoader(DataLoader):
-    """A DataLoader of whole batches (batch_size=None) that makes their numpy arrays tensors in the consuming
-    process, after the transfer from a worker (see `_collate_rows`)."""
+    """A DataLoader of whole batches (batch_size=None, from `batches`) that, in the consuming process, copies each
+    batch's frames out of their slot in the worker's ring as soon as the batch arrives (see `_copy_out`) and makes
+    its numpy arrays tensors (see `_collate_rows`)."""
 
     def __init__(self, dataset: IterableDataset, **kwargs) -> None:
         super().__init__(dataset, batch_size=None, collate_fn=_identity, **kwargs)
 
     def __iter__(self) -> Iterator[dict]:
-        return map(as_tensors, super().__iter__())
+        loaded = super().__iter__()  # (the workers start here, not at the first batch)
+        # frames from a ring are copied after DataLoader's pin-memory thread: pinned then, when DataLoader pins
+        return _received(loaded, pin=getattr(loaded, "_pin_memory", False))
+
+
+def _received(loaded: Iterator[dict], pin: bool) -> Iterator[dict]:
+    """The batches of a DataLoader iterator over `batches` in their final form: frames copied out of their workers'
+    rings as each batch arrives (`_copy_out`; into pinned memory if `pin`), numpy arrays made tensors
+    (`as_tensors`)."""
+    rings: dict[int, tuple[int, np.ndarray]] = {}  # this iteration's workers' rings: worker id -> (ring id, bytes)
+    for batch in loaded:
+        if isinstance(batch["frames"], _SlotRef):
+            batch["frames"] = _copy_out(batch["frames"], rings, pin)
+        yield as_tensors(batch)

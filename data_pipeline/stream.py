@@ -30,7 +30,7 @@ import numpy as np
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.batching import BatchLoader, batches, read_ahead
+from data_pipeline.batching import RING_SLOTS, BatchLoader, batches, read_ahead
 from data_pipeline.clips import MetadataError, clip_indices, clip_starts, cut_metadata
 from data_pipeline.config import DataConfig
 from data_pipeline.decoders import DecodeError, get_decoder
@@ -230,12 +230,26 @@ def _worker() -> tuple[int, int]:
 
 
 class TrainClips(IterableDataset):
-    """One rank's training stream for one epoch: exactly `cfg.epoch_batches` batches over all its workers."""
+    """One rank's training stream for one epoch: exactly `cfg.epoch_batches` batches over all its workers.
 
-    def __init__(self, cfg: DataConfig, urls: list[str], *, seed: int, epoch: int, rank: int, world_size: int):
+    `ring_slots`: frames buffers per DataLoader worker (see data_pipeline/batching.py); it does not change the stream.
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        urls: list[str],
+        *,
+        seed: int,
+        epoch: int,
+        rank: int,
+        world_size: int,
+        ring_slots: int = RING_SLOTS,
+    ):
         super().__init__()
         self.cfg, self.urls = cfg, urls
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
+        self.ring_slots = ring_slots
 
     def __len__(self) -> int:
         return self.cfg.epoch_batches
@@ -259,7 +273,7 @@ class TrainClips(IterableDataset):
                 _plan_chunks(samples, cfg, lambda key: clip_rng, cfg.clips_per_video, chunk_samples), depth=2
             ),
             lambda plan_chunks: _decode_clips(plan_chunks, reader),
-            lambda clips: batches(clips, reader.pop_skipped, cfg.batch_size, partial=False),
+            lambda clips: batches(clips, reader.pop_skipped, cfg.batch_size, partial=False, ring_slots=self.ring_slots),
         )
         yield from islice(pipeline, my_batches)
 
