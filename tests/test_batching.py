@@ -3,9 +3,7 @@ each worker's ring of shared-memory slots, and a slot is never written again bef
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -13,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from shard_helpers import read_samples, train_glob, write_tar
 
 from data_pipeline.batching import BatchLoader, _copy_out, _FramesRing
 from data_pipeline.clips import clip_indices
@@ -23,30 +22,6 @@ from data_pipeline.stream import EvalClips, TrainClips, make_eval_loader, make_t
 
 CFG = DataConfig(num_context=3, num_target=3, batch_size=2, num_workers=0, shuffle_buffer=4, epoch_batches=4)
 ARRAYS = ("frames", "state", "action", "events", "labels", "start")
-
-
-def _train_glob(digits_shards: Path) -> str:
-    return str(digits_shards / "train" / "shard-*.tar")
-
-
-def _samples(digits_shards: Path, split: str = "train") -> dict[str, dict[str, bytes]]:
-    """{key: {"mp4": bytes, "json": bytes}} of every sample of a split."""
-    out: dict[str, dict[str, bytes]] = {}
-    for shard in sorted((digits_shards / split).glob("shard-*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar.getmembers():
-                key, ext = member.name.split(".", 1)
-                out.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    return out
-
-
-def _write_tar(path: Path, entries: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, payload in entries:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    return path
 
 
 def _assert_same_batches(got: list[dict], expected: list[dict]) -> None:
@@ -63,7 +38,7 @@ def _assert_same_batches(got: list[dict], expected: list[dict]) -> None:
 
 def _assert_frames_are_the_clips(batches: list[dict], digits_shards: Path, cfg: DataConfig) -> None:
     """Every clip's frames are its video's frames at its start (decoded here, one video at a time)."""
-    samples, decoder, decoded = _samples(digits_shards), get_decoder(cfg.decoder), {}
+    samples, decoder, decoded = read_samples(digits_shards), get_decoder(cfg.decoder), {}
     for batch in batches:
         for row, (key, start) in enumerate(zip(batch["key"], batch["start"].tolist(), strict=True)):
             if key not in decoded:
@@ -104,7 +79,7 @@ def test_one_worker_gives_the_in_process_stream_through_its_ring(digits_shards):
     runs = {
         workers: list(
             make_train_loader(
-                replace(cfg, num_workers=workers), _train_glob(digits_shards), seed=2, epoch=0, rank=0, world_size=1
+                replace(cfg, num_workers=workers), train_glob(digits_shards), seed=2, epoch=0, rank=0, world_size=1
             )
         )
         for workers in (0, 1)
@@ -119,7 +94,7 @@ def test_a_consumer_far_behind_its_workers_never_sees_a_slot_overwritten(digits_
     (the batches that found their slot busy came in shared buffers of their own), and every clip has its frames."""
     cfg = replace(CFG, epoch_batches=16)
     dataset = TrainClips(
-        cfg, expand_shards(_train_glob(digits_shards)), seed=1, epoch=0, rank=0, world_size=1, ring_slots=1
+        cfg, expand_shards(train_glob(digits_shards)), seed=1, epoch=0, rank=0, world_size=1, ring_slots=1
     )
     batches = []
     for batch in BatchLoader(dataset, num_workers=2, prefetch_factor=4):
@@ -141,10 +116,10 @@ def test_a_worker_gives_partial_batches_and_frames_larger_than_its_ring(digits_s
     assert [len(b["key"]) for b in from_worker] == [2, 2, 1]
     _assert_same_batches(from_worker, in_process)
 
-    samples = _samples(digits_shards, "val")
+    samples = read_samples(digits_shards, "val")
     digits = [(f"{k}.{ext}", samples[k][ext]) for k in sorted(samples)[:3] for ext in ("mp4", "json")]
     carphone = [("carphone.mp4", carphone_path.read_bytes()), ("carphone.json", b'{"num_frames": 120}')]
-    shard = str(_write_tar(tmp_path / "shard-000000.tar", [*digits[:4], *carphone, *digits[4:]]))
+    shard = str(write_tar(tmp_path / "shard-000000.tar", [*digits[:4], *carphone, *digits[4:]]))
     native = replace(CFG, image_size=0)
     in_process = list(make_eval_loader(native, shard, num_clips=4, batch_size=1))
     from_worker = list(BatchLoader(EvalClips(native, [shard], num_clips=4, seed=0, batch_size=1), num_workers=1))
@@ -155,8 +130,8 @@ def test_a_worker_gives_partial_batches_and_frames_larger_than_its_ring(digits_s
 
 def test_spawned_workers_give_the_same_stream(digits_shards):
     cfg = replace(CFG, num_workers=2, epoch_batches=6)
-    forked = list(make_train_loader(cfg, _train_glob(digits_shards), seed=4, epoch=1, rank=0, world_size=1))
-    dataset = TrainClips(cfg, expand_shards(_train_glob(digits_shards)), seed=4, epoch=1, rank=0, world_size=1)
+    forked = list(make_train_loader(cfg, train_glob(digits_shards), seed=4, epoch=1, rank=0, world_size=1))
+    dataset = TrainClips(cfg, expand_shards(train_glob(digits_shards)), seed=4, epoch=1, rank=0, world_size=1)
     spawned = list(BatchLoader(dataset, num_workers=2, multiprocessing_context="spawn"))
     _assert_same_batches(spawned, forked)
 
@@ -164,7 +139,7 @@ def test_spawned_workers_give_the_same_stream(digits_shards):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
 def test_frames_from_a_ring_are_pinned_when_the_loader_pins(digits_shards):
     cfg = replace(CFG, epoch_batches=3)
-    dataset = TrainClips(cfg, expand_shards(_train_glob(digits_shards)), seed=0, epoch=0, rank=0, world_size=1)
+    dataset = TrainClips(cfg, expand_shards(train_glob(digits_shards)), seed=0, epoch=0, rank=0, world_size=1)
     batches = list(BatchLoader(dataset, num_workers=1, pin_memory=True))
     assert all(batch["frames"].is_pinned() for batch in batches)
     _assert_frames_are_the_clips(batches, digits_shards, cfg)

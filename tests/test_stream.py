@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import functools
 import http.server
-import io
 import json
 import pickle
-import tarfile
 import threading
 import time
 from dataclasses import replace
@@ -15,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from shard_helpers import read_samples, train_glob, write_tar
 
 from data_pipeline.batching import read_ahead
 from data_pipeline.clips import clip_indices, clip_starts, cut_metadata
@@ -28,43 +27,19 @@ from data_pipeline.stream import NoDecodableDataError, make_eval_loader, make_tr
 CFG = DataConfig(num_context=3, num_target=3, batch_size=2, num_workers=0, shuffle_buffer=4, epoch_batches=4)
 
 
-def _train_glob(digits_shards: Path) -> str:
-    return str(digits_shards / "train" / "shard-*.tar")
-
-
-def _samples(digits_shards: Path, split: str = "train") -> dict[str, dict[str, bytes]]:
-    """{key: {"mp4": bytes, "json": bytes}} of every sample of a split."""
-    out: dict[str, dict[str, bytes]] = {}
-    for shard in sorted((digits_shards / split).glob("shard-*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar.getmembers():
-                key, ext = member.name.split(".", 1)
-                out.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    return out
-
-
-def _write_tar(path: Path, entries: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, payload in entries:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    return path
-
-
 def _keys(loader) -> list[str]:
     return [key for batch in loader for key in batch["key"]]
 
 
 def test_batches_follow_the_contract(digits_shards):
-    batch = next(iter(make_train_loader(CFG, _train_glob(digits_shards), seed=0, epoch=0, rank=0, world_size=1)))
+    batch = next(iter(make_train_loader(CFG, train_glob(digits_shards), seed=0, epoch=0, rank=0, world_size=1)))
     assert batch["frames"].shape == (2, 6, 64, 64, 3) and str(batch["frames"].dtype) == "torch.uint8"
     assert batch["state"].shape == (2, 6, 4) and batch["action"].shape == (2, 5, 2) and batch["events"].shape == (2, 5)
     assert batch["labels"].shape == (2, 1) and str(batch["labels"].dtype) == "torch.int64"
     assert batch["state_names"] == ["x0", "y0", "vx0", "vy0"] and batch["action_names"] == ["dvx0", "dvy0"]
     assert batch["label_names"] == ["digit0"] and batch["skipped"] == {}
     # the ground truth travels with its frames
-    sample = _samples(digits_shards)[batch["key"][0]]
+    sample = read_samples(digits_shards)[batch["key"][0]]
     meta = json.loads(sample["json"])
     indices = clip_indices(int(batch["start"][0]), 6, 1)
     np.testing.assert_allclose(batch["state"][0].numpy(), np.asarray(meta["state"])[indices], atol=1e-4)
@@ -75,7 +50,7 @@ def test_batches_follow_the_contract(digits_shards):
 def test_worker_batches_are_tensors_of_the_contract(digits_shards):
     """From a worker (frames in shared memory, small arrays sent by value) and with several clips per video."""
     cfg = replace(CFG, num_workers=1, clips_per_video=2, epoch_batches=3)
-    batches = list(make_train_loader(cfg, _train_glob(digits_shards), seed=0, epoch=0, rank=0, world_size=1))
+    batches = list(make_train_loader(cfg, train_glob(digits_shards), seed=0, epoch=0, rank=0, world_size=1))
     assert len(batches) == 3
     dtypes = {"frames": "uint8", "state": "float32", "action": "float32", "events": "float32", "labels": "int64"}
     for batch in batches:
@@ -83,7 +58,7 @@ def test_worker_batches_are_tensors_of_the_contract(digits_shards):
         assert str(batch["start"].dtype) == "torch.int64" and batch["start"].shape == (2,)
         assert batch["frames"].shape == (2, 6, 64, 64, 3) and batch["state"].shape == (2, 6, 4)
     batch = batches[0]
-    sample = _samples(digits_shards)[batch["key"][0]]
+    sample = read_samples(digits_shards)[batch["key"][0]]
     indices = clip_indices(int(batch["start"][0]), 6, 1)
     np.testing.assert_array_equal(batch["frames"][0].numpy(), get_decoder("pyav").decode(sample["mp4"], indices))
     np.testing.assert_allclose(
@@ -116,7 +91,7 @@ def test_two_ranks_two_workers_read_disjoint_samples_and_equal_batches(digits_sh
     cfg = replace(CFG, num_workers=2, epoch_batches=2)  # 4 shards of 4 videos = one shard per (rank, worker)
     per_rank = []
     for rank in range(2):
-        loader = make_train_loader(cfg, _train_glob(digits_shards), seed=5, epoch=1, rank=rank, world_size=2)
+        loader = make_train_loader(cfg, train_glob(digits_shards), seed=5, epoch=1, rank=rank, world_size=2)
         batches = list(loader)
         assert len(batches) == len(loader) == 2
         assert all(len(b["key"]) == 2 for b in batches)
@@ -136,7 +111,7 @@ def test_fewer_shards_than_slots_still_splits_samples(digits_shards):
 
 def test_epoch_length_holds_when_it_exceeds_the_data(digits_shards):
     cfg = replace(CFG, batch_size=4, epoch_batches=9)  # 36 clips from 16 videos: the share is cycled
-    batches = list(make_train_loader(cfg, _train_glob(digits_shards), seed=0, epoch=0, rank=0, world_size=1))
+    batches = list(make_train_loader(cfg, train_glob(digits_shards), seed=0, epoch=0, rank=0, world_size=1))
     assert len(batches) == 9
     assert len(set(_keys(batches))) == 16
 
@@ -144,7 +119,7 @@ def test_epoch_length_holds_when_it_exceeds_the_data(digits_shards):
 def test_same_seed_epoch_rank_gives_the_same_stream(digits_shards):
     def stream(epoch):
         loader = make_train_loader(
-            replace(CFG, num_workers=2), _train_glob(digits_shards), seed=3, epoch=epoch, rank=0, world_size=1
+            replace(CFG, num_workers=2), train_glob(digits_shards), seed=3, epoch=epoch, rank=0, world_size=1
         )
         batches = list(loader)
         return [b["key"] for b in batches], [b["start"].tolist() for b in batches], batches[0]["frames"]
@@ -179,13 +154,13 @@ def http_root(digits_shards):
 
 def test_http_shards_stream_like_local_ones(digits_shards, http_root):
     url = f"{http_root}/train/shard-{{000000..000003}}.tar"
-    local = list(make_eval_loader(CFG, _train_glob(digits_shards), num_clips=16, batch_size=4))
+    local = list(make_eval_loader(CFG, train_glob(digits_shards), num_clips=16, batch_size=4))
     remote = list(make_eval_loader(CFG, url, num_clips=16, batch_size=4))
     assert _keys(remote) == _keys(local) and len(_keys(remote)) == 16
     assert all((a["frames"] == b["frames"]).all() for a, b in zip(local, remote, strict=True))
     train = make_train_loader(CFG, url, seed=0, epoch=0, rank=0, world_size=1)
     assert _keys(train) == _keys(
-        make_train_loader(CFG, _train_glob(digits_shards), seed=0, epoch=0, rank=0, world_size=1)
+        make_train_loader(CFG, train_glob(digits_shards), seed=0, epoch=0, rank=0, world_size=1)
     )
 
 
@@ -198,7 +173,7 @@ def test_missing_shards_are_a_clear_error_at_start_up(digits_shards, http_root, 
     with pytest.raises(ShardListError, match="matches no files"):
         make_train_loader(CFG, str(tmp_path / "shard-*.tar"), seed=0, epoch=0, rank=0, world_size=1)
     with pytest.raises(ShardListError, match="does not exist"):
-        make_eval_loader(CFG, f"{_train_glob(digits_shards)} {tmp_path}/shard-000009.tar", num_clips=1)
+        make_eval_loader(CFG, f"{train_glob(digits_shards)} {tmp_path}/shard-000009.tar", num_clips=1)
     with pytest.raises(ShardListError, match="empty"):
         make_train_loader(CFG, "  ", seed=0, epoch=0, rank=0, world_size=1)
     with pytest.raises(ShardListError, match="HTTP 404"):
@@ -206,12 +181,12 @@ def test_missing_shards_are_a_clear_error_at_start_up(digits_shards, http_root, 
 
 
 def test_truncated_and_short_videos_are_skipped_and_counted(digits_shards, tmp_path):
-    samples = _samples(digits_shards, "val")
+    samples = read_samples(digits_shards, "val")
     good = [(f"{k}.{ext}", samples[k][ext]) for k in ("val_0000000", "val_0000001") for ext in ("mp4", "json")]
     cut = samples["val_0000002"]["mp4"]
     frames, meta = simulate(4, np.random.default_rng(0))
     meta["num_frames"] = 4
-    shard = _write_tar(
+    shard = write_tar(
         tmp_path / "shard-000000.tar",
         [
             *good[:2],
@@ -235,11 +210,11 @@ def test_truncated_and_short_videos_are_skipped_and_counted(digits_shards, tmp_p
 
 def test_nothing_usable_is_an_error_not_an_endless_loop(digits_shards):
     long_clip = replace(CFG, num_context=20, num_target=20)  # 40 frames from 24-frame videos
-    loader = make_train_loader(long_clip, _train_glob(digits_shards), seed=0, epoch=0, rank=0, world_size=1)
+    loader = make_train_loader(long_clip, train_glob(digits_shards), seed=0, epoch=0, rank=0, world_size=1)
     with pytest.raises(NoDecodableDataError, match="no usable clip of 40 frames"):
         list(loader)
     with pytest.raises(NoDecodableDataError, match="no usable clip"):
-        list(make_eval_loader(long_clip, _train_glob(digits_shards), num_clips=4))
+        list(make_eval_loader(long_clip, train_glob(digits_shards), num_clips=4))
 
 
 class _Exploit:
@@ -254,9 +229,9 @@ class _Exploit:
 
 def test_shards_never_unpickle_or_keep_foreign_entries(digits_shards, tmp_path):
     marker = tmp_path / "pwned"
-    sample = _samples(digits_shards, "val")["val_0000000"]
+    sample = read_samples(digits_shards, "val")["val_0000000"]
     payload = pickle.dumps(_Exploit(marker))
-    shard = _write_tar(
+    shard = write_tar(
         tmp_path / "evil.tar",
         [("val_0000000.mp4", sample["mp4"]), ("val_0000000.json", sample["json"]), ("val_0000000.pyd", payload)],
     )
