@@ -13,10 +13,12 @@
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import math
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 
@@ -273,8 +275,37 @@ class BatchLoader(DataLoader):
 
     def __iter__(self) -> Iterator[dict]:
         loaded = super().__iter__()  # (the workers start here, not at the first batch)
+        if hasattr(loaded, "_shutdown_workers"):
+            _stop_at_exit(loaded)
         # frames from a ring are copied after DataLoader's pin-memory thread: pinned then, when DataLoader pins
         return _received(loaded, pin=getattr(loaded, "_pin_memory", False))
+
+
+_live_iterators: weakref.WeakSet = weakref.WeakSet()  # multi-process DataLoader iterators not yet collected
+
+
+def _shut_down_live_iterators() -> None:
+    for loaded in list(_live_iterators):
+        loaded._shutdown_workers()
+
+
+def _stop_at_exit(loaded: Iterator) -> None:
+    """Shut the workers of multi-process DataLoader iterator `loaded` down at interpreter exit if it is still alive.
+
+    The train loader's workers ignore SIGTERM (stream.py, `_workers_leave_stopping_to_the_trainer`), and at exit
+    Python's multiprocessing terminates daemon workers with SIGTERM and then joins them, while torch skips its own
+    shutdown once Python is exiting: a script that ended with an iterator still alive hung for ever. This atexit hook
+    is registered after those of multiprocessing and torch, so it runs before them and stops the workers the normal
+    way (a sentinel through their index queues).
+    """
+    global _atexit_registered
+    if not _atexit_registered:
+        atexit.register(_shut_down_live_iterators)
+        _atexit_registered = True
+    _live_iterators.add(loaded)
+
+
+_atexit_registered = False
 
 
 def _received(loaded: Iterator[dict], pin: bool) -> Iterator[dict]:

@@ -4,6 +4,8 @@ each worker's ring of shared-memory slots, and a slot is never written again bef
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -134,6 +136,29 @@ def test_spawned_workers_give_the_same_stream(digits_shards):
     dataset = TrainClips(cfg, expand_shards(train_glob(digits_shards)), seed=4, epoch=1, rank=0, world_size=1)
     spawned = list(BatchLoader(dataset, num_workers=2, multiprocessing_context="spawn"))
     _assert_same_batches(spawned, forked)
+
+
+def test_a_script_that_exits_with_a_live_iterator_does_not_hang(digits_shards):
+    """The train loader's workers ignore SIGTERM; exiting with its iterator alive used to hang in Python's exit."""
+    script = (
+        "import sys\n"
+        "from dataclasses import replace\n"
+        "from data_pipeline.config import DataConfig\n"
+        "from data_pipeline.stream import make_train_loader\n"
+        "cfg = replace(DataConfig(), num_context=3, num_target=3, batch_size=2, num_workers=2, epoch_batches=50)\n"
+        "it = iter(make_train_loader(cfg, sys.argv[1], seed=0, epoch=0, rank=0, world_size=1))\n"
+        "next(it)\n"
+        "print('exiting', flush=True)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, train_glob(digits_shards)],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "exiting" in result.stdout
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
