@@ -284,7 +284,9 @@ class BatchLoader(DataLoader):
 _live_iterators: weakref.WeakSet = weakref.WeakSet()  # multi-process DataLoader iterators not yet collected
 
 
+@atexit.register
 def _shut_down_live_iterators() -> None:
+    """At interpreter exit, shut down the workers of every DataLoader iterator still alive (see `_stop_at_exit`)."""
     for loaded in list(_live_iterators):
         loaded._shutdown_workers()
 
@@ -294,18 +296,11 @@ def _stop_at_exit(loaded: Iterator) -> None:
 
     The train loader's workers ignore SIGTERM (stream.py, `_workers_leave_stopping_to_the_trainer`), and at exit
     Python's multiprocessing terminates daemon workers with SIGTERM and then joins them, while torch skips its own
-    shutdown once Python is exiting: a script that ended with an iterator still alive hung for ever. This atexit hook
-    is registered after those of multiprocessing and torch, so it runs before them and stops the workers the normal
-    way (a sentinel through their index queues).
+    shutdown once Python is exiting: a script that ended with an iterator still alive hung for ever. The atexit hook
+    above is registered after those of multiprocessing and torch (both imported before it), so it runs before them
+    and stops the workers the normal way (a sentinel through their index queues).
     """
-    global _atexit_registered
-    if not _atexit_registered:
-        atexit.register(_shut_down_live_iterators)
-        _atexit_registered = True
     _live_iterators.add(loaded)
-
-
-_atexit_registered = False
 
 
 def _received(loaded: Iterator[dict], pin: bool) -> Iterator[dict]:

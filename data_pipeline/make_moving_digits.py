@@ -96,8 +96,11 @@ def mnist_digits(root: str | Path) -> DigitBank:
     return _to_bank(images.astype(np.float32) / 255.0, labels)
 
 
-def _random_velocity(rng: np.random.Generator, direction: float) -> np.ndarray:
-    speed = rng.uniform(MIN_SPEED, MAX_SPEED)
+def _random_velocity(
+    rng: np.random.Generator, direction: float, low: float = MIN_SPEED, high: float = MAX_SPEED
+) -> np.ndarray:
+    """A vector [2] in `direction` (radians) with a length drawn uniformly from [low, high]."""
+    speed = rng.uniform(low, high)
     return np.array([speed * np.cos(direction), speed * np.sin(direction)])
 
 
@@ -172,8 +175,7 @@ def simulate(
         kick = np.zeros((num_digits, 2))
         for i in np.flatnonzero(kicked):
             if still:
-                direction = rng.uniform(0, 2 * np.pi)
-                kick[i] = rng.uniform(MIN_JUMP, MAX_JUMP) * np.array([np.cos(direction), np.sin(direction)])
+                kick[i] = _random_velocity(rng, rng.uniform(0, 2 * np.pi), MIN_JUMP, MAX_JUMP)
             else:
                 kick[i] = _kicked_velocity(rng, v[i]) - v[i]
         if still:  # a jump lasts one frame; the state's velocity is the displacement just made

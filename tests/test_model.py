@@ -95,6 +95,20 @@ def test_forward_terms_and_gradients(latent, objective, digits):
     assert all(p.grad is None for p in model.target_encoder.parameters())
 
 
+@pytest.mark.parametrize("context_summary", ["frames", "trunk"])
+def test_context_summary_with_a_predictor_narrower_than_the_encoder(context_summary, digits):
+    frames, action = digits
+    model = make_model(latent="adassl_v", context_summary=context_summary, pred_dim=16)
+    out = model(frames, action=action, beta=0.5)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    model.eval()
+    rolled = model.rollout(
+        model.encode(frames)[:, :2], 2, "prior_mean", context_targets=model.encode_target(frames)[:, :2]
+    )
+    assert rolled.shape == (1, 8, 2, 16, 32)
+
+
 @pytest.mark.parametrize("latent", ["adassl_v", "adassl_s"])
 def test_trunk_context_summary_trains_every_parameter_and_reads_the_past_only(latent, digits):
     frames, action = digits

@@ -88,6 +88,7 @@ class Summaries(nn.Module):
     `context_source` (model.context_summary): "frames" pools the online tokens of frames t-1 and t (one frame alone
     carries no velocity); "trunk" pools the predictor trunk's output at position t, which has seen every frame <= t
     (`context_dim` is then the predictor width), so the prior reads the same history the predictor does.
+    `context_dim` is the width of what `context` pools (0 = embed_dim, the online tokens).
     """
 
     def __init__(

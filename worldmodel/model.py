@@ -70,8 +70,9 @@ class WorldModel(nn.Module):
         self.summaries = None
         self.latent: nn.Module | None = None
         if cfg.latent in ("adassl_v", "adassl_s"):
+            context_dim = cfg.pred_dim if cfg.context_summary == "trunk" else cfg.embed_dim
             self.summaries = Summaries(
-                cfg.embed_dim, cfg.summary_dim, context_source=cfg.context_summary, context_dim=cfg.pred_dim
+                cfg.embed_dim, cfg.summary_dim, context_source=cfg.context_summary, context_dim=context_dim
             )
             latent_cls = VariationalLatent if cfg.latent == "adassl_v" else SparseLatent
             self.latent = latent_cls(cfg.summary_dim, cfg.latent_dim)
