@@ -60,7 +60,8 @@ class ModelConfig:
     # nat in r must cut the prediction error by beta x the copy-last error: the target space grows during training
     # (the copy-last loss rose 0.08 -> 0.29 over the demo's 1000 steps), which makes a fixed beta drift weaker
     beta_scale: str = "none"  # none | copy_last
-    beta_warmup_steps: int = 500  # beta rises linearly from 0 over these steps
+    beta_warmup_steps: int = 500  # beta rises linearly from 0 over these steps (after the delay)
+    beta_delay_steps: int = 0  # beta is exactly 0 for these first steps (see schedules.beta_at: why)
     loss: str = "l1"  # l1 | smooth_l1 (jepa objective)
     rollout_steps: int = 0  # >0 adds a term where the predictor consumes its own predictions this many steps
     rollout_weight: float = 1.0

@@ -283,7 +283,12 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> None:
     step = start_step
     try:
         while step < cfg.train.steps:
-            beta = beta_at(step, beta=cfg.model.beta, warmup_steps=cfg.model.beta_warmup_steps)
+            beta = beta_at(
+                step,
+                beta=cfg.model.beta,
+                warmup_steps=cfg.model.beta_warmup_steps,
+                delay_steps=cfg.model.beta_delay_steps,
+            )
             momentum = ema_momentum(step, total_steps=cfg.train.steps, start=cfg.model.ema_start, end=cfg.model.ema_end)
             lr = scheduler.get_last_lr()[0]
 
