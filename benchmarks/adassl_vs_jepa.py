@@ -2,6 +2,7 @@
 
     python -m benchmarks.adassl_vs_jepa            # 4 methods x 3 seeds (an hour or two on 2 CPU cores)
     python -m benchmarks.adassl_vs_jepa --quick    # 1 seed, shorter training: a smoke run of the whole table
+    python -m benchmarks.adassl_vs_jepa --still    # the still-digits diagnostic (digits rest, kicks are jumps)
 
 Trains `none` (plain JEPA), `adassl_v`, `adassl_s` and `oracle` (the velocity kicks as the action) with
 `train.py`, evaluates each with `evaluate.py` on the same held-out shards, and prints one table (mean ± std over
@@ -107,17 +108,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the config's)")
-    parser.add_argument("--data", type=Path, default=ROOT / "data" / "moving_digits")
-    parser.add_argument("--out", type=Path, default=None, help="runs and table (default runs/bench[-quick])")
+    parser.add_argument(
+        "--still",
+        action="store_true",
+        help="the diagnostic data where digits rest and a kick is a one-frame jump (copy-last is exact on every "
+        "unkicked transition): data/still_digits, runs/bench-still[-quick]",
+    )
+    parser.add_argument("--data", type=Path, default=None, help="data dir (default data/moving_digits or still_digits)")
+    parser.add_argument("--out", type=Path, default=None, help="runs and table (default runs/bench[-still][-quick])")
     parser.add_argument("--horizon", type=int, default=8)
     parser.add_argument("--num-samples", type=int, default=8, help="K sampled futures for best-of-K")
     parser.add_argument("overrides", nargs="*", help="extra key=value config overrides for every run")
     args = parser.parse_args(argv)
 
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    out = args.out or ROOT / "runs" / ("bench-quick" if args.quick else "bench")
+    data = args.data or ROOT / "data" / ("still_digits" if args.still else "moving_digits")
+    out = args.out or ROOT / "runs" / ("bench" + ("-still" if args.still else "") + ("-quick" if args.quick else ""))
     steps = args.steps or (300 if args.quick else None)
-    ensure_data(args.data, num_videos=1024, val_videos=256)
+    ensure_data(data, num_videos=1024, val_videos=256, still=args.still)
     # horizon-long targets after the context; the predictor's frame embedding must cover the whole clip
     common = [f"data.num_target={args.horizon}", f"eval.horizon={args.horizon}", "model.max_frames=16", *args.overrides]
     if steps:
@@ -129,12 +137,10 @@ def main(argv: list[str] | None = None) -> None:
         for seed in seeds:
             run_dir = out / f"{method}-seed{seed}"
             overrides = [f"model.latent={method}", f"seed={seed}", *common]
-            results.setdefault(method, []).append(
-                train_and_evaluate(run_dir, args.config, overrides, args.data, eval_args)
-            )
+            results.setdefault(method, []).append(train_and_evaluate(run_dir, args.config, overrides, data, eval_args))
     markdown, table = build_table(results, args.horizon)
     header = (
-        f"Methods {', '.join(args.methods)}; seeds {seeds}; config {args.config}"
+        f"Data {data.name}; methods {', '.join(args.methods)}; seeds {seeds}; config {args.config}"
         f"{f' with train.steps={steps}' if steps else ''}; horizon {args.horizon}; K={args.num_samples}.\n\n"
     )
     (out / "table.md").write_text(header + markdown)

@@ -21,13 +21,15 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
-def ensure_data(data_dir: Path, num_videos: int, val_videos: int, seed: int = 0) -> None:
-    """Generate the stochastic moving-digits shards into data_dir/{train,val} unless they exist."""
+def ensure_data(data_dir: Path, num_videos: int, val_videos: int, seed: int = 0, still: bool = False) -> None:
+    """Generate the stochastic moving-digits shards into data_dir/{train,val} unless they exist (`still`: the
+    diagnostic variant where digits rest and a kick is a one-frame jump, `make_moving_digits --still`)."""
     if (data_dir / "val" / "index.json").exists():
         return
     run([
         sys.executable, "-m", "data_pipeline.make_moving_digits", "--output", str(data_dir),
         "--num-videos", str(num_videos), "--val-videos", str(val_videos), "--seed", str(seed),
+        *(["--still"] if still else []),
     ])  # fmt: skip
 
 
