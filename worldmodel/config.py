@@ -62,7 +62,9 @@ class ModelConfig:
     beta_scale: str = "none"  # none | copy_last
     beta_warmup_steps: int = 500  # beta rises linearly from 0 over these steps (after the delay)
     beta_delay_steps: int = 0  # beta is exactly 0 for these first steps (see schedules.beta_at: why)
-    loss: str = "l1"  # l1 | smooth_l1 (jepa objective)
+    # l1 | smooth_l1 (jepa objective). L1 learns the conditional median: where most transitions are deterministic,
+    # rare events (kicks) are predicted as "no event" and are hard to learn at all (README, still-digits diagnostic)
+    loss: str = "l1"
     rollout_steps: int = 0  # >0 adds a term where the predictor consumes its own predictions this many steps
     rollout_weight: float = 1.0
     temperature: float = 0.1  # infonce
