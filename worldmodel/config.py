@@ -158,17 +158,15 @@ def _check_choices(cfg: ExperimentConfig) -> None:
         "model.latent_dim": cfg.model.latent_dim,
         "eval.probe_grid": cfg.eval.probe_grid,
     }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key}={value} must be >= 1")
     non_negative = {
         "model.beta": cfg.model.beta,
         "model.beta_warmup_steps": cfg.model.beta_warmup_steps,
         "model.beta_delay_steps": cfg.model.beta_delay_steps,
     }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{key}={value} must be >= 0")
+    for minimum, values in ((1, positive), (0, non_negative)):
+        for key, value in values.items():
+            if value < minimum:
+                raise ConfigError(f"{key}={value} must be >= {minimum}")
     if cfg.data.clip_length > cfg.model.max_frames:
         raise ConfigError(
             f"data.num_context + data.num_target = {cfg.data.clip_length} exceeds model.max_frames="
