@@ -18,7 +18,7 @@ import json
 import math
 from pathlib import Path
 
-from benchmarks.runs import ROOT, ensure_data, metric, probe_mean, train_and_evaluate
+from benchmarks.runs import ROOT, ensure_data, metric, parse_with_overrides, probe_mean, train_and_evaluate
 
 METHODS = ("none", "adassl_v", "adassl_s", "oracle")
 HORIZONS = (1, 4, 8)
@@ -108,8 +108,13 @@ def build_table(results: dict[str, list[dict]], horizon: int) -> tuple[str, dict
     return "\n".join(lines) + "\n", table
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (config overrides are taken out first by `parse_with_overrides`)."""
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Any key=value word, anywhere on the line, is a config override for every run.",
+    )
     parser.add_argument("--quick", action="store_true", help="1 seed and a short schedule (smoke run)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; --quick: 0)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -125,8 +130,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="runs and table (default runs/bench[-still][-quick])")
     parser.add_argument("--horizon", type=int, default=8)
     parser.add_argument("--num-samples", type=int, default=8, help="K sampled futures for best-of-K")
-    parser.add_argument("overrides", nargs="*", help="extra key=value config overrides for every run")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_with_overrides(build_parser(), argv)  # any key=value word: a config override for every run
 
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     data = args.data or ROOT / "data" / ("still_digits" if args.still else "moving_digits")

@@ -17,15 +17,20 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks.runs import ROOT, ensure_data, metric, probe_mean, train_and_evaluate
+from benchmarks.runs import ROOT, ensure_data, metric, parse_with_overrides, probe_mean, train_and_evaluate
 
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (config overrides are taken out first by `parse_with_overrides`)."""
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Any key=value word, anywhere on the line, is a config override for every run.",
+    )
     parser.add_argument("--betas", type=float, nargs="+", default=[0.001, 0.003, 0.01, 0.03, 0.1])
     parser.add_argument("--latent", default="adassl_v", choices=("adassl_v", "adassl_s"))
     parser.add_argument("--config", default="configs/demo.yaml")
@@ -34,8 +39,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--horizon", type=int, default=8)
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "moving_digits")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "beta-sweep")
-    parser.add_argument("overrides", nargs="*", help="extra key=value config overrides for every run")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_with_overrides(build_parser(), argv)  # any key=value word: a config override for every run
 
     ensure_data(args.data, num_videos=1024, val_videos=256)
     rows, lines = (

@@ -7,6 +7,7 @@ is skipped, so an interrupted benchmark resumes where it stopped.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -19,6 +20,20 @@ def run(cmd: list[str]) -> None:
     """Run one command from the repository root, streaming its output; raise if it fails."""
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse `argv` (default sys.argv[1:]); every `key=value` word that is not an option, anywhere on the line, is a
+    config override, returned as `args.overrides` in order.
+
+    Taking them out first lets them follow a multi-value option (`--seeds 0 1 model.loss=smooth_l1`), which argparse
+    would otherwise read as more seeds.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = parser.parse_args([a for a in argv if a not in overrides])
+    args.overrides = overrides
+    return args
 
 
 def ensure_data(data_dir: Path, num_videos: int, val_videos: int, seed: int = 0, still: bool = False) -> None:
