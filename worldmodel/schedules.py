@@ -35,9 +35,9 @@ def beta_at(step: int, *, beta: float, warmup_steps: int, delay_steps: int = 0) 
 
     Why a delay and not only a ramp: with Adam, a term that is the *only* gradient a parameter gets moves it at the
     full learning rate however small its weight. At the start the predictor's conditioning is zero-initialised, so
-    the KL is the only gradient the posterior gets, and even a ramp's first 1e-5 x beta collapses r onto the prior
-    within ~100 steps, before the predictor has learned to use it. Held at exactly 0, the KL leaves r alone until
-    the prediction loss has made r useful.
+    at first the KL is the only gradient the posterior gets, and even the first steps of a ramp, at a small fraction
+    of beta, collapse r onto the prior within ~100 steps, before the predictor has learned to use it. Held at
+    exactly 0, the KL leaves r alone until the prediction loss has made r useful.
     """
     step -= delay_steps
     if step < 0:
