@@ -18,7 +18,7 @@ import json
 import math
 from pathlib import Path
 
-from benchmarks.runs import ROOT, ensure_data, metric, parse_with_overrides, probe_mean, train_and_evaluate
+from benchmarks.runs import ROOT, ensure_data, metric, new_parser, parse_with_overrides, probe_mean, train_and_evaluate
 
 METHODS = ("none", "adassl_v", "adassl_s", "oracle")
 HORIZONS = (1, 4, 8)
@@ -110,11 +110,7 @@ def build_table(results: dict[str, list[dict]], horizon: int) -> tuple[str, dict
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line (config overrides are taken out first by `parse_with_overrides`)."""
-    parser = argparse.ArgumentParser(
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Any key=value word, anywhere on the line, is a config override for every run.",
-    )
+    parser = new_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="1 seed and a short schedule (smoke run)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; --quick: 0)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)

@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks.runs import ROOT, ensure_data, metric, parse_with_overrides, probe_mean, train_and_evaluate
+from benchmarks.runs import ROOT, ensure_data, metric, new_parser, parse_with_overrides, probe_mean, train_and_evaluate
 
 
 def _fmt(value: float | None) -> str:
@@ -26,11 +26,7 @@ def _fmt(value: float | None) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line (config overrides are taken out first by `parse_with_overrides`)."""
-    parser = argparse.ArgumentParser(
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Any key=value word, anywhere on the line, is a config override for every run.",
-    )
+    parser = new_parser(__doc__)
     parser.add_argument("--betas", type=float, nargs="+", default=[0.001, 0.003, 0.01, 0.03, 0.1])
     parser.add_argument("--latent", default="adassl_v", choices=("adassl_v", "adassl_s"))
     parser.add_argument("--config", default="configs/demo.yaml")

@@ -22,6 +22,16 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
+def new_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A benchmark script's argument parser, its module docstring `doc` as the description; config overrides are not
+    declared on it but taken out by `parse_with_overrides`."""
+    return argparse.ArgumentParser(
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Any key=value word, anywhere on the line, is a config override for every run.",
+    )
+
+
 def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse `argv` (default sys.argv[1:]); every `key=value` word that is not an option, anywhere on the line, is a
     config override, returned as `args.overrides` in order.
@@ -29,9 +39,10 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None
     Taking them out first lets them follow a multi-value option (`--seeds 0 1 model.loss=smooth_l1`), which argparse
     would otherwise read as more seeds.
     """
-    argv = sys.argv[1:] if argv is None else list(argv)
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    args = parser.parse_args([a for a in argv if a not in overrides])
+    overrides, rest = [], []
+    for word in sys.argv[1:] if argv is None else argv:
+        (overrides if "=" in word and not word.startswith("-") else rest).append(word)
+    args = parser.parse_args(rest)
     args.overrides = overrides
     return args
 
