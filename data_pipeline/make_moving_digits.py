@@ -15,6 +15,11 @@ without a kick), `events` [t] = 1 if any digit was kicked in transition t -> t+1
 
 `--still` writes the diagnostic variant: digits rest and a kick is a one-frame jump (see `simulate`), so the kicks
 are all that cannot be predicted.
+
+Each glyph is drawn at its exact, fractional position (a bilinear shift of the glyph by the fractional part of its
+top-left corner), so the pixels agree with the float ground truth: the glyph's intensity-weighted centroid sits at a
+fixed offset from the stated centre in every frame. `--whole-pixel` writes the old data, for comparison: each glyph
+snapped to the nearest whole pixel, so pixels and ground truth disagree by up to 0.5 px per axis.
 """
 
 from __future__ import annotations
@@ -121,14 +126,36 @@ def _reflect(p: np.ndarray, v: np.ndarray, lo: float, hi: float) -> tuple[np.nda
     return p, v
 
 
-def _render(positions: np.ndarray, glyphs: list[np.ndarray]) -> np.ndarray:
-    """Draw the glyphs centred at `positions` [D, 2] (x, y) on a black canvas -> uint8 [CANVAS, CANVAS, 3]."""
-    canvas = np.zeros((CANVAS, CANVAS), dtype=np.float32)
-    half = DIGIT_SIZE / 2
-    for (x, y), glyph in zip(positions, glyphs, strict=True):
-        top, left = int(round(y - half)), int(round(x - half))
+def _place(canvas: np.ndarray, glyph: np.ndarray, x: float, y: float, subpixel: bool) -> None:
+    """Composite `glyph` [DIGIT_SIZE, DIGIT_SIZE] centred at (x, y) into `canvas` [H, W] in place (np.maximum).
+
+    `subpixel` shifts the glyph by the fractional part of its top-left corner with a 4-tap bilinear splat onto a
+    (DIGIT_SIZE + 1)^2 patch: mass is kept and the intensity-weighted centroid moves by exactly the fraction.
+    Otherwise the corner is rounded to the nearest whole pixel (the old placement)."""
+    top_f, left_f = y - DIGIT_SIZE / 2, x - DIGIT_SIZE / 2
+    if not subpixel:
+        top, left = int(round(top_f)), int(round(left_f))
         region = canvas[top : top + DIGIT_SIZE, left : left + DIGIT_SIZE]
         np.maximum(region, glyph, out=region)
+        return
+    top, left = int(np.floor(top_f)), int(np.floor(left_f))
+    fy, fx = float(top_f - top), float(left_f - left)
+    patch = np.zeros((DIGIT_SIZE + 1, DIGIT_SIZE + 1), dtype=np.float32)
+    patch[:-1, :-1] += (1 - fy) * (1 - fx) * glyph
+    patch[:-1, 1:] += (1 - fy) * fx * glyph
+    patch[1:, :-1] += fy * (1 - fx) * glyph
+    patch[1:, 1:] += fy * fx * glyph
+    # at the far wall (corner exactly CANVAS - DIGIT_SIZE) the fraction is 0 and the patch's last row/column is empty
+    region = canvas[top : top + DIGIT_SIZE + 1, left : left + DIGIT_SIZE + 1]
+    np.maximum(region, patch[: region.shape[0], : region.shape[1]], out=region)
+
+
+def _render(positions: np.ndarray, glyphs: list[np.ndarray], subpixel: bool = True) -> np.ndarray:
+    """Draw the glyphs centred at `positions` [D, 2] (x, y) on a black canvas -> uint8 [CANVAS, CANVAS, 3];
+    `subpixel=False` snaps each glyph to the nearest whole pixel (see `_place`)."""
+    canvas = np.zeros((CANVAS, CANVAS), dtype=np.float32)
+    for (x, y), glyph in zip(positions, glyphs, strict=True):
+        _place(canvas, glyph, x, y, subpixel)
     return repeat(np.round(canvas * 255).astype(np.uint8), "h w -> h w c", c=3)
 
 
@@ -139,6 +166,7 @@ def simulate(
     kick_prob: float = 0.2,
     digits: DigitBank | None = None,
     still: bool = False,
+    subpixel: bool = True,
 ) -> tuple[np.ndarray, dict]:
     """Simulate one moving-digits video.
 
@@ -151,6 +179,9 @@ def simulate(
     Every unkicked transition is then exactly predictable (copy the last frame), so all that cannot be predicted is
     the kicks: the setting AdaSSL's latent is built for, without the deterministic motion a small predictor must
     learn first.
+
+    `subpixel=False` draws each glyph at the nearest whole pixel instead of its exact position (the old data, for
+    comparison); the metadata and the random draws are the same either way.
     """
     if num_frames < 2:
         raise ValueError(f"num_frames must be >= 2 to have a transition, got {num_frames}")
@@ -169,7 +200,7 @@ def simulate(
     else:
         v = np.stack([_random_velocity(rng, rng.uniform(0, 2 * np.pi)) for _ in range(num_digits)])
     states, actions, events = [np.concatenate([p, v], axis=1).reshape(-1)], [], []
-    frames = [_render(p, glyphs)]
+    frames = [_render(p, glyphs, subpixel)]
     for _ in range(num_frames - 1):
         kicked = rng.random(num_digits) < kick_prob
         kick = np.zeros((num_digits, 2))
@@ -188,7 +219,7 @@ def simulate(
         states.append(np.concatenate([p, v], axis=1).reshape(-1))
         actions.append(kick.reshape(-1))
         events.append(int(kicked.any()))
-        frames.append(_render(p, glyphs))
+        frames.append(_render(p, glyphs, subpixel))
 
     meta = {
         "fps": FPS,
@@ -221,6 +252,7 @@ def make_moving_digits(
     num_digits: int = 1,
     kick_prob: float = 0.2,
     still: bool = False,
+    subpixel: bool = True,
     val_videos: int | None = None,
     mnist: str | Path | None = None,
     samples_per_shard: int = 100,
@@ -244,6 +276,7 @@ def make_moving_digits(
                 kick_prob=kick_prob,
                 digits=bank,
                 still=still,
+                subpixel=subpixel,
             ),
             Path(output) / split,
             samples_per_shard=samples_per_shard,
@@ -265,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         "--still", action="store_true",
         help="diagnostic variant: digits rest and a kick is a one-frame jump (see simulate)",
     )  # fmt: skip
+    parser.add_argument(
+        "--whole-pixel", action="store_true",
+        help="draw each digit at the nearest whole pixel, not its exact position (the old data, for comparison)",
+    )  # fmt: skip
     parser.add_argument("--val-videos", type=int, help="held-out videos (default num-videos // 10)")
     parser.add_argument("--mnist", help="folder with MNIST IDX files (default: scikit-learn's bundled 8x8 digits)")
     parser.add_argument("--samples-per-shard", type=int, default=100)
@@ -277,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         num_digits=args.num_digits,
         kick_prob=args.kick_prob,
         still=args.still,
+        subpixel=not args.whole_pixel,
         val_videos=args.val_videos,
         mnist=args.mnist,
         samples_per_shard=args.samples_per_shard,

@@ -14,6 +14,8 @@ from data_pipeline.decoders import get_decoder
 from data_pipeline.make_moving_digits import (
     CANVAS,
     DIGIT_SIZE,
+    DigitBank,
+    _render,
     main,
     make_moving_digits,
     mnist_digits,
@@ -54,9 +56,9 @@ def test_digit_is_where_the_json_says(seed):
     frames, meta = simulate(40, np.random.default_rng(seed), kick_prob=0.3)
     positions = np.asarray(meta["state"])[:, :2]
     offsets = np.stack([_centroid(f) for f in frames]) - positions
-    # the glyph never leaves the canvas, so its mass sits at a fixed offset from the stated centre (up to the
-    # integer pixel placement of the glyph)
-    assert np.abs(offsets - offsets[0]).max() <= 1.0 + 1e-6
+    # the glyph never leaves the canvas and is drawn at its exact (sub-pixel) position, so its mass sits at a fixed
+    # offset from the stated centre (up to the uint8 rounding of the intensities)
+    assert np.abs(offsets - offsets[0]).max() < 0.05
     assert np.abs(offsets[0]).max() < DIGIT_SIZE / 4
     assert np.ptp(positions, axis=0).max() > 10  # it did move
 
@@ -97,7 +99,62 @@ def test_still_digits_move_only_when_kicked():
     unkicked = np.flatnonzero(events == 0)
     np.testing.assert_array_equal(frames[unkicked + 1], frames[unkicked])  # the pixels agree: nothing moves
     offsets = np.stack([_centroid(f) for f in frames]) - state[:, :2]
-    assert np.abs(offsets - offsets[0]).max() <= 1.0 + 1e-6
+    assert np.abs(offsets - offsets[0]).max() < 0.05
+
+
+def test_subpixel_centroid_moves_by_the_fractional_position():
+    glyph = sklearn_digits().images[0]
+    base = np.array([30.0, 27.0])  # (x, y) at whole pixels
+    at_base = _centroid(_render(base[None], [glyph]))
+    fractions = (0.0, 0.25, 0.5, 0.75)
+    for fx in fractions:
+        for fy in fractions:
+            shift = np.array([fx, fy])
+            frame = _render((base + shift)[None], [glyph])
+            np.testing.assert_allclose(_centroid(frame) - at_base, shift, atol=0.05)
+    half_a_pixel = _render(np.array([[30.5, 27.0]]), [glyph])
+    assert not np.array_equal(_render(base[None], [glyph]), half_a_pixel)  # the pixels see half a pixel
+    np.testing.assert_array_equal(  # whole-pixel placement does not: 30.25 rounds to 30
+        _render(base[None], [glyph], subpixel=False), _render(np.array([[30.25, 27.0]]), [glyph], subpixel=False)
+    )
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_subpixel_removes_the_placement_jitter(seed):
+    offsets = {}
+    for subpixel in (True, False):
+        frames, meta = simulate(40, np.random.default_rng(seed), kick_prob=0.3, subpixel=subpixel)
+        offsets[subpixel] = np.stack([_centroid(f) for f in frames]) - np.asarray(meta["state"])[:, :2]
+    # centroid minus stated centre per frame: constant when drawn at the exact position, jittering by the rounding
+    # (std ~0.29 px for a uniform fraction) when snapped to whole pixels
+    assert offsets[True].std(axis=0).max() < 0.05
+    assert offsets[False].std(axis=0).min() > 0.15
+
+
+def test_whole_pixel_reproduces_integer_placement():
+    glyph = sklearn_digits().images[7]
+    bank = DigitBank(images=glyph[None], labels=np.array([7]))
+    frames, meta = simulate(20, np.random.default_rng(2), kick_prob=0.3, digits=bank, subpixel=False)
+    sub_frames, sub_meta = simulate(20, np.random.default_rng(2), kick_prob=0.3, digits=bank)
+    assert meta == sub_meta and not np.array_equal(frames, sub_frames)  # same ground truth, different pixels
+    pixels = np.round(glyph * 255).astype(np.uint8)
+    for frame, (x, y) in zip(frames, np.asarray(meta["state"])[:, :2], strict=True):
+        top, left = round(y - DIGIT_SIZE / 2), round(x - DIGIT_SIZE / 2)
+        expected = np.zeros((CANVAS, CANVAS), dtype=np.uint8)
+        expected[top : top + DIGIT_SIZE, left : left + DIGIT_SIZE] = pixels
+        np.testing.assert_array_equal(frame[..., 0], expected)
+
+
+def test_whole_pixel_flag_changes_only_the_pixels(tmp_path):
+    args = ["--num-videos", "1", "--val-videos", "1", "--seed", "3", "--num-frames", "6"]
+    assert main(["--output", str(tmp_path / "sub"), *args]) == 0
+    assert main(["--output", str(tmp_path / "whole"), *args, "--whole-pixel"]) == 0
+    with (
+        tarfile.open(tmp_path / "sub" / "train" / "shard-000000.tar") as sub,
+        tarfile.open(tmp_path / "whole" / "train" / "shard-000000.tar") as whole,
+    ):
+        assert sub.extractfile("train_0000000.json").read() == whole.extractfile("train_0000000.json").read()
+        assert sub.extractfile("train_0000000.mp4").read() != whole.extractfile("train_0000000.mp4").read()
 
 
 def test_no_kicks_without_kick_prob():
