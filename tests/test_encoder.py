@@ -8,7 +8,7 @@ from worldmodel.encoder import FrameEncoder, TokenNorm, ema_update, make_target,
 
 
 def tiny_cfg(**overrides) -> ModelConfig:
-    values = dict(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2)
+    values = dict(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2, granularity="tokens")
     values.update(overrides)
     return ModelConfig(**values)
 
@@ -37,6 +37,19 @@ def test_encoder_returns_patch_tokens_per_frame_independently():
     tokens2 = encoder(x2)
     torch.testing.assert_close(tokens2[:, :2], tokens[:, :2])
     assert not torch.allclose(tokens2[:, 2], tokens[:, 2])
+
+
+def test_frame_granularity_gives_one_embedding_per_frame_that_sees_where_things_are():
+    """granularity frame: [B, T, 1, frame_dim]; the head flattens the token grid, so moving content from one patch
+    to another (same content, other place) changes the embedding, which a mean over patches would not."""
+    torch.manual_seed(0)
+    encoder = FrameEncoder(tiny_cfg(granularity="frame", frame_dim=12)).eval()
+    x = torch.zeros(1, 2, 3, 16, 16)
+    x[0, 0, :, :8, :8] = 1.0  # a bright square in the top-left patch
+    x[0, 1, :, 8:, 8:] = 1.0  # the same square in the bottom-right patch
+    out = encoder(x)
+    assert out.shape == (1, 2, 1, 12)
+    assert not torch.allclose(out[0, 0], out[0, 1], atol=1e-3)
 
 
 def test_init_weights_loads_a_local_state_dict(tmp_path):

@@ -5,6 +5,7 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from worldmodel.latents import (
+    SIGMA_INIT,
     OracleLatent,
     SparseLatent,
     Summaries,
@@ -74,6 +75,8 @@ def test_trunk_context_summary_reads_one_position_of_the_trunk_output():
 def test_variational_latent_reparameterised_sample_and_kl():
     torch.manual_seed(0)
     latent = VariationalLatent(summary_dim=6, latent_dim=3)
+    for net in (latent.posterior_net, latent.prior_net):  # as after training (they start zero-initialised)
+        torch.nn.init.normal_(net[-1].weight, std=0.5)
     s, s_plus = torch.randn(2, 4, 6, requires_grad=True), torch.randn(2, 4, 6)
     out = latent(s, s_plus)
     assert out["r"].shape == (2, 4, 3) and out["kl"].shape == (2, 4)
@@ -122,3 +125,13 @@ def test_oracle_latent_embeds_actions_and_explains_missing_ones():
         latent(torch.randn(4, 5, 3))
     with pytest.raises(ValueError, match="action_dim >= 1"):
         OracleLatent(action_dim=0, latent_dim=3)
+
+
+def test_adassl_v_kl_is_exactly_zero_at_initialisation():
+    """Prior and posterior heads start identical (zero output weights, same sigma bias): KL 0 for any input."""
+    torch.manual_seed(0)
+    latent = VariationalLatent(summary_dim=16, latent_dim=4)
+    out = latent(torch.randn(8, 3, 16), torch.randn(8, 3, 16))
+    assert torch.equal(out["kl"], torch.zeros(8, 3))
+    torch.testing.assert_close(out["sigma_q"], torch.full((8, 3, 4), SIGMA_INIT))
+    assert torch.equal(out["mu_q"], out["mu_p"])

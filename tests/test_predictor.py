@@ -93,8 +93,29 @@ def test_invalid_depths_and_inputs_are_rejected():
         predictor(torch.randn(1, 3, N, D), torch.randn(1, 2, 3))
 
 
-def test_predictor_starts_as_copy_last():
-    """Residual prediction: at initialisation frame t+1 is predicted as frame t's tokens (zero change)."""
-    predictor = make_predictor(cond_dim=3, conditioning="adaln")
+def test_residual_predictor_starts_as_copy_last_and_absolute_at_zero():
+    """At initialisation (zero output layer) a residual predictor predicts frame t+1 as its input at t (copy-last);
+    an absolute one predicts 0, the centre of the normalised targets."""
     tokens = torch.randn(2, T, N, D)
-    torch.testing.assert_close(predictor(tokens, torch.randn(2, T, 3)), tokens)
+    torch.manual_seed(0)
+    residual = Predictor(D, N, 8, 16, 3, 1, 2, cond_dim=3, residual=True)
+    torch.testing.assert_close(residual(tokens, torch.randn(2, T, 3)), tokens)
+    absolute = make_predictor(cond_dim=3)
+    assert torch.equal(absolute(tokens, torch.randn(2, T, 3)), torch.zeros_like(tokens))
+
+
+def test_motion_input_gives_position_t_the_difference_to_frame_t_minus_1():
+    """With `motion` the input at t is [x_t, x_t - x_{t-1}]: with attention switched off (its output projection
+    zeroed, so no position reads another) the features at t still depend on frame t-1; without `motion` not."""
+    for motion in (True, False):
+        torch.manual_seed(0)
+        predictor = Predictor(D, N, 8, 16, 2, 1, 2, motion=motion).eval()
+        assert predictor.in_proj.in_features == (2 * D if motion else D)
+        for block in predictor.trunk:
+            nn.init.zeros_(block.proj.weight)
+            nn.init.zeros_(block.proj.bias)
+        tokens = torch.randn(2, T, N, D)
+        moved = tokens.clone()
+        moved[:, 1] += 1.0  # frame 1 changes, frame 2 does not
+        same = torch.allclose(predictor.trunk_features(tokens)[:, 2], predictor.trunk_features(moved)[:, 2])
+        assert same != motion

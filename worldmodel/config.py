@@ -22,6 +22,8 @@ LATENTS = ("none", "adassl_v", "adassl_s", "oracle")
 OBJECTIVES = ("jepa", "infonce")
 TOKEN_NORMS = ("layernorm", "center_layernorm", "standardize")  # model.target_norm (worldmodel/encoder.py TokenNorm)
 CONTEXT_SUMMARIES = ("frames", "trunk")  # model.context_summary (worldmodel/latents.py Summaries)
+GRANULARITIES = ("frame", "tokens")  # model.granularity (worldmodel/encoder.py FrameEncoder)
+PREDICTIONS = ("absolute", "residual")  # model.prediction (worldmodel/predictor.py Predictor)
 
 
 class ConfigError(ValueError):
@@ -43,6 +45,11 @@ class ModelConfig:
     patch_size: int = 8
     in_chans: int = 3
     embed_dim: int = 192  # encoder width
+    # What the model predicts and rolls out (DESIGN.md section 7): "frame" = one embedding per frame, a head on the
+    # encoder's token grid (layer norm, flatten, linear to frame_dim); "tokens" = the patch token grid itself (for
+    # large images on GPUs). The frame embedding is also what the AdaSSL prior and posterior read.
+    granularity: str = "frame"  # frame | tokens
+    frame_dim: int = 64  # width of the frame embedding (granularity frame)
     depth: int = 6  # encoder blocks
     num_heads: int = 3
     pred_dim: int = 192  # predictor width
@@ -51,9 +58,12 @@ class ModelConfig:
     pred_cond_depth: int = 2  # last predictor blocks: frame-local, conditioned on r; the rest is the causal trunk
     max_frames: int = 16  # longest clip the predictor's frame embedding supports
     conditioning: str = "adaln"  # adaln | token : how r (or an action) enters the predictor
+    # absolute: position t outputs frame t+1's target embedding; residual: its input at t plus a predicted change
+    prediction: str = "absolute"  # absolute | residual
+    pred_motion: bool = True  # the predictor reads [x_t, x_t - x_{t-1}], so velocity is there from the first step
     latent_dim: int = 8  # d_r
     summary_dim: int = 128  # width of the pooled summaries s_t and s+_t
-    context_summary: str = "frames"  # frames | trunk : what s_t (prior and posterior input) pools, see latents.py
+    context_summary: str = "trunk"  # frames | trunk : what s_t (prior and posterior input) pools, see latents.py
     action_dim: int = 0  # oracle only: width of the action rows (0 = take it from the data at start-up)
     beta: float = 0.01  # weight of the latent regulariser (see the normalisation above)
     # none: loss = pred + beta * reg. copy_last: beta is multiplied by the batch's copy-last loss (no grad), i.e. a
@@ -68,7 +78,7 @@ class ModelConfig:
     rollout_steps: int = 0  # >0 adds a term where the predictor consumes its own predictions this many steps
     rollout_weight: float = 1.0
     temperature: float = 0.1  # infonce
-    target_norm: str = "layernorm"  # layernorm | center_layernorm | standardize (see encoder.TokenNorm)
+    target_norm: str = "center_layernorm"  # layernorm | center_layernorm | standardize (see encoder.TokenNorm)
     center_momentum: float = 0.9
     ema_start: float = 0.996  # EMA momentum of the target encoder, cosine schedule ema_start -> ema_end
     ema_end: float = 1.0
@@ -137,6 +147,8 @@ def _check_choices(cfg: ExperimentConfig) -> None:
         "model.loss": (cfg.model.loss, ("l1", "smooth_l1")),
         "model.target_norm": (cfg.model.target_norm, TOKEN_NORMS),
         "model.context_summary": (cfg.model.context_summary, CONTEXT_SUMMARIES),
+        "model.granularity": (cfg.model.granularity, GRANULARITIES),
+        "model.prediction": (cfg.model.prediction, PREDICTIONS),
         "model.beta_scale": (cfg.model.beta_scale, ("none", "copy_last")),
         "train.mixed_precision": (cfg.train.mixed_precision, ("auto", "no", "bf16", "fp16")),
         "data.decoder": (cfg.data.decoder, ("decord", "pyav")),
@@ -156,6 +168,7 @@ def _check_choices(cfg: ExperimentConfig) -> None:
         "train.keep_checkpoints": cfg.train.keep_checkpoints,
         "optim.grad_accum_steps": cfg.optim.grad_accum_steps,
         "model.latent_dim": cfg.model.latent_dim,
+        "model.frame_dim": cfg.model.frame_dim,
         "eval.probe_grid": cfg.eval.probe_grid,
     }
     non_negative = {

@@ -5,6 +5,12 @@ pipeline never has to. The online encoder returns patch tokens [B, T, N, D] (N =
 class token). The EMA target encoder is a deep copy that never receives gradients; `ema_update` moves it toward
 the online weights with fused foreach ops.
 
+With `model.granularity=frame` (the default) the encoder ends in a frame head: the token grid is layer-normed,
+flattened (so where things are survives) and mapped linearly to one `frame_dim` embedding per frame, returned as a
+grid of one token, [B, T, 1, frame_dim]. Everything downstream (predictor, latents, rollouts, metrics) reads
+[B, T, N, D] and works on either granularity. DESIGN.md section 7: per-patch targets of 8-px patches change far
+more between frames than the motion does; a frame embedding learns the motion at CPU budget.
+
 `TokenNorm` is the single definition of "normalised tokens": a parameter-free layer norm over D, optionally after
 subtracting a running mean of the target tokens (DINO-style centring). DESIGN.md section 6: with a plain layer-normed
 EMA target a small model collapsed within 100 steps; centring fixed every run.
@@ -21,7 +27,7 @@ from einops import rearrange
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from worldmodel.config import TOKEN_NORMS, ModelConfig
+from worldmodel.config import GRANULARITIES, TOKEN_NORMS, ModelConfig
 
 
 def preprocess(frames: Tensor, img_size: int) -> Tensor:
@@ -67,17 +73,39 @@ def build_vit(cfg: ModelConfig) -> VisionTransformer:
     return vit
 
 
+def output_shape(cfg: ModelConfig) -> tuple[int, int]:
+    """(N, D) of what the encoder returns per frame: (1, frame_dim) for granularity frame, else (patches, embed_dim)."""
+    if cfg.granularity not in GRANULARITIES:
+        raise ValueError(f"model.granularity={cfg.granularity!r} is not one of {', '.join(GRANULARITIES)}")
+    if cfg.granularity == "frame":
+        return 1, cfg.frame_dim
+    return (cfg.img_size // cfg.patch_size) ** 2, cfg.embed_dim
+
+
 class FrameEncoder(nn.Module):
-    """A ViT applied to every frame independently: float [B, T, C, H, W] -> patch tokens [B, T, N, D]."""
+    """A ViT applied to every frame independently: float [B, T, C, H, W] -> [B, T, N, D].
+
+    granularity tokens: the patch tokens (N patches, D = embed_dim); frame: the frame head's embedding (N = 1,
+    D = frame_dim), layer norm -> flatten the token grid -> linear.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.vit = build_vit(cfg)
+        self.head = None
+        output_shape(cfg)  # validates model.granularity
+        if cfg.granularity == "frame":
+            patches = (cfg.img_size // cfg.patch_size) ** 2
+            self.head = nn.Sequential(
+                nn.LayerNorm(cfg.embed_dim), nn.Flatten(1), nn.Linear(patches * cfg.embed_dim, cfg.frame_dim)
+            )
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: float [B, T, C, H, W] (see `preprocess`) -> tokens [B, T, N, D]."""
+        """x: float [B, T, C, H, W] (see `preprocess`) -> tokens [B, T, N, D] (see the class docstring)."""
         b = x.shape[0]
-        tokens = self.vit.forward_features(rearrange(x, "b t c h w -> (b t) c h w"))
+        tokens = self.vit.forward_features(rearrange(x, "b t c h w -> (b t) c h w"))  # [(B T), patches, embed_dim]
+        if self.head is not None:
+            tokens = self.head(tokens)[:, None]  # [(B T), 1, frame_dim]
         return rearrange(tokens, "(b t) n d -> b t n d", b=b)
 
 

@@ -122,7 +122,12 @@ class Summaries(nn.Module):
 
 
 class VariationalLatent(nn.Module):
-    """AdaSSL-V: posterior q(r | s, s+) and learned conditional prior p(r | s), diagonal Gaussians."""
+    """AdaSSL-V: posterior q(r | s, s+) and learned conditional prior p(r | s), diagonal Gaussians.
+
+    Both heads' output layers start at zero weight, mean bias 0 and the same sigma bias (SIGMA_INIT), so q = p and
+    the KL is exactly 0 at initialisation (DESIGN.md section 7: two random MLP means started at ~19 nats per
+    transition, a strong early push to collapse r).
+    """
 
     def __init__(self, summary_dim: int, latent_dim: int):
         super().__init__()
@@ -130,6 +135,8 @@ class VariationalLatent(nn.Module):
         self.prior_net = mlp(summary_dim, summary_dim, 2 * latent_dim)
         raw_sigma_init = math.log(math.expm1(SIGMA_INIT))  # softplus^-1
         for net in (self.posterior_net, self.prior_net):
+            nn.init.zeros_(net[-1].weight)
+            nn.init.zeros_(net[-1].bias[:latent_dim])
             nn.init.constant_(net[-1].bias[latent_dim:], raw_sigma_init)
 
     @staticmethod

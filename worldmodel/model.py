@@ -1,20 +1,25 @@
 """WorldModel: the one interface train.py and evaluate.py share (docs/architecture.md, "WorldModel").
 
-Token spaces. `encode` returns the online encoder's tokens and `encode_target` the training targets: the EMA
-target encoder's tokens (objective `jepa`), or the online encoder's under no grad (`infonce`, which needs no EMA; the
-target encoder still exists and `update_target` still moves it, unused). Each space is normalised by its own
-`TokenNorm` (`model.target_norm`; running statistics, no parameters): the two encoders' raw means differ, and one
-shared centre left the online tokens offset from the targets by three times the frame-to-frame change.
+Spaces. `encode` returns the online encoder's output (the predictor's inputs) and `encode_target` the training
+targets: the EMA target encoder's output (objective `jepa`), or the online encoder's under no grad (`infonce`, which
+needs no EMA; the target encoder still exists and `update_target` still moves it, unused). With
+`model.granularity=frame` (default) each frame is one embedding, [B, T, 1, frame_dim]; with `tokens` the patch grid,
+[B, T, N, embed_dim]. Each space is normalised by its own `TokenNorm` (`model.target_norm`, centred by default;
+running statistics, no parameters): the two encoders' raw means differ.
 
-Residual prediction in the target space. The prediction of frame t+1 is frame t's *target* tokens plus a change
-computed from the online tokens of frames <= t, so the predictor learns the temporal change only. A rollout's first
-step starts from the last context frame's target tokens, later steps from the previous prediction, so every step's
-output stays in the target space the metrics and probes read.
+Prediction. The predictor's output at t is frame t+1's target embedding (absolute, or its input at t plus a change
+with `model.prediction=residual`; DESIGN.md section 7: a change added to frame t's *detached target* let the target
+space drift until consecutive frames were anti-correlated). A rollout feeds each prediction back as the next input
+and nothing else, so a k-step rollout is computed exactly as the training rollout term (`model.rollout_steps`)
+computes it: one function, `rollout`, for both.
 
 Indexing. For frames 0..T-1 the predictor's output at position t predicts frame t+1, conditioned on the latent
 (or action) of transition t -> t+1; latents, actions and regularisers are per transition, [B, T-1, ...].
 
-`rollout` is the only multi-step prediction there is: the training rollout term and every evaluator call it.
+Monitors (logged by the trainer, DESIGN.md section 6-7): `target_var` (batch variance of the targets),
+`target_eff_rank` (effective rank of the per-frame targets), `drift` (copy-last squared error over the target
+variance: consecutive targets should stay closer than random pairs, so well below 2), `copy_last` (the loss of
+predicting no change).
 """
 
 from __future__ import annotations
@@ -24,9 +29,9 @@ from einops import rearrange, reduce, repeat
 from torch import Tensor, nn
 
 from worldmodel.config import LATENTS, OBJECTIVES, ModelConfig
-from worldmodel.encoder import FrameEncoder, TokenNorm, ema_update, make_target, preprocess
+from worldmodel.encoder import FrameEncoder, TokenNorm, ema_update, make_target, output_shape, preprocess
 from worldmodel.latents import OracleLatent, SparseLatent, Summaries, VariationalLatent
-from worldmodel.monitors import batch_variance, effective_rank, per_dim_std
+from worldmodel.monitors import effective_rank, per_dim_std, target_health
 from worldmodel.objectives import infonce_loss, jepa_loss
 from worldmodel.predictor import Predictor, expand_cond
 
@@ -54,11 +59,12 @@ class WorldModel(nn.Module):
         self.cfg = cfg
         self.encoder = FrameEncoder(cfg)
         self.target_encoder = make_target(self.encoder)
-        self.norm = TokenNorm(cfg.embed_dim, cfg.target_norm, cfg.center_momentum)  # target tokens
-        self.online_norm = TokenNorm(cfg.embed_dim, cfg.target_norm, cfg.center_momentum)
+        num_tokens, width = output_shape(cfg)  # per frame: (1, frame_dim) or (patches, embed_dim)
+        self.norm = TokenNorm(width, cfg.target_norm, cfg.center_momentum)  # target tokens
+        self.online_norm = TokenNorm(width, cfg.target_norm, cfg.center_momentum)
         self.predictor = Predictor(
-            embed_dim=cfg.embed_dim,
-            num_patches=(cfg.img_size // cfg.patch_size) ** 2,
+            embed_dim=width,
+            num_patches=num_tokens,
             max_frames=cfg.max_frames,
             dim=cfg.pred_dim,
             depth=cfg.pred_depth,
@@ -66,13 +72,15 @@ class WorldModel(nn.Module):
             num_heads=cfg.pred_num_heads,
             cond_dim=0 if cfg.latent == "none" else cfg.latent_dim,
             conditioning=cfg.conditioning,
+            motion=cfg.pred_motion,
+            residual=cfg.prediction == "residual",
         )
         self.summaries = None
         self.latent: nn.Module | None = None
         if cfg.latent in ("adassl_v", "adassl_s"):
-            context_dim = cfg.pred_dim if cfg.context_summary == "trunk" else cfg.embed_dim
+            context_dim = cfg.pred_dim if cfg.context_summary == "trunk" else width
             self.summaries = Summaries(
-                cfg.embed_dim, cfg.summary_dim, context_source=cfg.context_summary, context_dim=context_dim
+                width, cfg.summary_dim, context_source=cfg.context_summary, context_dim=context_dim
             )
             latent_cls = VariationalLatent if cfg.latent == "adassl_v" else SparseLatent
             self.latent = latent_cls(cfg.summary_dim, cfg.latent_dim)
@@ -132,14 +140,13 @@ class WorldModel(nn.Module):
         out.pop("reg")
         return out
 
-    def predict_next(self, tokens: Tensor, r: Tensor | None = None, base: Tensor | None = None) -> Tensor:
-        """Teacher-forced one-step predictions: tokens [B, T, N, D], r [B, T, d_r] or None, base [B, T, N, D] (the
-        target tokens of the same frames; None uses `tokens`) -> [B, T, N, D].
+    def predict_next(self, tokens: Tensor, r: Tensor | None = None) -> Tensor:
+        """Teacher-forced one-step predictions: tokens [B, T, N, D], r [B, T, d_r] or None -> [B, T, N, D].
 
-        Position t predicts frame t+1 as base[:, t] plus a change, given r_t (the latent or embedded action of
+        Position t predicts frame t+1's target embedding given frames <= t and r_t (the latent or embedded action of
         transition t -> t+1).
         """
-        return self.predictor(tokens, r, base=base)
+        return self.predictor(tokens, r)
 
     # ---- training forward -------------------------------------------------------------------------------------
 
@@ -165,10 +172,7 @@ class WorldModel(nn.Module):
 
         features = self.predictor.trunk_features(tokens[:, :-1])  # [B, T-1, N, P]
         r, latent_terms, latent_monitors = self._training_latents(tokens, target, action, features)
-        # jepa: the change is added to frame t's target tokens (the space of the targets); infonce's targets are the
-        # online tokens themselves, so there the base is the online tokens, with their gradient
-        base = target[:, :-1].detach() if cfg.objective == "jepa" else tokens[:, :-1]
-        pred = self.predictor.from_features(features, r, base)
+        pred = self.predictor.from_features(features, r, tokens[:, :-1])
         terms: dict[str, Tensor] = {}
         monitors: dict[str, Tensor] = {}
         terms["pred"] = self._prediction_loss(pred, target[:, 1:], monitors)
@@ -186,7 +190,7 @@ class WorldModel(nn.Module):
 
         pooled = rearrange(reduce(raw, "b t n d -> b t d", "mean"), "b t d -> (b t) d")
         monitors.update(emb_std=per_dim_std(pooled), emb_eff_rank=effective_rank(pooled))
-        monitors["target_var"] = batch_variance(target)
+        monitors.update(target_health(target))
         monitors.update(latent_monitors)
         if self.training:
             self.norm.update(raw_target)
@@ -238,7 +242,6 @@ class WorldModel(nn.Module):
             _TRAIN_ROLLOUT_MODE[self.cfg.latent],
             future_tokens=target[:, context:],
             actions=future_actions,
-            context_targets=target[:, :context],
         )[0]
         return self._prediction_loss(pred, target[:, context:], {})
 
@@ -253,18 +256,16 @@ class WorldModel(nn.Module):
         future_tokens: Tensor | None = None,
         actions: Tensor | None = None,
         generator: torch.Generator | None = None,
-        context_targets: Tensor | None = None,
     ) -> Tensor:
         """Autoregressive open-loop prediction in latent space.
 
         context_tokens: [B, Tc, N, D] (from `encode`); horizon: H >= 1 steps; mode: prior_mean | prior_sample |
         posterior | zero | action; k: number of futures K; future_tokens: [B, H, N, D] target tokens of frames
         Tc..Tc+H-1 (mode posterior); actions: [B, H, A], row h the action of transition Tc-1+h -> Tc+h (mode
-        action, oracle only); generator: for prior_sample noise; context_targets: [B, Tc, N, D] target tokens of the
-        context frames (from `encode_target`), the base the first step's change is added to. Pass them: None falls
-        back to context_tokens, which is the target space only for objective infonce.
+        action, oracle only); generator: for prior_sample noise.
 
-        Step h predicts frame Tc+h from frames 0..Tc+h-1 (true context, then earlier predictions) and r_h, the
+        Step h predicts frame Tc+h from frames 0..Tc+h-1 (true context, then earlier predictions: the predictor reads
+        its own outputs, as in the training rollout term, and nothing else) and r_h, the
         latent of transition Tc+h-1 -> Tc+h: prior_mean / prior_sample from the prior given s of the last two
         frames of the sequence so far, posterior from q given that s and s+ of future_tokens[:, h] (posterior
         mean; for adassl_s the noise-free mask), zero (r = 0), action (the embedded actions[:, h]). adassl_s has no
@@ -295,16 +296,8 @@ class WorldModel(nn.Module):
         if mode == "action":
             self._check_actions(actions, b, horizon, "actions")
 
-        if context_targets is None:
-            context_targets = context_tokens
-        if context_targets.shape != context_tokens.shape:
-            raise ValueError(
-                f"context_targets must match context_tokens {tuple(context_tokens.shape)}, got "
-                f"{tuple(context_targets.shape)}"
-            )
         copies = 1 if latent == "none" else k
         seq = repeat(context_tokens, "b t n d -> (k b) t n d", k=copies)
-        base = repeat(context_targets, "b t n d -> (k b) t n d", k=copies)
         future = None if future_tokens is None else repeat(future_tokens, "b h n d -> (k b) h n d", k=copies)
         acts = None if actions is None else repeat(actions, "b h a -> (k b) h a", k=copies)
         predictions = []
@@ -313,12 +306,10 @@ class WorldModel(nn.Module):
             r = self._rollout_latent(mode, seq, features, h, future, acts, generator)
             cond = None if r is None else expand_cond(r.to(seq.dtype), seq.shape[1])
             if features is None:
-                next_tokens = self.predictor(seq, cond, base=base)[:, -1].to(seq.dtype)
-            else:
-                next_tokens = self.predictor.from_features(features, cond, base)[:, -1].to(seq.dtype)
+                features = self.predictor.trunk_features(seq)
+            next_tokens = self.predictor.from_features(features, cond, seq)[:, -1].to(seq.dtype)
             predictions.append(next_tokens)
             seq = torch.cat([seq, next_tokens[:, None]], dim=1)
-            base = torch.cat([base, next_tokens[:, None]], dim=1)
         out = rearrange(torch.stack(predictions, dim=1), "(k b) h n d -> k b h n d", k=copies)
         return out.expand(k, -1, -1, -1, -1) if copies != k else out
 

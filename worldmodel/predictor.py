@@ -11,6 +11,12 @@ Two stages:
   layer norm (DiT-style shift/scale/gate, zero-initialised so that at initialisation the conditioned predictor
   computes exactly what the unconditioned one does) or by one extra token per frame (`conditioning="token"`).
 
+What the predictor reads and outputs: one space. Its input at t is the encoder output of frame t (with
+`motion`, also the difference to frame t-1, so velocity is in the input from the first training step instead of
+having to be found through attention over absolute embeddings); its output at t is frame t+1's embedding in the
+target space, absolutely (`residual=False`) or as the input at t plus a predicted change (`residual=True`; the base
+is the input itself, so it carries gradient). A rollout appends each prediction to the inputs, and nothing else.
+
 Why the conditioning stays out of the causal trunk: if c_t modulated tokens that later frames attend to, the
 prediction of frame t+2 would depend on c_t as well as c_{t+1}, and a rollout would need a latent (or an action)
 for every context transition. With the split, predicting frame t+1 needs c_t alone, so a rollout of H steps needs
@@ -77,7 +83,8 @@ class Block(nn.Module):
 class Predictor(nn.Module):
     """tokens [B, T, N, D] (+ conditioning [B, T, cond_dim]) -> predictions [B, T, N, D] of frames 1..T.
 
-    `cond_dim = 0` builds the unconditioned predictor (latent `none`). `conditioning` is "adaln" or "token".
+    `cond_dim = 0` builds the unconditioned predictor (latent `none`). `conditioning` is "adaln" or "token";
+    `motion` adds x_t - x_{t-1} to the input; `residual` adds the input at t to the output at t (module docstring).
     """
 
     def __init__(
@@ -91,6 +98,8 @@ class Predictor(nn.Module):
         num_heads: int,
         cond_dim: int = 0,
         conditioning: str = "adaln",
+        motion: bool = True,
+        residual: bool = False,
     ):
         super().__init__()
         if not 1 <= cond_depth < depth:
@@ -103,7 +112,9 @@ class Predictor(nn.Module):
         self.max_frames = max_frames
         self.cond_dim = cond_dim
         self.token_conditioning = conditioning == "token" and cond_dim > 0
-        self.in_proj = nn.Linear(embed_dim, dim)
+        self.motion = motion
+        self.residual = residual
+        self.in_proj = nn.Linear(2 * embed_dim if motion else embed_dim, dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, 1, num_patches, dim))
         self.frame_embed = nn.Parameter(torch.zeros(1, max_frames, 1, dim))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -115,28 +126,25 @@ class Predictor(nn.Module):
             self.cond_token = nn.Linear(cond_dim, dim)
         self.norm = nn.LayerNorm(dim)
         self.out_proj = nn.Linear(dim, embed_dim)
-        # Residual prediction: frame t+1 = frame t + a learned change. Starting at zero change, the predictor begins
-        # as the copy-last baseline and its open-loop rollouts stay near the data instead of drifting off it.
+        # Zero output at initialisation: residual starts as copy-last, absolute at the targets' centre (0).
         nn.init.zeros_(self.out_proj.weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, tokens: Tensor, cond: Tensor | None = None, base: Tensor | None = None) -> Tensor:
-        """tokens: [B, T, N, D]; cond: [B, T, cond_dim] (row t conditions transition t -> t+1) or None; base:
-        [B, T, N, D] or None (= tokens).
+    def forward(self, tokens: Tensor, cond: Tensor | None = None) -> Tensor:
+        """tokens: [B, T, N, D]; cond: [B, T, cond_dim] (row t conditions transition t -> t+1) or None.
 
-        Returns [B, T, N, D]: position t is the prediction of frame t+1's (normalised target) tokens, computed as
-        base[:, t] plus a predicted change. The model passes frame t's *target* tokens as the base, so the change is
-        the temporal change in the target space alone, not also the map from the online to the target encoder.
+        Returns [B, T, N, D]: position t is the prediction of frame t+1's (normalised target) tokens.
         """
-        if base is not None and base.shape != tokens.shape:
-            raise ValueError(f"base must have the tokens' shape {tuple(tokens.shape)}, got {tuple(base.shape)}")
-        return self.from_features(self.trunk_features(tokens), cond, tokens if base is None else base)
+        return self.from_features(self.trunk_features(tokens), cond, tokens)
 
     def trunk_features(self, tokens: Tensor) -> Tensor:
         """tokens: [B, T, N, D] -> the frame-causal trunk's output [B, T, N, P] (position t has seen frames <= t)."""
         b, t, n, _ = tokens.shape
         if t > self.max_frames:
             raise ValueError(f"{t} input frames exceed model.max_frames={self.max_frames}; raise model.max_frames")
+        if self.motion:  # frame 0 has no predecessor: its difference is 0
+            previous = torch.cat([tokens[:, :1], tokens[:, :-1]], dim=1)
+            tokens = torch.cat([tokens, tokens - previous], dim=-1)
         x = self.in_proj(tokens) + self.pos_embed + self.frame_embed[:, :t]
         x = rearrange(x, "b t n p -> b (t n) p")
         mask = frame_causal_mask(t, n, device=x.device)
@@ -144,9 +152,9 @@ class Predictor(nn.Module):
             x = block(x, mask)
         return rearrange(x, "b (t n) p -> b t n p", t=t)
 
-    def from_features(self, features: Tensor, cond: Tensor | None, base: Tensor) -> Tensor:
-        """features: [B, T, N, P] from `trunk_features`; cond: [B, T, cond_dim] or None; base: [B, T, N, D] ->
-        base + the predicted change, [B, T, N, D] (see `forward`)."""
+    def from_features(self, features: Tensor, cond: Tensor | None, tokens: Tensor) -> Tensor:
+        """features: [B, T, N, P] from `trunk_features(tokens)`; cond: [B, T, cond_dim] or None; tokens: the
+        predictor's inputs [B, T, N, D] (the base of a residual prediction) -> predictions [B, T, N, D]."""
         b, t, n, _ = features.shape
         if cond is not None and cond.shape[:2] != (b, t):
             raise ValueError(f"conditioning must be [B, T, d] = [{b}, {t}, d], got {tuple(cond.shape)}")
@@ -156,8 +164,8 @@ class Predictor(nn.Module):
             x = torch.cat([x, self.cond_token(flat_cond)[:, None]], dim=1)
         for block in self.head:
             x = block(x, cond=flat_cond)
-        change = rearrange(self.out_proj(self.norm(x[:, :n])), "(b t) n d -> b t n d", b=b)
-        return base + change
+        out = rearrange(self.out_proj(self.norm(x[:, :n])), "(b t) n d -> b t n d", b=b)
+        return tokens + out if self.residual else out
 
 
 def expand_cond(r: Tensor, num_frames: int) -> Tensor:

@@ -33,6 +33,7 @@ from worldmodel import checkpoint as ckpt
 from worldmodel.config import ExperimentConfig, OptimConfig, save_config
 from worldmodel.metrics_log import MetricsLog
 from worldmodel.model import WorldModel
+from worldmodel.monitors import HealthWatch
 from worldmodel.schedules import beta_at, ema_momentum, lr_factor
 
 _NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.Embedding)
@@ -278,6 +279,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> None:
     log = MetricsLog(run_dir, enabled=main, total_steps=cfg.train.steps, start_step=start_step)
     stop = StopRequest()
     window = _Window()
+    health = HealthWatch(dim=accelerator.unwrap_model(model).norm.center.numel())
     accum, device = cfg.optim.grad_accum_steps, accelerator.device
     clips_per_step = cfg.data.batch_size * accum * world_size
     step = start_step
@@ -333,6 +335,8 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> None:
                     epoch=epoch, beta=beta, ema_momentum=momentum, lr=lr, grad_norm=grad_norm, clips_per_s=clips_per_s
                 )
                 log.log(step, scalars)
+                for warning in health.check(step, scalars):
+                    log.write(warning)
                 window.reset()
             if stop_now > 0:
                 path = _save(accelerator, cfg, step, epoch, model, optimizer, scheduler)

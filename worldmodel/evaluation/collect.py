@@ -39,6 +39,9 @@ LATENT_READOUTS = {
     "adassl_v": {"features": ("innovation", "mu_q"), "detector": "kl"},
     "adassl_s": {"features": ("r", "mask_prob"), "detector": "expected_active"},
 }
+# transitions t -> t+1 with t < MIN_CONTEXT_FRAMES - 1 are left out of the latent-action statistics: from frame 0
+# alone neither the predictor nor the prior can know the velocity, so r carries it whether or not there was a kick
+MIN_CONTEXT_FRAMES = 2
 MAX_STRIP_SAMPLES = 4  # sampled futures drawn per frame strip
 STRIP_MODES = ("prediction", "prior_mean", "posterior", "action")  # deterministic rows a frame strip may draw
 
@@ -129,7 +132,6 @@ def process_batch(
     online = model.encode(frames)  # [B, T, N, D]
     target = model.encode_target(frames)  # [B, T, N, D]
     context = online[:, :num_context]
-    context_targets = target[:, :num_context]  # the base of the first rollout step (model.rollout)
     future = target[:, num_context : num_context + horizon]  # [B, H, N, D]
     events = batch.get("events")
     num_strip = max(0, min(len(frames), out.num_strips - sum(len(f) for f in out.frames)))  # strip clips here
@@ -142,7 +144,7 @@ def process_batch(
             kwargs["future_tokens"] = future
         if mode == "action":
             kwargs["actions"] = batch["action"][:, num_context - 1 : num_context - 1 + horizon].to(device)
-        preds[name] = model.rollout(context, horizon, mode, context_targets=context_targets, **kwargs)[0]
+        preds[name] = model.rollout(context, horizon, mode, **kwargs)[0]
     if latent == "none":
         preds["prior_mean"] = preds["prediction"]  # same numbers under the name other runs use
     for name, pred in preds.items():
@@ -152,9 +154,7 @@ def process_batch(
             out.strip_tokens.setdefault(name, []).append(_np16(pred[:num_strip]))
 
     if latent in SAMPLED_LATENTS:
-        samples = model.rollout(
-            context, horizon, "prior_sample", k=num_samples, generator=generator, context_targets=context_targets
-        )  # [K, B, H, N, D]
+        samples = model.rollout(context, horizon, "prior_sample", k=num_samples, generator=generator)  # [K, B, H, N, D]
         by_mode, best = sample_errors(samples, future)
         for name, errors in by_mode.items():
             out.errors.add(name, errors, step_event)

@@ -142,20 +142,45 @@ def _latent_action_section(metrics: dict) -> list[str]:
     return out
 
 
+HEALTH_KEYS = ("target_var", "target_eff_rank", "drift")
+
+
 def _collapse_section(metrics: dict) -> list[str]:
     collapse = metrics.get("collapse") or {}
     if not collapse:
         return []
     rows = [[name, *[values.get(k) for k in ("emb_std", "emb_eff_rank", "dim")]] for name, values in collapse.items()]
-    return [
-        "## Collapse statistics on the eval set",
+    target = collapse.get("target", {})
+    out = [
+        "## Collapse and drift",
         "",
         "Pooled embeddings of every eval frame: mean per-dimension std and effective rank (exp of the entropy of the "
-        "normalised singular values); a collapsed encoder has std near 0 and rank near 1.",
+        "normalised singular values, of the raw encoder output); a collapsed encoder has std near 0 and rank near 1.",
         "",
         table(["encoder", "per-dim std (mean)", "effective rank", "dims"], rows),
         "",
+        "Normalised targets (what the predictor regresses): batch variance, effective rank, and the drift ratio, "
+        "copy-last squared error over the target variance (0: frames identical; 2: consecutive frames as unrelated "
+        "as random pairs; a rising value during training means the target space moves away from the motion).",
+        "",
+        table(
+            ["where", "target variance", "target effective rank", "drift"],
+            [["eval set", *[target.get(k) for k in HEALTH_KEYS]]],
+        ),  # fmt: skip
+        "",
     ]
+    history = metrics.get("training_health") or {}
+    if history.get("step"):
+        out += [
+            "During training (`metrics.jsonl`, logged batch means at a few steps):",
+            "",
+            table(
+                ["step", *HEALTH_KEYS],
+                [[history[k][i] for k in ("step", *HEALTH_KEYS)] for i in range(len(history["step"]))],
+            ),
+            "",
+        ]
+    return out
 
 
 def render_report(metrics: dict) -> str:

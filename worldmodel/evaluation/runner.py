@@ -33,14 +33,20 @@ from data_pipeline.stream import make_eval_loader
 from worldmodel.checkpoint import latest_checkpoint, load_model_state, read_state
 from worldmodel.config import ExperimentConfig, load_config
 from worldmodel.evaluation import EvaluationError
-from worldmodel.evaluation.collect import LATENT_READOUTS, STRIP_MODES, Collected, process_batch
+from worldmodel.evaluation.collect import (
+    LATENT_READOUTS,
+    MIN_CONTEXT_FRAMES,
+    STRIP_MODES,
+    Collected,
+    process_batch,
+)
 from worldmodel.evaluation.plots import nearest_frames, plot_errors, plot_probes, plot_strip
 from worldmodel.evaluation.probe_suite import label_probes, latent_action_probes, state_probes
 from worldmodel.evaluation.probes import split_clips
 from worldmodel.evaluation.report import render_report
 from worldmodel.evaluation.rollout_metrics import ErrorAccumulator
 from worldmodel.model import WorldModel
-from worldmodel.monitors import effective_rank, per_dim_std
+from worldmodel.monitors import effective_rank, per_dim_std, target_health
 
 PIXELS_NOTE = (
     "Frame strips: row 0 shows the context frames and the true future; every further row is one predicted future. "
@@ -141,6 +147,7 @@ def evaluate_run(
         metrics["notes"].append(f"latent={cfg.model.latent} has no sampled futures: diversity and best/mean-of-K n/a")
     metrics["probes"], metrics["latent_action"] = run_probes(collected, cfg, metrics, seed)
     metrics["collapse"] = collapse_stats(collected)
+    metrics["training_health"] = training_health(run_dir / "metrics.jsonl")
     out_dir = run_dir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics["pixels"] = PIXELS_NOTE
@@ -197,23 +204,30 @@ def run_probes(collected: Collected, cfg: ExperimentConfig, metrics: dict, seed:
     if not collected.latents:
         return probes, None
     readout = LATENT_READOUTS[cfg.model.latent]
-    latents = {key: np.concatenate(parts) for key, parts in collected.latents.items()}
+    skip = MIN_CONTEXT_FRAMES - 1  # transitions without enough context to know the velocity (collect.py)
+    latents = {key: np.concatenate(parts)[:, skip:] for key, parts in collected.latents.items()}
     latent_action, la_notes = latent_action_probes(
         {name: latents[name] for name in readout["features"]},
         (readout["detector"], latents[readout["detector"]]),
-        collected.stacked("action") if "action" in present else None,
+        collected.stacked("action")[:, skip:] if "action" in present else None,
         names.get("action_names"),
-        collected.stacked("events") if "events" in present else None,
+        collected.stacked("events")[:, skip:] if "events" in present else None,
         fit,
         test,
         cfg.eval.probe_ridge,
     )
     notes.extend(la_notes)
+    notes.append(
+        f"latent-action probe: transitions 0..{skip - 1} of each clip are left out (their context has fewer than "
+        f"{MIN_CONTEXT_FRAMES} frames, so r must carry the velocity whether or not there was a kick)"
+    )
     return probes, latent_action
 
 
 def collapse_stats(collected: Collected) -> dict:
-    """Per-dim std and effective rank of the pooled embeddings of every eval frame, online and target encoders."""
+    """Per-dim std and effective rank of the pooled embeddings of every eval frame, online and target encoders;
+    for the targets also their batch variance, the effective rank of the unpooled rows and the drift ratio
+    (monitors.target_health: copy-last squared error over the target variance)."""
     out = {}
     for name, parts in (("online", collected.online_pooled), ("target", collected.target_pooled)):
         x = torch.from_numpy(np.concatenate(parts).reshape(-1, parts[0].shape[-1]))
@@ -223,7 +237,25 @@ def collapse_stats(collected: Collected) -> dict:
             "dim": int(x.shape[1]),
             "num_frames": int(x.shape[0]),
         }
+    health = target_health(torch.from_numpy(collected.stacked("target_tokens")).float())
+    out["target"].update({name: float(value) for name, value in health.items()})
     return out
+
+
+def training_health(jsonl: Path, rows: int = 8) -> dict:
+    """The target monitors (target_var, target_eff_rank, drift) at up to `rows` logged steps of the run's
+    metrics.jsonl, evenly spaced, the first at or after step 100 and the last one included: {"step": [...],
+    name: [...]}; empty when the log or the monitors are missing (runs older than the monitors)."""
+    if not jsonl.is_file():
+        return {}
+    records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    records = [r for r in records if all(k in r for k in ("target_var", "target_eff_rank", "drift"))]
+    if not records:
+        return {}
+    late = [r for r in records if r["step"] >= 100] or records
+    picks = sorted({round(i * (len(late) - 1) / max(1, rows - 1)) for i in range(rows)})
+    chosen = [late[i] for i in picks]
+    return {key: [r[key] for r in chosen] for key in ("step", "target_var", "target_eff_rank", "drift")}
 
 
 def write_plots(collected: Collected, metrics: dict, out_dir: Path) -> list[str]:

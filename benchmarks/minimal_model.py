@@ -1,0 +1,218 @@
+"""The smallest frame-level JEPA that should forecast the default data, with the project's choices as switches.
+
+    python -m benchmarks.minimal_model [--steps 1000] [--predictor mlp|project] [--target-norm ...] [--latent ...]
+
+Clips are decoded once by the project's pipeline (`make_eval_loader`) and held in memory; the encoder is the
+project's `FrameEncoder` (timm ViT + frame head), the target its EMA copy normalised by `TokenNorm`. The predictor is
+an MLP on [z_{t-1}, z_t] (`mlp`) or the project's `Predictor` (`project`). One process, one thread. Prints one JSON
+line: the one-step L1 of the prediction over the copy-last L1 on held-out clips, unkicked / kicked, the drift ratio
+and the target effective rank; with --latent adassl_v also the KL kick AUC and best-of-K / posterior ratios.
+
+It exists to find design causes fast (DEVELOPERS.md: build the smallest model that should work, then switch the
+project's choices on one at a time until the gap appears); the ablation table is in docs/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data_pipeline.config import DataConfig
+from data_pipeline.stream import make_eval_loader
+from worldmodel.config import ModelConfig
+from worldmodel.encoder import FrameEncoder, TokenNorm, ema_update, preprocess
+from worldmodel.latents import VariationalLatent, gaussian_kl, mlp
+from worldmodel.monitors import target_health
+from worldmodel.predictor import Predictor
+
+
+def load_clips(shards: str, num_clips: int, clip_length: int, image_size: int) -> dict[str, torch.Tensor]:
+    """Decode `num_clips` clips of `clip_length` frames: frames uint8 [C, T, H, W, 3], events [C, T-1]."""
+    cfg = DataConfig(num_context=2, num_target=clip_length - 2, image_size=image_size, clips_per_video=4)
+    frames, events = [], []
+    for batch in make_eval_loader(cfg, shards, num_clips=num_clips, seed=0, batch_size=64):
+        frames.append(batch["frames"])
+        events.append(batch["events"])
+    return {"frames": torch.cat(frames), "events": torch.cat(events).float()}
+
+
+class SmallCNN(nn.Module):
+    """Two strided convolutions and a linear map: float [B, T, 3, 32, 32] -> [B, T, 1, dim] (the no-ViT control)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 32, 4, 2, 1), nn.GELU(), nn.Conv2d(32, 64, 4, 2, 1), nn.GELU(), nn.Flatten(1),
+            nn.Linear(64 * 8 * 8, dim),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(0, 1)).unflatten(0, x.shape[:2])[:, :, None]
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (rank statistic)."""
+    order = np.argsort(np.argsort(scores))
+    pos = labels > 0.5
+    return float((order[pos].mean() - (pos.sum() - 1) / 2) / max(1, (~pos).sum()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--train-shards", default="data/moving_digits/train/shard-*.tar")
+    p.add_argument("--val-shards", default="data/moving_digits/val/shard-*.tar")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--predictor", choices=("mlp", "project"), default="mlp")
+    p.add_argument(
+        "--target-norm", choices=("center_layernorm", "layernorm", "standardize"), default="center_layernorm"
+    )
+    p.add_argument("--granularity", choices=("frame", "tokens"), default="frame")
+    p.add_argument("--prediction", choices=("absolute", "residual", "residual_detached_target"), default="absolute")
+    p.add_argument("--loss", choices=("l1", "mse"), default="l1")
+    p.add_argument("--latent", choices=("none", "adassl_v"), default="none")
+    p.add_argument("--beta", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--encoder", choices=("vit", "cnn"), default="vit")
+    p.add_argument("--patch", type=int, default=8)
+    p.add_argument("--ema", type=float, default=0.996)
+    p.add_argument(
+        "--target",
+        choices=("ema", "self"),
+        default="ema",
+        help="ema: the EMA encoder's normalised output; self: the online output itself (stop-grad), "
+        "one space for input and target, with a variance-covariance regulariser against collapse",
+    )
+    p.add_argument("--vc-weight", type=float, default=1.0)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(args.seed)
+
+    train = load_clips(args.train_shards, 2048, 8, 32)
+    val = load_clips(args.val_shards, 256, 8, 32)
+    cfg = ModelConfig(
+        img_size=32, patch_size=args.patch, embed_dim=96, depth=4, num_heads=3, granularity=args.granularity
+    )
+    encoder = FrameEncoder(cfg) if args.encoder == "vit" else SmallCNN(cfg.frame_dim)
+    target_encoder = copy.deepcopy(encoder).requires_grad_(False)
+    width = cfg.frame_dim if args.granularity == "frame" else cfg.embed_dim
+    n = 1 if args.granularity == "frame" else (32 // args.patch) ** 2
+    norm, online_norm = TokenNorm(width, args.target_norm, 0.9), TokenNorm(width, args.target_norm, 0.9)
+    d_r = 4 if args.latent == "adassl_v" else 0
+    if args.predictor == "mlp":  # [z_{t-1}, z_t, r] -> z_{t+1}, per token
+        predictor = mlp(2 * width + d_r, 256, width)
+    else:
+        predictor = Predictor(width, n, 16, 96, 4, 2, 3, cond_dim=d_r, residual=args.prediction == "residual")
+    latent = VariationalLatent(width, d_r) if d_r else None
+    modules = nn.ModuleList([encoder, predictor] + ([latent] if latent else []))
+    optim = torch.optim.AdamW(modules.parameters(), lr=args.lr, weight_decay=0.0)
+
+    def predict(z: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
+        """z [B, T, N, D] online, r [B, T-1, d_r] -> predictions of frames 1..T-1 [B, T-1, N, D]."""
+        if args.predictor == "project":
+            return predictor(z[:, :-1], r)
+        prev = torch.cat([z[:, :1], z[:, :-2]], dim=1)
+        x = torch.cat([prev, z[:, :-1]], dim=-1)
+        if r is not None:
+            x = torch.cat([x, r[:, :, None].expand(-1, -1, n, -1)], dim=-1)
+        out = predictor(x)
+        return out + z[:, :-1] if args.prediction == "residual" else out
+
+    def latents(s: torch.Tensor, s_plus: torch.Tensor) -> dict[str, torch.Tensor]:
+        pooled, pooled_plus = s.mean(2), s_plus.mean(2)
+        mu_q, sig_q = latent.posterior(pooled, pooled_plus)
+        mu_p, sig_p = latent.prior(pooled)
+        return {"mu_q": mu_q, "sig_q": sig_q, "mu_p": mu_p, "sig_p": sig_p, "kl": gaussian_kl(mu_q, sig_q, mu_p, sig_p)}
+
+    start = time.perf_counter()
+    drift_trace = []
+    for step in range(args.steps):
+        idx = torch.randint(0, len(train["frames"]), (args.batch,))
+        x = preprocess(train["frames"][idx], 32)
+        raw = encoder(x)
+        z = online_norm(raw)
+        with torch.no_grad():
+            raw_t = target_encoder(x)
+            tgt = norm(raw_t)
+        vc = torch.zeros(())
+        if args.target == "self":
+            z = raw
+            tgt = raw.detach()
+            flat = raw.reshape(-1, raw.shape[-1])
+            flat = flat - flat.mean(0)
+            std = (flat.var(0) + 1e-4).sqrt()
+            cov = flat.T @ flat / (len(flat) - 1)
+            off = cov - torch.diag(torch.diag(cov))
+            vc = F.relu(1 - std).mean() + off.pow(2).sum() / raw.shape[-1]
+        r, kl = None, torch.zeros(())
+        if latent is not None:
+            lat = latents(z[:, :-1], tgt[:, 1:])
+            r = lat["mu_q"] + lat["sig_q"] * torch.randn_like(lat["mu_q"])
+            kl = lat["kl"].mean()
+        pred = predict(z, r)
+        if args.prediction == "residual_detached_target":
+            pred = pred + tgt[:, :-1]
+        err = pred - tgt[:, 1:]
+        loss = err.abs().mean() if args.loss == "l1" else err.pow(2).mean()
+        beta = args.beta * min(1.0, step / (0.2 * args.steps))
+        optim.zero_grad()
+        (loss + beta * kl + args.vc_weight * vc).backward()
+        optim.step()
+        ema_update(target_encoder, encoder, args.ema + (1 - args.ema) * step / args.steps)
+        norm.update(raw_t)
+        online_norm.update(raw)
+        if step % 100 == 99:
+            drift_trace.append(round(float(target_health(tgt)["drift"]), 3))
+
+    encoder.eval()
+    with torch.no_grad():
+        x = preprocess(val["frames"], 32)
+        z, tgt = online_norm(encoder(x)), norm(target_encoder(x))
+        if args.target == "self":
+            z = tgt = encoder(x)
+        t = 3  # predict frame 4 from frames <= 3 (transition 3 -> 4), context of 4 frames like the project's eval
+        kicked = val["events"][:, t] > 0.5
+        copy_l1 = (tgt[:, t] - tgt[:, t + 1]).abs().mean((1, 2))
+        out = {"args": vars(args), "seconds": round(time.perf_counter() - start, 1), "drift_every_100": drift_trace}
+        health = target_health(tgt)
+        out.update(drift=float(health["drift"]), target_eff_rank=float(health["target_eff_rank"]))
+
+        def ratio(pred: torch.Tensor) -> list[float]:
+            l1 = (pred - tgt[:, t + 1]).abs().mean((1, 2))
+            return [round(float(l1[~kicked].mean() / copy_l1[~kicked].mean()), 3),
+                    round(float(l1[kicked].mean() / copy_l1[kicked].mean()), 3)]  # fmt: skip
+
+        if latent is None:
+            out["ratio_unkicked_kicked"] = ratio(predict(z[:, : t + 2], None)[:, t])
+        else:
+            lat = latents(z[:, :-1], tgt[:, 1:])
+            mean_pred = predict(z[:, : t + 2], lat["mu_p"][:, : t + 1])[:, t]
+            post_pred = predict(z[:, : t + 2], lat["mu_q"][:, : t + 1])[:, t]
+            samples = []
+            for _ in range(8):
+                r = lat["mu_p"] + lat["sig_p"] * torch.randn_like(lat["mu_p"])
+                samples.append(predict(z[:, : t + 2], r[:, : t + 1])[:, t])
+            errs = torch.stack([(s - tgt[:, t + 1]).abs().mean((1, 2)) for s in samples])
+            best = errs.min(0).values
+            out["prior_mean_ratio"] = ratio(mean_pred)
+            out["posterior_ratio"] = ratio(post_pred)
+            out["best_of_8_ratio"] = [round(float(best[~kicked].mean() / copy_l1[~kicked].mean()), 3),
+                                      round(float(best[kicked].mean() / copy_l1[kicked].mean()), 3)]  # fmt: skip
+            kl = lat["kl"][:, 1:].flatten().numpy()  # transition 0 has no velocity in its context
+            ev = val["events"][:, 1:].flatten().numpy()
+            out["kl_kicked_unkicked"] = [round(float(kl[ev > 0.5].mean()), 3), round(float(kl[ev < 0.5].mean()), 3)]
+            out["kl_auc"] = round(auc(kl, ev), 3)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
