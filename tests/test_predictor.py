@@ -71,15 +71,17 @@ def test_prediction_uses_earlier_frames():
     assert not torch.allclose(predictor(changed)[:, -1], predictor(tokens)[:, -1])
 
 
-def test_zero_init_conditioning_equals_the_unconditioned_predictor():
+def test_conditioning_is_inert_at_zero_and_reaches_the_prediction_from_init():
+    """A zero conditioning vector gives the unconditioned predictor (zero modulation bias); a nonzero one changes
+    the prediction at initialisation already (random modulation weight), so r gets a gradient from step 1."""
     plain = make_predictor(cond_dim=0)
+    nn.init.normal_(plain.out_proj.weight, std=0.5)  # as after training: the output layer starts at zero
     conditioned = make_predictor(cond_dim=3)
     result = conditioned.load_state_dict(plain.state_dict(), strict=False)
     assert result.unexpected_keys == []
     assert result.missing_keys and all("modulation" in key for key in result.missing_keys)
     tokens, cond = torch.randn(2, T, N, D), torch.randn(2, T, 3)
-    torch.testing.assert_close(conditioned(tokens, cond), plain(tokens))
-    perturb_conditioning(conditioned)
+    torch.testing.assert_close(conditioned(tokens, torch.zeros_like(cond)), plain(tokens))
     assert not torch.allclose(conditioned(tokens, cond), plain(tokens))
 
 

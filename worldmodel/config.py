@@ -20,7 +20,7 @@ from data_pipeline.config import DataConfig
 
 LATENTS = ("none", "adassl_v", "adassl_s", "oracle")
 OBJECTIVES = ("jepa", "infonce")
-TOKEN_NORMS = ("layernorm", "center_layernorm", "standardize")  # model.target_norm (worldmodel/encoder.py TokenNorm)
+TOKEN_NORMS = ("center_layernorm", "standardize")  # model.target_norm (worldmodel/encoder.py TokenNorm)
 CONTEXT_SUMMARIES = ("frames", "trunk")  # model.context_summary (worldmodel/latents.py Summaries)
 GRANULARITIES = ("frame", "tokens")  # model.granularity (worldmodel/encoder.py FrameEncoder)
 PREDICTIONS = ("absolute", "residual")  # model.prediction (worldmodel/predictor.py Predictor)
@@ -59,17 +59,13 @@ class ModelConfig:
     max_frames: int = 16  # longest clip the predictor's frame embedding supports
     conditioning: str = "adaln"  # adaln | token : how r (or an action) enters the predictor
     # absolute: position t outputs frame t+1's target embedding; residual: its input at t plus a predicted change
-    prediction: str = "absolute"  # absolute | residual
+    prediction: str = "residual"  # residual | absolute
     pred_motion: bool = True  # the predictor reads [x_t, x_t - x_{t-1}], so velocity is there from the first step
     latent_dim: int = 8  # d_r
     summary_dim: int = 128  # width of the pooled summaries s_t and s+_t
     context_summary: str = "trunk"  # frames | trunk : what s_t (prior and posterior input) pools, see latents.py
     action_dim: int = 0  # oracle only: width of the action rows (0 = take it from the data at start-up)
     beta: float = 0.01  # weight of the latent regulariser (see the normalisation above)
-    # none: loss = pred + beta * reg. copy_last: beta is multiplied by the batch's copy-last loss (no grad), i.e. a
-    # nat in r must cut the prediction error by beta x the copy-last error: the target space grows during training
-    # (the copy-last loss rose 0.08 -> 0.29 over the demo's 1000 steps), which makes a fixed beta drift weaker
-    beta_scale: str = "none"  # none | copy_last
     beta_warmup_steps: int = 500  # beta rises linearly from 0 over these steps (after the delay)
     beta_delay_steps: int = 0  # beta is exactly 0 for these first steps (see schedules.beta_at: why)
     # l1 | smooth_l1 (jepa objective). L1 learns the conditional median: where most transitions are deterministic,
@@ -78,7 +74,7 @@ class ModelConfig:
     rollout_steps: int = 0  # >0 adds a term where the predictor consumes its own predictions this many steps
     rollout_weight: float = 1.0
     temperature: float = 0.1  # infonce
-    target_norm: str = "center_layernorm"  # layernorm | center_layernorm | standardize (see encoder.TokenNorm)
+    target_norm: str = "center_layernorm"  # center_layernorm | standardize (see encoder.TokenNorm)
     center_momentum: float = 0.9
     ema_start: float = 0.996  # EMA momentum of the target encoder, cosine schedule ema_start -> ema_end
     ema_end: float = 1.0
@@ -149,7 +145,6 @@ def _check_choices(cfg: ExperimentConfig) -> None:
         "model.context_summary": (cfg.model.context_summary, CONTEXT_SUMMARIES),
         "model.granularity": (cfg.model.granularity, GRANULARITIES),
         "model.prediction": (cfg.model.prediction, PREDICTIONS),
-        "model.beta_scale": (cfg.model.beta_scale, ("none", "copy_last")),
         "train.mixed_precision": (cfg.train.mixed_precision, ("auto", "no", "bf16", "fp16")),
         "data.decoder": (cfg.data.decoder, ("decord", "pyav")),
     }

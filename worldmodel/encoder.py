@@ -128,9 +128,9 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
 
 
 class TokenNorm(nn.Module):
-    """Normalised tokens, one of three `mode`s (no learned parameters):
+    """Normalised tokens, one of two `mode`s (no learned parameters; both centred, DESIGN.md sections 6-7: a plain
+    layer norm without centring lost most dims, effective rank 4-17 of 96, and was removed):
 
-    - `layernorm`: layer norm over D;
     - `center_layernorm`: subtract a running mean [D], then layer norm over D (DINO-style centring);
     - `standardize`: subtract the running mean [D] and divide by the running std [D] (batch-norm statistics, no
       per-token rescaling). Tokens close to the mean (a plain background) stay close to zero instead of having
@@ -154,19 +154,14 @@ class TokenNorm(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         """tokens: [..., D] -> normalised [..., D] (float32)."""
-        x = tokens.float()
-        if self.mode == "layernorm":
-            return F.layer_norm(x, x.shape[-1:])
-        x = x - self.center
+        x = tokens.float() - self.center
         if self.mode == "center_layernorm":
             return F.layer_norm(x, x.shape[-1:])
         return x * torch.rsqrt(self.var + self.eps)
 
     @torch.no_grad()
     def update(self, tokens: Tensor) -> None:
-        """Move the running mean (and variance) toward the statistics of `tokens` [..., D] (no-op for layernorm)."""
-        if self.mode == "layernorm":
-            return
+        """Move the running mean and variance toward the statistics of `tokens` [..., D]."""
         flat = tokens.detach().float().reshape(-1, tokens.shape[-1])
         moments = torch.stack([flat.mean(0), flat.pow(2).mean(0)])  # [2, D]: E[x], E[x^2]
         if torch.distributed.is_available() and torch.distributed.is_initialized():

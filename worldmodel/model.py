@@ -54,8 +54,6 @@ class WorldModel(nn.Module):
             raise ValueError(f"model.latent={cfg.latent!r} is not one of {', '.join(LATENTS)}")
         if cfg.objective not in OBJECTIVES:
             raise ValueError(f"model.objective={cfg.objective!r} is not one of {', '.join(OBJECTIVES)}")
-        if cfg.beta_scale == "copy_last" and cfg.objective != "jepa":
-            raise ValueError("model.beta_scale=copy_last needs model.objective=jepa (infonce has no copy-last loss)")
         self.cfg = cfg
         self.encoder = FrameEncoder(cfg)
         self.target_encoder = make_target(self.encoder)
@@ -154,8 +152,7 @@ class WorldModel(nn.Module):
         """Training step. frames: uint8 [B, T, H, W, C]; action: float [B, T-1, A] (oracle); beta: regulariser weight.
 
         Returns {"loss": scalar, "terms": {name: scalar}, "monitors": {name: scalar}}; loss = pred + beta * reg
-        (+ rollout_weight * rollout when model.rollout_steps > 0), with beta multiplied by the batch's copy-last
-        loss (no grad) when model.beta_scale=copy_last.
+        (+ rollout_weight * rollout when model.rollout_steps > 0).
         """
         cfg = self.cfg
         x = preprocess(frames, cfg.img_size)
@@ -180,9 +177,6 @@ class WorldModel(nn.Module):
         if cfg.objective == "jepa":  # the copy-last loss on the same targets: `pred` must get below it to be useful
             with torch.no_grad():
                 monitors["copy_last"] = jepa_loss(target[:, :-1], target[:, 1:], cfg.loss)
-        if cfg.beta_scale == "copy_last":  # beta in units of the copy-last error per nat (see ModelConfig)
-            beta = beta * monitors["copy_last"]
-            monitors["beta_eff"] = beta
         loss = terms["pred"] + beta * terms["reg"]
         if cfg.rollout_steps > 0:
             terms["rollout"] = self._rollout_term(tokens, target, action)

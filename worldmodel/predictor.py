@@ -8,7 +8,7 @@ Two stages:
 - the **trunk**: `depth - cond_depth` transformer blocks over all tokens with a frame-causal attention mask
   (`frame_causal_mask`): frame t's tokens see frames <= t, so history (velocity) reaches position t;
 - the **head**: `cond_depth` blocks that attend within one frame only and are conditioned on c_t, by adaptive
-  layer norm (DiT-style shift/scale/gate, zero-initialised so that at initialisation the conditioned predictor
+  layer norm (DiT-style shift/scale/gate; the map's bias starts at zero, so with c_t = 0 the conditioned predictor
   computes exactly what the unconditioned one does) or by one extra token per frame (`conditioning="token"`).
 
 What the predictor reads and outputs: one space. Its input at t is the encoder output of frame t (with
@@ -43,8 +43,11 @@ def frame_causal_mask(num_frames: int, tokens_per_frame: int, device: torch.devi
 class Block(nn.Module):
     """Pre-norm transformer block; with `cond_dim > 0` its norms are modulated by a per-sample vector (AdaLN).
 
-    Modulation is `norm(x) * (1 + scale) + shift` and the residual branch is multiplied by `1 + gate`; the linear
-    map from the conditioning vector to (shift, scale, gate) x 2 starts at zero, so the block starts as the plain one.
+    Modulation is `norm(x) * (1 + scale) + shift` and the residual branch is multiplied by `1 + gate`. The linear
+    map from SiLU(conditioning) to (shift, scale, gate) x 2 starts with a zero bias, so a zero vector gives the
+    plain block, and a random weight (PyTorch's default init), so r reaches the prediction from the first step.
+    A zero weight as well (DiT's init) starves AdaSSL-V: with the posterior's mean also starting at zero (KL 0 at
+    init), neither gets a gradient but noise, and r stayed off (KL < 0.002 nats after 700 steps at beta 0.002).
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, cond_dim: int = 0):
@@ -61,7 +64,6 @@ class Block(nn.Module):
         self.modulation = None
         if cond_dim:
             self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
-            nn.init.zeros_(self.modulation[1].weight)
             nn.init.zeros_(self.modulation[1].bias)
 
     def attention(self, x: Tensor, mask: Tensor | None) -> Tensor:
