@@ -79,6 +79,11 @@ def test_evaluate_writes_metrics_report_and_pngs(evaluated):
     assert metrics["latent_action"]["headline"] == "innovation"
     assert metrics["latent_action"]["detector"]["name"] == "kl"
     assert metrics["collapse"]["online"]["emb_eff_rank"] >= 1.0
+    target = metrics["collapse"]["target"]
+    assert target["target_var"] > 0 and target["target_eff_rank"] >= 1.0 and target["drift"] >= 0
+    history = metrics["training_health"]  # from the run's metrics.jsonl, the same monitors during training
+    assert history["step"] and len(history["drift"]) == len(history["step"]) == len(history["target_eff_rank"])
+    assert any(n.startswith("latent-action probe: transitions 0..0") for n in metrics["notes"])
     report = (out / "report.md").read_text()
     assert "copy_last" in report and "nearest-neighbour retrieval" in report
     pngs = sorted(out.glob("*.png"))

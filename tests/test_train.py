@@ -104,6 +104,8 @@ def test_two_gloo_ranks_train_in_lockstep_and_end_identical(digits_shards, tmp_p
         "emb_std",
         "emb_eff_rank",
         "target_var",
+        "target_eff_rank",
+        "drift",
         "data_wait",
         "clips_per_s",
         "skipped/total",
