@@ -154,8 +154,8 @@ def _collapse_section(metrics: dict) -> list[str]:
     out = [
         "## Collapse and drift",
         "",
-        "Pooled embeddings of every eval frame: mean per-dimension std and effective rank (exp of the entropy of the "
-        "normalised singular values, of the raw encoder output); a collapsed encoder has std near 0 and rank near 1.",
+        "Pooled normalised encoder outputs of every eval frame: mean per-dimension std and effective rank (exp of the "
+        "entropy of the normalised singular values); a collapsed encoder has std near 0 and rank near 1.",
         "",
         table(["encoder", "per-dim std (mean)", "effective rank", "dims"], rows),
         "",

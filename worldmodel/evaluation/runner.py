@@ -50,10 +50,10 @@ from worldmodel.monitors import effective_rank, per_dim_std, target_health
 
 PIXELS_NOTE = (
     "Frame strips: row 0 shows the context frames and the true future; every further row is one predicted future. "
-    "Predicted latents have no pixels: each is shown as the real eval-set frame whose target tokens are nearest "
-    "by the full token grid (mean squared difference over all patches and dims, the space of the rollout errors; "
-    "not pooled, so where things are counts) to the predicted tokens (nearest-neighbour retrieval over all eval "
-    "frames, the clip's own frames included; no decoder)."
+    "Predicted latents have no pixels: each is shown as the real eval-set frame whose target latent (the frame "
+    "embedding, or with granularity tokens the full token grid, not pooled) is nearest by mean squared difference, "
+    "the space of the rollout errors, to the predicted one (nearest-neighbour retrieval over all eval frames, the "
+    "clip's own frames included; no decoder)."
 )
 
 
