@@ -14,8 +14,8 @@ def test_overrides_after_a_multi_value_option_are_not_read_as_its_values():
 
 
 def test_beta_sweep_takes_overrides_after_its_betas_and_options_written_with_equals():
-    argv = ["--betas", "0.004", "0.008", "model.context_summary=trunk", "--out=runs/x", "model.rollout_steps=2"]
+    argv = ["--betas", "0.004", "0.008", "model.beta=1e-4", "--out=runs/x", "model.rollout_steps=2"]
     args = parse_with_overrides(beta_sweep.build_parser(), argv)
     assert args.betas == [0.004, 0.008]
     assert str(args.out) == "runs/x"
-    assert args.overrides == ["model.context_summary=trunk", "model.rollout_steps=2"]
+    assert args.overrides == ["model.beta=1e-4", "model.rollout_steps=2"]

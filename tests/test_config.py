@@ -46,7 +46,7 @@ def test_unknown_key_names_the_valid_keys():
         ("train.debug_dump_state=1", "train.debug_dump_state must be true or false"),
         ("model.latent=vae", "model.latent='vae' is not one of none, adassl_v, adassl_s, oracle"),
         ("train.mixed_precision=fp8", "train.mixed_precision='fp8' is not one of"),
-        ("model.context_summary=mean", "model.context_summary=.mean. is not one of frames, trunk"),
+        ("model.granularity=pixels", "model.granularity=.pixels. is not one of frame, tokens"),
         ("model.beta_delay_steps=-1", "model.beta_delay_steps=-1 must be >= 0"),
         ("model.beta=-0.1", "model.beta=-0.1 must be >= 0"),
         ("lr", "must look like section.key=value"),

@@ -42,25 +42,9 @@ def test_sampled_mask_rate_follows_sigmoid_of_logits():
     assert abs(rate - torch.sigmoid(torch.tensor(1.0))) < 0.02
 
 
-def test_context_summary_sees_previous_and_current_frame():
-    torch.manual_seed(0)
-    summaries = Summaries(embed_dim=4, summary_dim=6)
-    tokens = torch.randn(2, 3, 5, 4)
-    s = summaries.context(tokens)
-    pooled = summaries.context_pool(tokens)
-    torch.testing.assert_close(s[:, 0], summaries.context_proj(torch.cat([pooled[:, 0], pooled[:, 0]], -1)))
-    torch.testing.assert_close(s[:, 2], summaries.context_proj(torch.cat([pooled[:, 1], pooled[:, 2]], -1)))
-    changed = tokens.clone()
-    changed[:, 0] += 1.0  # frame 0 is seen by s_0 and s_1, never by s_2
-    s_changed = summaries.context(changed)
-    torch.testing.assert_close(s_changed[:, 2], s[:, 2])
-    assert not torch.allclose(s_changed[:, 1], s[:, 1])
-    assert summaries.target(tokens).shape == (2, 3, 6)
-
-
 def test_trunk_context_summary_reads_one_position_of_the_trunk_output():
     torch.manual_seed(0)
-    summaries = Summaries(embed_dim=4, summary_dim=6, context_source="trunk", context_dim=8)
+    summaries = Summaries(embed_dim=4, summary_dim=6, context_dim=8)
     features = torch.randn(2, 3, 5, 8)  # predictor trunk output [B, T, N, P]: position t has seen frames <= t
     s = summaries.context(features)
     assert s.shape == (2, 3, 6)
@@ -68,8 +52,7 @@ def test_trunk_context_summary_reads_one_position_of_the_trunk_output():
     changed = features.clone()
     changed[:, 0] += 1.0
     torch.testing.assert_close(summaries.context(changed)[:, 1:], s[:, 1:])
-    with pytest.raises(ValueError, match="model.context_summary='pooled'"):
-        Summaries(embed_dim=4, summary_dim=6, context_source="pooled")
+    assert summaries.target(torch.randn(2, 3, 5, 4)).shape == (2, 3, 6)
 
 
 def test_variational_latent_reparameterised_sample_and_kl():

@@ -126,10 +126,9 @@ def test_forward_terms_and_gradients(latent, objective, granularity, digits):
     assert all(p.grad is None for p in model.target_encoder.parameters())
 
 
-@pytest.mark.parametrize("context_summary", ["frames", "trunk"])
-def test_context_summary_with_a_predictor_narrower_than_the_encoder(context_summary, digits):
+def test_context_summary_with_a_predictor_narrower_than_the_encoder(digits):
     frames, action = digits
-    model = make_model(latent="adassl_v", context_summary=context_summary, pred_dim=16)
+    model = make_model(latent="adassl_v", pred_dim=16)
     out = model(frames, action=action, beta=0.5)
     out["loss"].backward()
     assert torch.isfinite(out["loss"])
@@ -141,7 +140,7 @@ def test_context_summary_with_a_predictor_narrower_than_the_encoder(context_summ
 @pytest.mark.parametrize("latent", ["adassl_v", "adassl_s"])
 def test_trunk_context_summary_trains_every_parameter_and_reads_the_past_only(latent, digits):
     frames, action = digits
-    model = make_model(latent=latent, context_summary="trunk")
+    model = make_model(latent=latent)
     out = model(frames, action=action, beta=0.5)
     out["loss"].backward()
     assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
@@ -292,10 +291,9 @@ def test_training_rollout_term_is_the_evaluated_rollout_in_one_space(granularity
     torch.testing.assert_close(out["terms"]["rollout"], (rolled - target[:, 2:]).abs().mean())
 
 
-@pytest.mark.parametrize("context_summary", ["frames", "trunk"])
-def test_one_step_rollout_equals_teacher_forcing_with_the_posterior_mean(context_summary, digits):
+def test_one_step_rollout_equals_teacher_forcing_with_the_posterior_mean(digits):
     frames, _ = digits
-    model = make_model(latent="adassl_v", context_summary=context_summary).eval()
+    model = make_model(latent="adassl_v").eval()
     perturb_conditioning(model)
     tokens, target = model.encode(frames), model.encode_target(frames)
     mu_q = model.infer_latents(tokens, target)["mu_q"]  # [B, 3, d]: transitions 0->1, 1->2, 2->3

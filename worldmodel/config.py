@@ -21,7 +21,6 @@ from data_pipeline.config import DataConfig
 LATENTS = ("none", "adassl_v", "adassl_s", "oracle")
 OBJECTIVES = ("jepa", "infonce")
 TOKEN_NORMS = ("center_layernorm", "standardize")  # model.target_norm (worldmodel/encoder.py TokenNorm)
-CONTEXT_SUMMARIES = ("frames", "trunk")  # model.context_summary (worldmodel/latents.py Summaries)
 GRANULARITIES = ("frame", "tokens")  # model.granularity (worldmodel/encoder.py FrameEncoder)
 PREDICTIONS = ("absolute", "residual")  # model.prediction (worldmodel/predictor.py Predictor)
 
@@ -63,7 +62,6 @@ class ModelConfig:
     pred_motion: bool = True  # the predictor reads [x_t, x_t - x_{t-1}], so velocity is there from the first step
     latent_dim: int = 8  # d_r
     summary_dim: int = 128  # width of the pooled summaries s_t and s+_t
-    context_summary: str = "trunk"  # frames | trunk : what s_t (prior and posterior input) pools, see latents.py
     action_dim: int = 0  # oracle only: width of the action rows (0 = take it from the data at start-up)
     beta: float = 0.01  # weight of the latent regulariser (see the normalisation above)
     beta_warmup_steps: int = 500  # beta rises linearly from 0 over these steps (after the delay)
@@ -142,7 +140,6 @@ def _check_choices(cfg: ExperimentConfig) -> None:
         "model.conditioning": (cfg.model.conditioning, ("adaln", "token")),
         "model.loss": (cfg.model.loss, ("l1", "smooth_l1")),
         "model.target_norm": (cfg.model.target_norm, TOKEN_NORMS),
-        "model.context_summary": (cfg.model.context_summary, CONTEXT_SUMMARIES),
         "model.granularity": (cfg.model.granularity, GRANULARITIES),
         "model.prediction": (cfg.model.prediction, PREDICTIONS),
         "train.mixed_precision": (cfg.train.mixed_precision, ("auto", "no", "bf16", "fp16")),

@@ -76,10 +76,7 @@ class WorldModel(nn.Module):
         self.summaries = None
         self.latent: nn.Module | None = None
         if cfg.latent in ("adassl_v", "adassl_s"):
-            context_dim = cfg.pred_dim if cfg.context_summary == "trunk" else width
-            self.summaries = Summaries(
-                width, cfg.summary_dim, context_source=cfg.context_summary, context_dim=context_dim
-            )
+            self.summaries = Summaries(width, cfg.summary_dim, context_dim=cfg.pred_dim)
             latent_cls = VariationalLatent if cfg.latent == "adassl_v" else SparseLatent
             self.latent = latent_cls(cfg.summary_dim, cfg.latent_dim)
         elif cfg.latent == "oracle":
@@ -110,17 +107,13 @@ class WorldModel(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Per-transition summaries: s_t [B, T-1, S] from `tokens`, s+_{t+1} [B, T-1, S] from `target_tokens`.
 
-        Only for adassl_v / adassl_s; `target_tokens` are detached here. With model.context_summary=trunk, s_t pools
-        the predictor trunk's output at t: pass `features` = predictor.trunk_features(tokens[:, :-1]) if you have
-        them, else they are computed.
+        Only for adassl_v / adassl_s; `target_tokens` are detached here. s_t pools the predictor trunk's output at
+        t: pass `features` = predictor.trunk_features(tokens[:, :-1]) if you have them, else they are computed.
         """
         self._require_inferred_latent("summaries_of")
-        if self.cfg.context_summary == "trunk":
-            if features is None:
-                features = self.predictor.trunk_features(tokens[:, :-1])
-            s = self.summaries.context(features)
-        else:
-            s = self.summaries.context(tokens)[:, :-1]
+        if features is None:
+            features = self.predictor.trunk_features(tokens[:, :-1])
+        s = self.summaries.context(features)
         s_plus = self.summaries.target(target_tokens.detach())[:, 1:]
         return s, s_plus
 
@@ -308,8 +301,8 @@ class WorldModel(nn.Module):
         return out.expand(k, -1, -1, -1, -1) if copies != k else out
 
     def _reads_trunk(self, mode: str) -> bool:
-        """Whether rollout mode `mode` infers r from the predictor trunk's output (model.context_summary=trunk)."""
-        return self.summaries is not None and self.cfg.context_summary == "trunk" and mode not in ("zero", "action")
+        """Whether rollout mode `mode` infers r from the predictor trunk's output (the AdaSSL modes)."""
+        return self.summaries is not None and mode not in ("zero", "action")
 
     def _rollout_latent(
         self,
@@ -321,15 +314,15 @@ class WorldModel(nn.Module):
         actions: Tensor | None,
         generator: torch.Generator | None,
     ) -> Tensor | None:
-        """r [B', d_r] for rollout step h given the sequence so far seq [B', L, N, D] (and, for context_summary
-        trunk, its trunk features [B', L, N, P]); None for latent none."""
+        """r [B', d_r] for rollout step h given the sequence so far seq [B', L, N, D] and, for the AdaSSL modes, its
+        trunk features [B', L, N, P]; None for latent none."""
         if self.cfg.latent == "none":
             return None
         if mode == "zero":
             return seq.new_zeros(seq.shape[0], self.cfg.latent_dim)
         if mode == "action":
             return self.latent(actions[:, h])
-        s = self.summaries.context(seq[:, -2:] if features is None else features[:, -1:])[:, -1]
+        s = self.summaries.context(features[:, -1:])[:, -1]
         s_plus = self.summaries.target(future[:, h : h + 1].detach())[:, 0] if mode == "posterior" else None
         return self.latent.rollout_r(mode, s, s_plus, generator)
 
