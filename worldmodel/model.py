@@ -289,33 +289,27 @@ class WorldModel(nn.Module):
         acts = None if actions is None else repeat(actions, "b h a -> (k b) h a", k=copies)
         predictions = []
         for h in range(horizon):
-            features = self.predictor.trunk_features(seq) if self._reads_trunk(mode) else None
+            features = self.predictor.trunk_features(seq)  # the predictor's and the AdaSSL prior's reading of seq
             r = self._rollout_latent(mode, seq, features, h, future, acts, generator)
             cond = None if r is None else expand_cond(r.to(seq.dtype), seq.shape[1])
-            if features is None:
-                features = self.predictor.trunk_features(seq)
             next_tokens = self.predictor.from_features(features, cond, seq)[:, -1].to(seq.dtype)
             predictions.append(next_tokens)
             seq = torch.cat([seq, next_tokens[:, None]], dim=1)
         out = rearrange(torch.stack(predictions, dim=1), "(k b) h n d -> k b h n d", k=copies)
         return out.expand(k, -1, -1, -1, -1) if copies != k else out
 
-    def _reads_trunk(self, mode: str) -> bool:
-        """Whether rollout mode `mode` infers r from the predictor trunk's output (the AdaSSL modes)."""
-        return self.summaries is not None and mode not in ("zero", "action")
-
     def _rollout_latent(
         self,
         mode: str,
         seq: Tensor,
-        features: Tensor | None,
+        features: Tensor,
         h: int,
         future: Tensor | None,
         actions: Tensor | None,
         generator: torch.Generator | None,
     ) -> Tensor | None:
-        """r [B', d_r] for rollout step h given the sequence so far seq [B', L, N, D] and, for the AdaSSL modes, its
-        trunk features [B', L, N, P]; None for latent none."""
+        """r [B', d_r] for rollout step h given the sequence so far seq [B', L, N, D] and its trunk features
+        [B', L, N, P] (what the AdaSSL prior and posterior read); None for latent none."""
         if self.cfg.latent == "none":
             return None
         if mode == "zero":

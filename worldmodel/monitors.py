@@ -34,6 +34,9 @@ def batch_variance(x: Tensor) -> Tensor:
     return x.detach().float().reshape(-1, x.shape[-1]).var(dim=0, unbiased=False).mean()
 
 
+TARGET_HEALTH_KEYS = ("target_var", "target_eff_rank", "drift")  # what `target_health` returns
+
+
 @torch.no_grad()
 def target_health(target: Tensor) -> dict[str, Tensor]:
     """The targets' collapse and drift monitors from a clip batch of targets [B, T, N, D] (T >= 2).

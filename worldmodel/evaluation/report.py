@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from worldmodel.monitors import TARGET_HEALTH_KEYS
+
 MODE_HELP = {
     "copy_last": "baseline: the last context frame's target latents repeated (predicts that nothing changes)",
     "prediction": "the deterministic prediction of a `none` (plain JEPA) model (also filed as `prior_mean`)",
@@ -142,9 +144,6 @@ def _latent_action_section(metrics: dict) -> list[str]:
     return out
 
 
-HEALTH_KEYS = ("target_var", "target_eff_rank", "drift")
-
-
 def _collapse_section(metrics: dict) -> list[str]:
     collapse = metrics.get("collapse") or {}
     if not collapse:
@@ -165,7 +164,7 @@ def _collapse_section(metrics: dict) -> list[str]:
         "",
         table(
             ["where", "target variance", "target effective rank", "drift"],
-            [["eval set", *[target.get(k) for k in HEALTH_KEYS]]],
+            [["eval set", *[target.get(k) for k in TARGET_HEALTH_KEYS]]],
         ),  # fmt: skip
         "",
     ]
@@ -175,8 +174,8 @@ def _collapse_section(metrics: dict) -> list[str]:
             "During training (`metrics.jsonl`, logged batch means at a few steps):",
             "",
             table(
-                ["step", *HEALTH_KEYS],
-                [[history[k][i] for k in ("step", *HEALTH_KEYS)] for i in range(len(history["step"]))],
+                ["step", *TARGET_HEALTH_KEYS],
+                [[history[k][i] for k in ("step", *TARGET_HEALTH_KEYS)] for i in range(len(history["step"]))],
             ),
             "",
         ]

@@ -46,7 +46,7 @@ from worldmodel.evaluation.probes import split_clips
 from worldmodel.evaluation.report import render_report
 from worldmodel.evaluation.rollout_metrics import ErrorAccumulator
 from worldmodel.model import WorldModel
-from worldmodel.monitors import effective_rank, per_dim_std, target_health
+from worldmodel.monitors import TARGET_HEALTH_KEYS, effective_rank, per_dim_std, target_health
 
 PIXELS_NOTE = (
     "Frame strips: row 0 shows the context frames and the true future; every further row is one predicted future. "
@@ -249,13 +249,13 @@ def training_health(jsonl: Path, rows: int = 8) -> dict:
     if not jsonl.is_file():
         return {}
     records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-    records = [r for r in records if all(k in r for k in ("target_var", "target_eff_rank", "drift"))]
+    records = [r for r in records if all(k in r for k in TARGET_HEALTH_KEYS)]
     if not records:
         return {}
     late = [r for r in records if r["step"] >= 100] or records
     picks = sorted({round(i * (len(late) - 1) / max(1, rows - 1)) for i in range(rows)})
     chosen = [late[i] for i in picks]
-    return {key: [r[key] for r in chosen] for key in ("step", "target_var", "target_eff_rank", "drift")}
+    return {key: [r[key] for r in chosen] for key in ("step", *TARGET_HEALTH_KEYS)}
 
 
 def write_plots(collected: Collected, metrics: dict, out_dir: Path) -> list[str]:
