@@ -1,6 +1,7 @@
 """Rollout evaluation of a trained run, or a side-by-side comparison of evaluated runs.
 
     python evaluate.py --run RUN_DIR --shards GLOB [--horizon H --num-samples K --num-clips N --batch-size B --seed S]
+                       [--skip-evaluated]
     python evaluate.py --compare RUN_A RUN_B ... [--output DIR]
 
 The first writes RUN_DIR/eval/metrics.json (schema: docs/metrics_schema.md), report.md and PNG figures; the second
@@ -16,7 +17,7 @@ from pathlib import Path
 from worldmodel.config import ConfigError
 from worldmodel.evaluation import EvaluationError
 from worldmodel.evaluation.compare import compare_runs
-from worldmodel.evaluation.runner import evaluate_run
+from worldmodel.evaluation.runner import evaluate_run, evaluated_final
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,6 +34,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="clip selection, probe split and prior samples")
     parser.add_argument("--output", help="--compare: output folder (default: RUN_A/../compare)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--skip-evaluated",
+        action="store_true",
+        help="--run: do nothing if RUN_DIR/eval/metrics.json already evaluates the finished run's final checkpoint",
+    )
     args = parser.parse_args(argv)
     if args.run and not args.shards:
         parser.error("--run needs --shards (the held-out shards to evaluate on, e.g. 'data/moving_digits/val/*.tar')")
@@ -56,8 +62,13 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate one run or compare several, as the parsed arguments say."""
     if args.compare:
         output = Path(args.output) if args.output else Path(args.compare[0]).parent / "compare"
-        compare_runs(args.compare, output)
+        result = compare_runs(args.compare, output)
+        for warning in result["warnings"]:
+            print(f"warning: {warning}", file=sys.stderr)
         print(f"wrote {output / 'compare.md'} and {output / 'compare.json'}")
+        return 0
+    if args.skip_evaluated and evaluated_final(args.run):
+        print(f"{args.run}: its final checkpoint is evaluated already ({Path(args.run) / 'eval' / 'metrics.json'})")
         return 0
     evaluate_run(
         args.run,

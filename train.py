@@ -3,6 +3,11 @@
     accelerate launch train.py --config configs/demo.yaml [section.key=value ...] [--resume auto|CHECKPOINT_DIR]
     python train.py --config configs/tiny.yaml run_dir=runs/tiny          # one process, no launcher
 
+Exit status: 0 = finished (train.steps reached, RUN_DIR/finished.json written); 75 = stopped by SIGTERM/Ctrl-C
+after saving a checkpoint, continue with --resume auto; 1 = the loss diverged; 2 = bad config or --resume.
+Launchers report any non-zero status of a trainer as their own failure (accelerate launch exits 1), so scripts
+and schedulers tell a finished run by RUN_DIR/finished.json.
+
 CPU, two gloo processes:
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \\
         --dynamo_backend no train.py --config configs/tiny.yaml
@@ -30,16 +35,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
 
-    from worldmodel.trainer import ResumeError, TrainingDiverged, train  # heavy imports once the config is valid
+    # heavy imports once the config is valid
+    from worldmodel.trainer import EXIT_STOPPED, ResumeError, TrainingDiverged, train
 
     try:
-        train(cfg, resume=args.resume)
+        finished = train(cfg, resume=args.resume)
     except ResumeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingDiverged:
         return 1  # the trainer has printed the step and the loss terms
-    return 0
+    return 0 if finished else EXIT_STOPPED
 
 
 if __name__ == "__main__":

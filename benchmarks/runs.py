@@ -2,7 +2,8 @@
 
 Every step is a real subprocess of the project's own entry points (`python -m data_pipeline.make_moving_digits`,
 `train.py`, `evaluate.py`), so a benchmark measures exactly what a user runs. A step whose output already exists
-is skipped, so an interrupted benchmark resumes where it stopped.
+is skipped, so an interrupted benchmark resumes where it stopped: a run is trained with `--resume auto` until it
+is finished (train.py exits 75 when a signal stopped it, which stops the benchmark) and evaluated only then.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+from worldmodel.evaluation.runner import evaluated_final
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,9 +63,10 @@ def ensure_data(data_dir: Path, num_videos: int, val_videos: int, seed: int = 0,
 
 
 def train_and_evaluate(run_dir: Path, config: str, overrides: list[str], data_dir: Path, eval_args: list[str]) -> dict:
-    """Train `run_dir` (resuming if it was interrupted), evaluate it on data_dir/val, return its metrics.json."""
+    """Train `run_dir` to its end (resuming if it was interrupted), evaluate its final checkpoint on data_dir/val,
+    return its metrics.json. Raises CalledProcessError when the training stops unfinished or fails."""
     metrics_path = run_dir / "eval" / "metrics.json"
-    if not metrics_path.exists():
+    if not evaluated_final(run_dir):
         run([
             sys.executable, "train.py", "--config", config, f"run_dir={run_dir}",
             f"data.train_shards={data_dir}/train/shard-*.tar", f"data.val_shards={data_dir}/val/shard-*.tar",

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # The README's main job: set up, make the default data, train JEPA and AdaSSL-V, evaluate both, compare.
-# Safe to run again: what exists (venv, data, finished runs, evaluations) is reused.
+# Safe to run again: what exists (venv, data, finished runs, evaluations) is reused, and a run that was stopped
+# (Ctrl-C, SIGTERM) resumes from its checkpoint; a run is evaluated only once it has finished.
 #   bash scripts/run_demo.sh [extra key=value overrides for both training runs]
+# Exit status 75: a training run was stopped (Ctrl-C, SIGTERM) after saving a checkpoint; run it again to resume.
+# DEMO_CONFIG, DEMO_DATA, DEMO_RUNS replace configs/demo.yaml, data/moving_digits, runs/demo (the tests use them).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/install.sh .venv all dev
 py=.venv/bin/python
-data=data/moving_digits
-runs=runs/demo
+config=${DEMO_CONFIG:-configs/demo.yaml}
+data=${DEMO_DATA:-data/moving_digits}
+runs=${DEMO_RUNS:-runs/demo}
 
 if [ ! -f "$data/val/index.json" ]; then
   echo "== 1/4 generating the default data (stochastic moving digits) into $data"
@@ -20,14 +24,18 @@ $py -m data_pipeline.bench --shards "$data/train/shard-*.tar" --workers 1 --batc
 
 for latent in none adassl_v; do
   run="$runs/$latent"
-  if [ -f "$run/eval/metrics.json" ]; then
-    echo "== $latent: trained and evaluated already ($run)"
-    continue
+  echo "== 2/4 training model.latent=$latent -> $run (continues from its newest checkpoint, if any)"
+  status=0
+  $py train.py --config "$config" run_dir="$run" model.latent="$latent" data.train_shards="$data/train/shard-*.tar" \
+    data.val_shards="$data/val/shard-*.tar" "$@" --resume auto || status=$?
+  if [ "$status" -eq 75 ]; then
+    echo "== $latent stopped before train.steps (checkpoint saved in $run); run this script again to resume" >&2
+    exit 75
+  elif [ "$status" -ne 0 ]; then
+    exit "$status"
   fi
-  echo "== 2/4 training model.latent=$latent -> $run"
-  $py train.py --config configs/demo.yaml run_dir="$run" model.latent="$latent" "$@" --resume auto
   echo "== 3/4 evaluating $run on the held-out shards"
-  $py evaluate.py --run "$run" --shards "$data/val/shard-*.tar"
+  $py evaluate.py --run "$run" --shards "$data/val/shard-*.tar" --skip-evaluated
 done
 echo "== 4/4 comparison"
 $py evaluate.py --compare "$runs/none" "$runs/adassl_v" --output "$runs/compare"

@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from worldmodel.checkpoint import checkpoint_dir, latest_checkpoint, load_model_state, read_state
+from worldmodel.checkpoint import checkpoint_dir, latest_checkpoint, load_model_state, read_finished, read_state
 from worldmodel.config import load_config
+from worldmodel.evaluation.runner import evaluate_run, evaluated_final
 from worldmodel.model import WorldModel
-from worldmodel.trainer import build_optimizer
+from worldmodel.trainer import EXIT_STOPPED, build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).parent / "accelerate"
@@ -201,11 +202,74 @@ def test_sigterm_to_one_rank_checkpoints_both_at_the_step_boundary_and_exits_cle
         out, err = launcher.communicate(timeout=90)
     finally:
         launcher.kill()
-    assert launcher.returncode == 0, err[-4000:]
-    assert "stop requested" in out + err
+    # the trainers exit with EXIT_STOPPED, which torch.distributed.run reports as a failure of its own (status 1)
+    assert launcher.returncode != 0, err[-4000:]
+    assert "stop requested" in out + err and "exiting unfinished" in out + err
     saved = latest_checkpoint(run)
     assert saved is not None and read_state(saved)["world_size"] == 2
     assert read_state(saved)["step"] == _metrics(run)[-1]["step"] < 400
+    assert read_finished(run) is None
+
+
+def test_sigterm_exits_75_unfinished_evaluate_warns_and_resume_finishes(digits_shards, tmp_path, capsys):
+    """A stopped run is never taken for a finished one: train.py exits 75 without the completion marker, an
+    evaluation of it says "unfinished" and records finished=false, and --resume auto finishes it (exit 0, marker)."""
+    run = tmp_path / "run"
+    first = subprocess.Popen(
+        _python(*_args(run, digits_shards, "train.steps=100000", "train.checkpoint_every=100000")),
+        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _wait_for(lambda: (run / "metrics.jsonl").is_file() and len(_metrics(run)) >= 2, first)
+        first.send_signal(signal.SIGTERM)
+        out, err = first.communicate(timeout=90)
+    finally:
+        first.kill()
+    assert first.returncode == EXIT_STOPPED == 75, err[-4000:]
+    assert read_finished(run) is None
+    step = read_state(latest_checkpoint(run))["step"]
+    assert f"saved {checkpoint_dir(run, step)} at step {step} of 100000; exiting unfinished" in out + err
+
+    metrics = evaluate_run(run, str(digits_shards / "val" / "*.tar"), num_clips=4, progress=False)
+    assert metrics["finished"] is False and metrics["checkpoint_step"] == step and metrics["train_steps"] == 100000
+    assert f"unfinished run: its newest checkpoint is at step {step} of train.steps=100000" in capsys.readouterr().err
+    assert "Warning: unfinished run" in (run / "eval" / "report.md").read_text()
+    assert not evaluated_final(run)
+
+    result = _run(_python(*_args(run, digits_shards, f"train.steps={step + 2}", resume="auto")))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert read_finished(run) == {"step": step + 2, "checkpoint": str(checkpoint_dir(run, step + 2))}
+    again = _run(_python(*_args(run, digits_shards, f"train.steps={step + 2}", resume="auto")))
+    assert again.returncode == 0 and "nothing to do" in again.stdout + again.stderr
+    assert evaluate_run(run, str(digits_shards / "val" / "*.tar"), num_clips=4, progress=False)["finished"] is True
+    assert evaluated_final(run)
+    # continued to more steps: unfinished again until it gets there
+    more = subprocess.Popen(
+        _python(*_args(run, digits_shards, "train.steps=100000", "train.checkpoint_every=100000", resume="auto")),
+        cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _wait_for(lambda: len(_metrics(run)) >= step + 4, more)
+        assert read_finished(run) is None and not evaluated_final(run)
+        more.send_signal(signal.SIGTERM)
+        more.communicate(timeout=90)
+    finally:
+        more.kill()
+    assert more.returncode == 75
+
+
+def test_logged_values_are_means_over_micro_batches_with_grad_accumulation(digits_shards, tmp_path):
+    """optim.grad_accum_steps=2 logs the mean over its micro-batches, not half of it: at step 1 (same initial
+    weights, the first micro-batch equal to the k=1 run's batch) the logged loss matches the k=1 run's."""
+    logged = {}
+    for k in (1, 2):
+        run = tmp_path / f"k{k}"
+        result = _run(_python(*_args(run, digits_shards, "train.steps=1", f"optim.grad_accum_steps={k}")))
+        assert result.returncode == 0, result.stderr[-4000:]
+        logged[k] = _metrics(run)[0]
+    for key in ("loss", "pred", "target_var", "emb_std"):
+        ratio = logged[2][key] / logged[1][key]
+        assert 0.8 < ratio < 1.25, (key, logged[1][key], logged[2][key])
 
 
 def test_weight_decay_skips_norms_biases_and_position_embeddings():

@@ -10,6 +10,10 @@ On-disk layout (see docs/architecture.md, "Checkpoints"):
       rng-rank{r}.pt        python / numpy / torch (/ cuda) RNG states of rank r
       state.json            {"step", "epoch", "seed", "world_size", ..., "files": {name: bytes}}
 
+RUN_DIR/finished.json, the completion marker, is written (atomically) once the run has reached train.steps and
+saved its final checkpoint: {"step", "checkpoint"}. A run without it is unfinished (still training, stopped by a
+signal, crashed), whatever its checkpoints hold; scripts and schedulers read this file, not the exit status.
+
 A checkpoint is written into `checkpoints/.tmp-step-XXXXXXXX` and renamed to `step-XXXXXXXX` only once every file
 is on disk, with `state.json` written last; a `step-*` directory therefore always holds a complete checkpoint.
 `latest_checkpoint` additionally checks every file against the sizes recorded in `state.json`, so a checkpoint
@@ -38,12 +42,36 @@ from safetensors.torch import load_model, save_model
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
+FINISHED = "finished.json"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
     """Where the checkpoint of global step `step` lives: RUN_DIR/checkpoints/step-XXXXXXXX."""
     return Path(run_dir) / CHECKPOINTS / f"step-{step:08d}"
+
+
+def mark_finished(run_dir: str | Path, step: int, ckpt: str | Path) -> None:
+    """Write RUN_DIR/finished.json (the completion marker) atomically: the run reached its planned `step`, saved
+    as checkpoint directory `ckpt`."""
+    path = Path(run_dir) / FINISHED
+    tmp = path.with_name(f".{FINISHED}.tmp")
+    _write(tmp, lambda p: p.write_text(json.dumps({"step": step, "checkpoint": str(ckpt)}, indent=2)))
+    tmp.replace(path)
+
+
+def read_finished(run_dir: str | Path) -> dict[str, Any] | None:
+    """The completion marker {"step", "checkpoint"} of a run, or None if the run is not finished."""
+    path = Path(run_dir) / FINISHED
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def clear_finished(run_dir: str | Path) -> None:
+    """Remove the completion marker (a finished run is being continued to more steps)."""
+    (Path(run_dir) / FINISHED).unlink(missing_ok=True)
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -7,9 +7,12 @@ unwrapped model. The data loader is *not* passed through `accelerator.prepare`: 
 and worker itself and yields exactly `data.epoch_batches` batches per epoch on every rank, so all ranks run the
 same number of steps and no rank decodes for another.
 
-Stopping: a non-finite loss (or, without fp16 loss scaling, a non-finite gradient norm) stops every rank before
-the optimiser step, with a message naming the step and each loss term, and writes no checkpoint. SIGTERM or
-Ctrl-C makes every rank save a checkpoint at the next step boundary and return normally.
+Ending: a run that reaches train.steps saves its final checkpoint and writes the completion marker
+RUN_DIR/finished.json (`checkpoint.mark_finished`); `train` returns True. SIGTERM or Ctrl-C makes every rank save a
+checkpoint at the next step boundary; `train` returns False and train.py exits with EXIT_STOPPED (75, EX_TEMPFAIL:
+"resume me"), so that neither a script nor a scheduler takes a stopped run for a finished one. A non-finite loss
+(or, without fp16 loss scaling, a non-finite gradient norm) stops every rank before the optimiser step, with a
+message naming the step and each loss term, and writes no checkpoint.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from worldmodel.model import WorldModel
 from worldmodel.monitors import HealthWatch
 from worldmodel.schedules import beta_at, ema_momentum, lr_factor
 
+EXIT_STOPPED = 75  # train.py's exit status after a SIGTERM/Ctrl-C checkpoint (sysexits EX_TEMPFAIL); 0 = finished
 _NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.Embedding)
 
 
@@ -174,7 +178,7 @@ class _Window:
 
     def reset(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
-        self.count, self.steps, self.wait, self.start = 0, 0, 0.0, time.perf_counter()
+        self.steps, self.wait, self.start = 0, 0.0, time.perf_counter()
 
     def next_batch(self, batches: Iterator[tuple[int, dict]]) -> tuple[int, dict]:
         """The next (epoch, batch), timing the wait and counting its decode skips."""
@@ -184,10 +188,10 @@ class _Window:
         self.skipped.update(batch["skipped"])
         return epoch, batch
 
-    def add(self, values: dict[str, torch.Tensor], micro_batches: int) -> None:
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        """One optimiser step's values, each already the mean over its micro-batches."""
         for name, value in values.items():
             self.sums[name] = self.sums.get(name, 0.0) + value
-        self.count += micro_batches
         self.steps += 1
 
     @property
@@ -198,7 +202,7 @@ class _Window:
         """Means over the window and over ranks; data-wait share averaged over ranks; skips summed over ranks."""
         names = list(self.sums)
         wait_share = torch.tensor(self.wait / self.elapsed, device=accelerator.device)
-        values = accelerator.reduce(torch.stack([*(self.sums[n] / self.count for n in names), wait_share]), "mean")
+        values = accelerator.reduce(torch.stack([*(self.sums[n] / self.steps for n in names), wait_share]), "mean")
         values = values.tolist()
         scalars = dict(zip([*names, "data_wait"], values, strict=True))
         total = Counter()
@@ -221,11 +225,11 @@ def _diverged(
     )
 
 
-def train(cfg: ExperimentConfig, resume: str | None = None) -> None:
+def train(cfg: ExperimentConfig, resume: str | None = None) -> bool:
     """Train `cfg` from scratch, or continue from a checkpoint (`resume`: "auto" or a checkpoint directory).
 
-    Returns normally at cfg.train.steps or after a SIGTERM/Ctrl-C checkpoint; raises TrainingDiverged on a
-    non-finite loss. Every rank returns or raises together.
+    Returns True when the run has reached cfg.train.steps (and RUN_DIR/finished.json exists), False after a
+    SIGTERM/Ctrl-C checkpoint; raises TrainingDiverged on a non-finite loss. Every rank returns or raises together.
     """
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
@@ -239,8 +243,12 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> None:
     start_step = resumed["step"] if resumed else 0
     if start_step >= cfg.train.steps:
         accelerator.print(f"{resume_from} is at step {start_step} >= train.steps={cfg.train.steps}; nothing to do")
+        if main and ckpt.read_finished(run_dir) is None:
+            ckpt.mark_finished(run_dir, start_step, resume_from)
         accelerator.end_training()
-        return
+        return True
+    if main:
+        ckpt.clear_finished(run_dir)  # continued to more steps: finished again only when it gets there
 
     set_seed(cfg.seed)
     epochs = _epochs(cfg, resumed["epoch"] + 1 if resumed else 0, rank, world_size)  # resume: fresh samples
@@ -323,7 +331,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> None:
             scheduler.step()
             accelerator.unwrap_model(model).update_target(momentum)
             step += 1
-            window.add(step_sums, accum)
+            window.add(step_sums)
 
             clips_per_s = clips_per_step * window.steps / window.elapsed
             log.progress(
@@ -338,9 +346,12 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> None:
                 for warning in health.check(step, scalars):
                     log.write(warning)
                 window.reset()
-            if stop_now > 0:
+            if stop_now > 0 and step < cfg.train.steps:  # at the last step the final save below serves
                 path = _save(accelerator, cfg, step, epoch, model, optimizer, scheduler)
-                log.write(f"stop requested (SIGTERM/Ctrl-C): saved {path} at step {step}; exiting")
+                log.write(
+                    f"stop requested (SIGTERM/Ctrl-C): saved {path} at step {step} of {cfg.train.steps}; exiting "
+                    f"unfinished (status {EXIT_STOPPED}); continue with --resume auto"
+                )
                 break
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
                 _save(accelerator, cfg, step, epoch, model, optimizer, scheduler)
@@ -348,11 +359,16 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> None:
         log.write(str(err))
         _finish(accelerator, log, stop, epochs)
         raise
+    finished = step >= cfg.train.steps
+    if finished and main:  # the final checkpoint is on disk: every rank waited for it in _save
+        ckpt.mark_finished(run_dir, step, ckpt.checkpoint_dir(run_dir, step))
+        log.write(f"finished: step {step} of train.steps={cfg.train.steps}; marked in {run_dir / ckpt.FINISHED}")
     if cfg.train.debug_dump_state:
         _dump_state(run_dir, "final", rank, accelerator.unwrap_model(model), optimizer)
     del model, optimizer, scheduler
     accelerator.free_memory()
     _finish(accelerator, log, stop, epochs)
+    return finished
 
 
 def _finish(accelerator: Accelerator, log: MetricsLog, stop: StopRequest, epochs: Iterator) -> None:

@@ -3,7 +3,11 @@
 Reads RUN/eval/metrics.json of every run and writes OUTPUT/compare.md and OUTPUT/compare.json:
 
     {"runs": [run dir, ...], "labels": [column label, ...],
-     "rows": [{"name": str, "values": [value per run]}, ...], "notes": [str, ...]}
+     "rows": [{"name": str, "values": [value per run]}, ...], "warnings": [str, ...], "notes": [str, ...]}
+
+`warnings` flag what makes the columns not like for like: an unfinished run (evaluated before it reached its
+train.steps) and runs evaluated at different training budgets (checkpoint steps). They head compare.md, and
+`evaluate.py --compare` prints them.
 
 A value is a number, a list [at h=1, at mid horizon, at h=H] for rollout errors, or null where the run does not
 have that number (e.g. no posterior mode for a plain JEPA run).
@@ -96,6 +100,23 @@ def _labels(run_dirs: list[str]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(r) for r in run_dirs]
 
 
+def budget_warnings(labels: list[str], all_metrics: list[dict]) -> list[str]:
+    """Warnings for unfinished runs and for runs evaluated at different checkpoint steps (mixed budgets)."""
+    warnings = []
+    for label, m in zip(labels, all_metrics, strict=True):
+        if m.get("finished") is False:
+            warnings.append(
+                f"{label} is unfinished: evaluated at step {m['checkpoint_step']} of train.steps={m['train_steps']}"
+            )
+        elif "finished" not in m:
+            warnings.append(f"{label}: its metrics.json predates the finished flag; evaluate it again to know")
+    steps = {label: m["checkpoint_step"] for label, m in zip(labels, all_metrics, strict=True)}
+    if len(set(steps.values())) > 1:
+        listed = ", ".join(f"{label} at step {s}" for label, s in steps.items())
+        warnings.append(f"mixed budgets: the runs were evaluated at different training steps ({listed})")
+    return warnings
+
+
 def compare_runs(run_dirs: list[str | Path], output: str | Path) -> dict:
     """Write OUTPUT/compare.md and OUTPUT/compare.json for the evaluated runs; returns the JSON dict."""
     if len(run_dirs) < 1:
@@ -110,7 +131,13 @@ def compare_runs(run_dirs: list[str | Path], output: str | Path) -> dict:
     if len(horizons) > 1:
         notes.append(f"the runs were evaluated at different horizons {sorted(horizons)}; lists are each run's own")
     labels = _labels(run_dirs)
-    result = {"runs": run_dirs, "labels": labels, "rows": headline_rows(all_metrics), "notes": notes}
+    result = {
+        "runs": run_dirs,
+        "labels": labels,
+        "rows": headline_rows(all_metrics),
+        "warnings": budget_warnings(labels, all_metrics),
+        "notes": notes,
+    }
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -131,9 +158,10 @@ def render_compare(result: dict, all_metrics: list[dict]) -> str:
         [label, m["latent"], m["checkpoint_step"], m["num_clips"]]
         for label, m in zip(result["labels"], all_metrics, strict=True)
     ]
-    out = [
-        "# Comparison of evaluated runs",
-        "",
+    out = ["# Comparison of evaluated runs", ""]
+    if result["warnings"]:
+        out += ["> **Not like for like:**", *[f"> - {w}" for w in result["warnings"]], ""]
+    out += [
         table(["run", "latent", "checkpoint step", "clips"], info),
         "",
         f"Rollout rows list L1 at horizon steps ({where}); `—` = not applicable to that run.",

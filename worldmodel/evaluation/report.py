@@ -187,6 +187,14 @@ def render_report(metrics: dict) -> str:
     out = [
         f"# Evaluation of `{metrics['run']}`",
         "",
+    ]
+    if not metrics.get("finished", True):
+        out += [
+            f"> **Warning: unfinished run**, evaluated at step {metrics['checkpoint_step']} of "
+            f"train.steps={metrics['train_steps']}; resume it (`--resume auto`) and evaluate again.",
+            "",
+        ]
+    out += [
         table(
             ["checkpoint step", "latent", "objective", "shards", "clips", "context", "horizon", "K samples"],
             [

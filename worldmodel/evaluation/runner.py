@@ -3,7 +3,7 @@
 Writes RUN_DIR/eval/metrics.json, RUN_DIR/eval/report.md and PNG figures beside them (errors.png, probes.png when
 the shards carry state, strip-XX.png per example). metrics.json, in short (full schema: docs/metrics_schema.md):
 
-    {"run", "checkpoint", "checkpoint_step", "latent", "objective", "shards", "seed",
+    {"run", "checkpoint", "checkpoint_step", "train_steps", "finished", "latent", "objective", "shards", "seed",
      "num_context", "horizon", "num_samples", "num_clips",
      "modes": {mode: {"all" | "event" | "no_event": {"l1": [H], "l2": [H], "cos": [H], "count": [H]}}},
      "diversity": [H] | null,
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from einops import rearrange
 from tqdm import tqdm
 
 from data_pipeline.stream import make_eval_loader
-from worldmodel.checkpoint import latest_checkpoint, load_model_state, read_state
+from worldmodel.checkpoint import latest_checkpoint, load_model_state, read_finished, read_state
 from worldmodel.config import ExperimentConfig, load_config
 from worldmodel.evaluation import EvaluationError
 from worldmodel.evaluation.collect import (
@@ -76,6 +77,17 @@ def load_run(run_dir: str | Path, device: torch.device) -> tuple[ExperimentConfi
     return cfg, model.to(device).eval(), ckpt, int(read_state(ckpt)["step"])
 
 
+def evaluated_final(run_dir: str | Path) -> bool:
+    """True when the run is finished (RUN_DIR/finished.json) and RUN_DIR/eval/metrics.json evaluates its final
+    checkpoint; False when it is unfinished, not evaluated, or evaluated at another step."""
+    marker = read_finished(run_dir)
+    path = Path(run_dir) / "eval" / "metrics.json"
+    if marker is None or not path.is_file():
+        return False
+    metrics = json.loads(path.read_text())
+    return bool(metrics.get("finished")) and metrics.get("checkpoint_step") == marker["step"]
+
+
 def evaluate_run(
     run_dir: str | Path,
     shards: str,
@@ -95,6 +107,15 @@ def evaluate_run(
     run_dir = Path(run_dir)
     device = PartialState().device
     cfg, model, ckpt, step = load_run(run_dir, device)
+    finished = step >= cfg.train.steps
+    unfinished_note = None
+    if not finished:
+        unfinished_note = (
+            f"unfinished run: its newest checkpoint is at step {step} of train.steps={cfg.train.steps}; these "
+            f"numbers are not the trained model's. Continue it with `python train.py --config {run_dir}/config.yaml "
+            f"run_dir={run_dir} --resume auto`, then evaluate again"
+        )
+        print(f"warning: {unfinished_note}", file=sys.stderr)
     horizon = horizon or cfg.eval.horizon
     num_samples = num_samples or cfg.eval.num_samples
     num_clips = num_clips or cfg.eval.num_clips
@@ -129,6 +150,8 @@ def evaluate_run(
         "run": str(run_dir),
         "checkpoint": str(ckpt),
         "checkpoint_step": step,
+        "train_steps": cfg.train.steps,
+        "finished": finished,
         "latent": cfg.model.latent,
         "objective": cfg.model.objective,
         "shards": shards,
@@ -139,7 +162,7 @@ def evaluate_run(
         "num_clips": int(sum(len(f) for f in collected.frames)),
         "modes": collected.errors.result(),
         "diversity": collected.diversity.result(),
-        "notes": [],
+        "notes": [unfinished_note] if unfinished_note else [],
     }
     if "events" not in _present(collected, metrics["num_clips"]):
         metrics["notes"].append("the shards have no `events` field: errors are reported for all steps only")
