@@ -2,7 +2,7 @@
 
     python -m benchmarks.beta_sweep --betas 0.0002 0.0005 0.001 0.002 [--latent adassl_v] [--steps N]
 
-beta only means something relative to how the prediction loss is normalised (DESIGN.md section 6): the JEPA loss is
+beta only means something relative to how the prediction loss is normalised: the JEPA loss is
 a mean over batch, frames, (patches) and dims; AdaSSL-V's KL is summed over latent dims and averaged over batch and
 transitions. Too high and r is ignored (KL -> 0, AdaSSL = JEPA); too low and r copies the target. The table shows,
 per beta: KL on kicked vs unkicked transitions, KL as a kick detector (AUC), rollout L1 on kicked transitions for

@@ -44,7 +44,7 @@ class ModelConfig:
     patch_size: int = 8
     in_chans: int = 3
     embed_dim: int = 192  # encoder width
-    # What the model predicts and rolls out (DESIGN.md section 7): "frame" = one embedding per frame, a head on the
+    # What the model predicts and rolls out: "frame" = one embedding per frame, a head on the
     # encoder's token grid (layer norm, flatten, linear to frame_dim); "tokens" = the patch token grid itself (for
     # large images on GPUs). The frame embedding is also what the AdaSSL prior and posterior read.
     granularity: str = "frame"  # frame | tokens

@@ -8,12 +8,12 @@ the online weights with fused foreach ops.
 With `model.granularity=frame` (the default) the encoder ends in a frame head: the token grid is layer-normed,
 flattened (so where things are survives) and mapped linearly to one `frame_dim` embedding per frame, returned as a
 grid of one token, [B, T, 1, frame_dim]. Everything downstream (predictor, latents, rollouts, metrics) reads
-[B, T, N, D] and works on either granularity. DESIGN.md section 7: per-patch targets of 8-px patches change far
-more between frames than the motion does; a frame embedding learns the motion at CPU budget.
+[B, T, N, D] and works on either granularity. Why frame is the default: per-patch targets of 8-px patches change
+far more between frames than the motion does; a frame embedding learns the motion at CPU budget.
 
 `TokenNorm` is the single definition of "normalised tokens": a parameter-free layer norm over D, optionally after
-subtracting a running mean of the target tokens (DINO-style centring). DESIGN.md section 6: with a plain layer-normed
-EMA target a small model collapsed within 100 steps; centring fixed every run.
+subtracting a running mean of the target tokens (DINO-style centring): with a plain layer-normed EMA target a small
+model collapses within 100 steps, and centring prevents it.
 """
 
 from __future__ import annotations
@@ -128,8 +128,8 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
 
 
 class TokenNorm(nn.Module):
-    """Normalised tokens, one of two `mode`s (no learned parameters; both centred, DESIGN.md sections 6-7: a plain
-    layer norm without centring lost most dims, effective rank 4-17 of 96, and was removed):
+    """Normalised tokens, one of two `mode`s (no learned parameters; both centred, because a plain layer norm
+    without centring loses most dims, effective rank 4-17 of 96):
 
     - `center_layernorm`: subtract a running mean [D], then layer norm over D (DINO-style centring);
     - `standardize`: subtract the running mean [D] and divide by the running std [D] (batch-norm statistics, no

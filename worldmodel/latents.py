@@ -1,6 +1,6 @@
 """The latent variable r of AdaSSL: where it is inferred from, how it is regularised, how it is drawn in rollouts.
 
-Per transition t -> t+1 (DESIGN.md section 1):
+Per transition t -> t+1:
 
 - the context summary s_t comes from the predictor trunk's output at t, which has seen all frames <= t,
   attention-pooled over patches and projected;
@@ -84,8 +84,8 @@ class Summaries(nn.Module):
 
     s_t pools the trunk's output at position t, which has seen every frame <= t, so the prior reads the same history
     the predictor does (`context_dim` = the predictor width). Pooling the online tokens of frames t-1 and t instead
-    (the first version's `model.context_summary=frames`) left the KL blind to the kicks: AUC 0.52 against 0.84, the
-    prior mean 0.74 of copy-last against 0.50 (docs/results.md), and was removed.
+    leaves the KL blind to the kicks (AUC 0.52 against 0.84; the prior mean 0.74 of copy-last against 0.50;
+    docs/results.md).
     """
 
     def __init__(self, embed_dim: int, summary_dim: int, heads: int = 4, context_dim: int = 0):
@@ -109,8 +109,8 @@ class VariationalLatent(nn.Module):
     """AdaSSL-V: posterior q(r | s, s+) and learned conditional prior p(r | s), diagonal Gaussians.
 
     Both heads' output layers start at zero weight, mean bias 0 and the same sigma bias (SIGMA_INIT), so q = p and
-    the KL is exactly 0 at initialisation (DESIGN.md section 7: two random MLP means started at ~19 nats per
-    transition, a strong early push to collapse r).
+    the KL is exactly 0 at initialisation (two randomly initialised means would start at ~19 nats per transition,
+    a strong early push to collapse r).
     """
 
     def __init__(self, summary_dim: int, latent_dim: int):

@@ -8,18 +8,19 @@ needs no EMA; the target encoder still exists and `update_target` still moves it
 running statistics, no parameters): the two encoders' raw means differ.
 
 Prediction. The predictor's output at t is frame t+1's target embedding (absolute, or its input at t plus a change
-with `model.prediction=residual`; DESIGN.md section 7: a change added to frame t's *detached target* let the target
-space drift until consecutive frames were anti-correlated). A rollout feeds each prediction back as the next input
-and nothing else, so a k-step rollout is computed exactly as the training rollout term (`model.rollout_steps`)
-computes it: one function, `rollout`, for both.
+with `model.prediction=residual`). The residual's base is the predictor's own input, with gradient, never a
+detached target: a change added to a detached target lets the target space drift away from the motion until
+consecutive frames are anti-correlated (docs/results.md, "Ablations"). A rollout feeds each prediction back as
+the next input and nothing else, so a k-step rollout is computed exactly as the training rollout term
+(`model.rollout_steps`) computes it: one function, `rollout`, for both.
 
 Indexing. For frames 0..T-1 the predictor's output at position t predicts frame t+1, conditioned on the latent
 (or action) of transition t -> t+1; latents, actions and regularisers are per transition, [B, T-1, ...].
 
-Monitors (logged by the trainer, DESIGN.md section 6-7): `target_var` (batch variance of the targets),
-`target_eff_rank` (effective rank of the per-frame targets), `drift` (copy-last squared error over the target
-variance: consecutive targets should stay closer than random pairs, so well below 2), `copy_last` (the loss of
-predicting no change).
+Monitors (logged by the trainer; the loss hides collapse and drift, these show them): `target_var` (batch
+variance of the targets), `target_eff_rank` (effective rank of the per-frame targets), `drift` (copy-last squared
+error over the target variance: consecutive targets should stay closer than random pairs, so well below 2),
+`copy_last` (the loss of predicting no change).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Collapse monitors on embeddings (DESIGN.md section 6: collapse is real at small scale and the loss hides it).
+"""Collapse monitors on embeddings (collapse is real at small scale, and a falling loss hides it).
 
 All functions take embeddings [M, D] (M samples) and return a 0-dim float32 tensor; they run without gradient and
 in float32 whatever the autocast state.
@@ -45,7 +45,7 @@ def target_health(target: Tensor) -> dict[str, Tensor]:
     - `target_eff_rank`: effective rank of the targets' rows [B*T*N, D] (1 when collapsed, up to D);
     - `drift`: copy-last squared error over the target variance, mean((z_{t+1} - z_t)^2) / target_var: 0 when
       nothing changes, 2 when consecutive frames are as unrelated as random pairs, above 2 when anti-correlated.
-      A target space that drifts away from the motion (DESIGN.md section 7) shows here as a rising ratio.
+      A target space that drifts away from the motion shows here as a rising ratio.
     """
     x = target.detach().float()
     var = batch_variance(x)
@@ -62,7 +62,7 @@ class HealthWatch:
 
     - collapse: `target_eff_rank` below `min_rank_share` of the target width `dim`;
     - drift: `drift` above `max_drift_growth` x its value at the first log at or after step `reference_step`
-      (the target space moving away from the motion, DESIGN.md section 7).
+      (the target space moving away from the motion).
     `check(step, scalars)` returns the warning lines to print (empty when healthy).
     """
 

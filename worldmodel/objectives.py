@@ -1,6 +1,6 @@
 """Prediction losses: JEPA regression on normalised target tokens, or InfoNCE on pooled embeddings.
 
-Normalisation, to read `beta` against (DESIGN.md section 6): the JEPA loss is a MEAN over batch, predicted frames,
+Normalisation, to read `beta` against: the JEPA loss is a MEAN over batch, predicted frames,
 patches and embedding dims, of tokens that are layer-normed (unit variance over D). The latent regulariser is a SUM
 over the d_r latent dims averaged over batch and transitions. Changing either normalisation moves the usable beta.
 """

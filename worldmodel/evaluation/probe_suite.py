@@ -114,7 +114,7 @@ def latent_action_probes(
     a logistic detector of the event flag on [x, x²] (a kick of random direction shows in the magnitude, which a
     linear read-out of x cannot see); `event_auc_norm`, the AUC of ||x|| itself (nothing fitted, all
     transitions). The detector gets its AUC over all transitions (nothing fitted) and its mean on event and
-    no-event transitions (the bimodality health check of DESIGN.md section 6).
+    no-event transitions (a health check: a latent that carries the events has a bimodal KL, high on events).
 
     Returns ({"headline": name, "features": {name: {...}}, "detector": {"name": ..., ...} or None}, notes).
     """
