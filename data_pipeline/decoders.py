@@ -9,17 +9,36 @@ Two backends, chosen by name through `get_decoder`:
 
 Both return `uint8 [T, H, W, 3]` RGB frames, resized on decode to `size x size` when `size > 0` (bicubic in both),
 and raise `DecodeError` for data they cannot read (corrupt, truncated, no video stream, index out of range).
+
+The native libraries are quiet: on corrupt data FFmpeg and decord print hundreds of lines per shard to stderr, some of
+them raw video bytes, and the stream counts every skipped sample by reason anyway (`batch["skipped"]`, logged by the
+trainer as `skipped/<reason>`). So each process that makes a decoder (DataLoader workers included) sets PyAV's
+FFmpeg log level to none and decord's to quiet, and decord's own report of data it cannot open (written by its C++
+code straight to file descriptor 2, whatever the log level) is held back while decord opens a video: text from
+anything else in that moment is passed on. Set `WORLDMODEL_DECODE_DEBUG=1` (inherited by the workers) for full
+detail: FFmpeg's warnings and errors (decord's to stderr, PyAV's through Python logging, logger `libav`), decord's
+own reports, and one `logging` warning per skipped sample with its reason and the error text.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
-from collections.abc import Sequence
+import logging
+import os
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
+DEBUG_ENV = "WORLDMODEL_DECODE_DEBUG"
+
+log = logging.getLogger(__name__)
 
 
 class DecodeError(RuntimeError):
@@ -58,6 +77,100 @@ def _require(module: str, backend: str):
         ) from exc
 
 
+def decode_debug() -> bool:
+    """True when `WORLDMODEL_DECODE_DEBUG` asks for full decoder detail (set and not one of "", 0, false, no, off)."""
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+_native_logging_set: set[tuple[str, bool]] = set()  # (library, debug) already applied in this process
+
+
+def _set_native_logging(library: str, module) -> None:
+    """Quiet the native logging of `library` ("av" or "decord", imported as `module`), or turn it up to FFmpeg's
+    warnings and errors when `decode_debug()`; applied once per process and mode (a spawned DataLoader worker
+    imports this module afresh, a forked one inherits the setting)."""
+    debug = decode_debug()
+    if (library, debug) in _native_logging_set:
+        return
+    if library == "av":  # None: PyAV drops FFmpeg's messages; a level: PyAV passes them to Python logging
+        module.logging.set_level(module.logging.WARNING if debug else None)
+    else:  # decord prints FFmpeg's messages of its own FFmpeg copy to stderr, from this level up
+        module.logging.set_level(module.logging.WARNING if debug else module.logging.QUIET)
+    _native_logging_set.add((library, debug))
+
+
+class _Fd2Capture:
+    """Holds back what native code writes to file descriptor 2 during a `with capture.held(buffer):` block.
+
+    The bytes land in a private temporary file (not a pipe, which a long report would fill and block on) and are
+    appended to `buffer` when the block ends; the caller writes back, with `passed_on`, whatever it does not
+    recognise. One capture at a time per process, under a lock that is also taken around os.fork (multiprocessing,
+    DataLoader workers) and by `stderr_not_held` (for subprocesses: their fork does not run Python's fork hooks), so
+    that no child process starts with its stderr redirected.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._file: tuple[int, io.FileIO] | None = None  # (pid, file): a forked child makes its own
+        os.register_at_fork(
+            before=self._lock.acquire, after_in_parent=self._lock.release, after_in_child=self._lock.release
+        )
+
+    @contextlib.contextmanager
+    def held(self, buffer: bytearray) -> Iterator[None]:
+        with self._lock:
+            if self._file is None or self._file[0] != os.getpid():
+                file = tempfile.TemporaryFile(buffering=0)  # noqa: SIM115 (kept open for the process's life)
+                self._file = (os.getpid(), file)
+            file = self._file[1]
+            file.seek(0)
+            file.truncate()
+            if sys.stderr is not None:
+                sys.stderr.flush()  # Python's own pending text goes out first, to the real stderr
+            try:
+                saved = os.dup(2)
+            except OSError:  # no fd 2 in this process: nothing to hold back
+                yield
+                return
+            os.dup2(file.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                file.seek(0)
+                buffer += file.read()
+
+    @staticmethod
+    def passed_on(text: bytes) -> None:
+        """Write `text` to file descriptor 2 (the real stderr once the capture has ended)."""
+        with contextlib.suppress(OSError):
+            while text:
+                text = text[os.write(2, text) :]
+
+
+_fd2 = _Fd2Capture()
+
+
+def stderr_not_held() -> threading.Lock:
+    """A context manager: in its block no decoder holds file descriptor 2 back. Start subprocesses (the command of a
+    `pipe:` shard, curl for an http one) in one when decoding may run in another thread, so that they inherit the
+    real stderr, not a decoder's capture file."""
+    return _fd2._lock
+
+
+def _without_open_report(held: bytes, data: bytes) -> bytes:
+    """`held` without decord's report of failing to open in-memory `data`: one line
+    `[hh:mm:ss] .../video_reader.cc:NN: ERROR opening: <data up to its first NUL byte>, <FFmpeg error>`."""
+    marker = b"ERROR opening: " + data.split(b"\0", 1)[0] + b", "
+    at = held.find(marker)
+    if at < 0:
+        return held
+    start = held.rfind(b"\n", 0, at) + 1
+    end = held.find(b"\n", at + len(marker))
+    return held[:start] + (b"" if end < 0 else held[end + 1 :])
+
+
 def _check_indices(indices: Sequence[int], num_frames: int, backend: str) -> list[int]:
     wanted = [int(i) for i in indices]
     if not wanted:
@@ -91,6 +204,7 @@ class PyAVDecoder:
 
     def __init__(self) -> None:
         self._av = _require("av", self.name)
+        _set_native_logging("av", self._av)
 
     def _open(self, data: bytes):
         try:
@@ -146,24 +260,41 @@ class DecordDecoder:
 
     def __init__(self) -> None:
         self._decord = _require("decord", self.name)
+        _set_native_logging("decord", self._decord)
+        self._debug = decode_debug()
         self._fallback = PyAVDecoder()
 
     def _reader(self, data: bytes):
-        return self._decord.VideoReader(io.BytesIO(data), ctx=self._decord.cpu(0), num_threads=1)
+        """A decord VideoReader of `data`. Unless in debug mode, decord's report of data it cannot open (printed to
+        fd 2 whatever the log level, with the data's bytes as the file name) is dropped: PyAV reads such data next."""
+        if self._debug:
+            return self._decord.VideoReader(io.BytesIO(data), ctx=self._decord.cpu(0), num_threads=1)
+        held = bytearray()
+        try:
+            with _fd2.held(held):
+                return self._decord.VideoReader(io.BytesIO(data), ctx=self._decord.cpu(0), num_threads=1)
+        finally:
+            if held:
+                _fd2.passed_on(_without_open_report(bytes(held), data))
+
+    def _fall_back(self, exc: Exception) -> PyAVDecoder:
+        if self._debug:
+            log.debug("decord cannot read the video (%s); trying pyav", exc)
+        return self._fallback
 
     def info(self, data: bytes) -> VideoInfo:
         try:
             reader = self._reader(data)
             height, width = reader[0].shape[:2]
             return VideoInfo(len(reader), height, width, float(reader.get_avg_fps()))
-        except (self._decord.DECORDError, RuntimeError, IndexError):
-            return self._fallback.info(data)
+        except (self._decord.DECORDError, RuntimeError, IndexError) as exc:
+            return self._fall_back(exc).info(data)
 
     def decode(self, data: bytes, indices: Sequence[int], size: int = 0) -> np.ndarray:
         try:
             reader = self._reader(data)
-        except (self._decord.DECORDError, RuntimeError):
-            return self._fallback.decode(data, indices, size)
+        except (self._decord.DECORDError, RuntimeError) as exc:
+            return self._fall_back(exc).decode(data, indices, size)
         wanted = _check_indices(indices, len(reader), self.name)
         try:
             frames = reader.get_batch(wanted).asnumpy()

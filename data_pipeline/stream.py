@@ -10,12 +10,17 @@ Evaluation (`make_eval_loader`) is one finite, deterministic pass over the shard
 
 Bad samples never stop the stream: they are skipped and counted by reason ("decode_error", "too_short",
 "bad_metadata", "shard_error"), and each batch carries `batch["skipped"]`, the counts of its worker since that
-worker's previous batch. Nothing in a shard is unpickled or executed: only video bytes and JSON are read.
+worker's previous batch. The decoders' native libraries are quiet, so the counts are all a log shows of bad data;
+with `WORLDMODEL_DECODE_DEBUG=1` in the environment (the DataLoader workers inherit it) each skipped sample is also
+logged (logger `data_pipeline.stream`, level WARNING) with its key, reason and error text, and FFmpeg and decord
+print their own detail (see data_pipeline/decoders.py). Nothing in a shard is unpickled or executed: only video
+bytes and JSON are read.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import signal
 import threading
@@ -31,13 +36,15 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.batching import RING_SLOTS, BatchLoader, batches, read_ahead
-from data_pipeline.clips import MetadataError, clip_indices, clip_starts, cut_metadata
+from data_pipeline.clips import MetadataError, clip_indices, clip_span, clip_starts, cut_metadata
 from data_pipeline.config import DataConfig
-from data_pipeline.decoders import DecodeError, get_decoder
+from data_pipeline.decoders import DecodeError, decode_debug, get_decoder, stderr_not_held
 from data_pipeline.shardlist import Slot, expand_shards, slot_passes, uses_modulo
 from data_pipeline.write_shards import VIDEO_EXTENSIONS
 
 READ_EXTENSIONS = frozenset((*VIDEO_EXTENSIONS, "json"))
+
+log = logging.getLogger(__name__)
 
 
 class NoDecodableDataError(RuntimeError):
@@ -55,6 +62,7 @@ class _Reader:
     def __init__(self, cfg: DataConfig) -> None:
         self.cfg = cfg
         self.decoder = get_decoder(cfg.decoder)
+        self.debug = decode_debug()  # log every skip with its reason and error text
         self.skipped: Counter[str] = Counter()
         self._skipped_lock = threading.Lock()  # shard errors are counted by the read-ahead thread
         self.pass_samples = 0  # samples delivered in the current pass over the shards
@@ -68,9 +76,13 @@ class _Reader:
         warnings.warn(f"skipping unreadable shard data: {exn}", stacklevel=2)
         return True
 
-    def skip(self, reason: str, key: str) -> None:
+    def skip(self, reason: str, key: str, detail: str = "") -> None:
+        """Count a skipped sample under `reason` (logged with `detail` in decode-debug mode); fails when samples
+        have been unusable for so long that no usable one exists."""
         with self._skipped_lock:
             self.skipped[reason] += 1
+        if self.debug:
+            log.warning("skipped sample %r (%s): %s", key, reason, detail or "no detail")
         self.failure_streak += 1
         # A usable sample recurs every pass, so a streak this long means there is none (the margin covers samples
         # waiting in the shuffle buffer).
@@ -87,6 +99,24 @@ class _Reader:
         with self._skipped_lock:
             counts, self.skipped = dict(self.skipped), Counter()
         return counts
+
+
+def _open_shards(sources: Iterable[dict], handler: Callable[[Exception], bool]) -> Iterator[dict]:
+    """webdataset's url_opener, one shard at a time while no decoder holds stderr back (see
+    `decoders.stderr_not_held`): the read-ahead thread opens shards while the decode thread decodes, and a `pipe:`
+    command started in the wrong moment would send its error messages into the decoder's capture file."""
+    for source in sources:
+        with stderr_not_held():
+            opened = list(wds.tariterators.url_opener([source], handler=handler))
+        yield from opened
+
+
+def _tar_samples(sources: Iterable[dict], handler: Callable[[Exception], bool]) -> Iterator[dict]:
+    """The samples of the shards `sources` ({"url": ...}): webdataset's tarfile_to_samples, opening shards with
+    `_open_shards` and reading only the entries of the shard format (KEY.<video>, KEY.json)."""
+    streams = _open_shards(sources, handler)
+    files = wds.tariterators.tar_file_expander(streams, handler=handler, select_files=_format_entries_only)
+    return wds.tariterators.group_by_keys(files, handler=handler)
 
 
 def _urls(passes: Iterable[list[str]], reader: _Reader, empty_passes_allowed: int) -> Iterator[dict]:
@@ -140,6 +170,7 @@ class _Plan:
 
     key: str
     skip: str | None = None  # the skip reason, or None for a usable sample
+    detail: str = ""  # why it is skipped: the error text
     meta: dict | None = None
     video: bytes = b""
     starts: np.ndarray | None = None  # int64 [clips]
@@ -161,11 +192,15 @@ def _plan(sample: dict, cfg: DataConfig, rng: np.random.Generator, clips_per_vid
         plan.starts = clip_starts(int(plan.meta["num_frames"]), cfg.clip_length, cfg.frame_step, rng, clips_per_video)
         if plan.starts is None:
             plan.skip = "too_short"
+            plan.detail = (
+                f"the video has {plan.meta['num_frames']} frames; a clip of {cfg.clip_length} frames with "
+                f"frame_step {cfg.frame_step} spans {clip_span(cfg.clip_length, cfg.frame_step)}"
+            )
             return plan
         clips = [clip_indices(int(s), cfg.clip_length, cfg.frame_step) for s in plan.starts]
         plan.rows = [cut_metadata(plan.meta, idx) for idx in clips]
-    except MetadataError:
-        plan.skip = "bad_metadata"
+    except MetadataError as exc:
+        plan.skip, plan.detail = "bad_metadata", str(exc)
         return plan
     if len(clips) == 1 and cfg.frame_step > 0:  # one clip: its frames are distinct and increasing already
         plan.needed, plan.positions = clips[0].tolist(), None
@@ -204,11 +239,11 @@ def _decode_clips(plan_chunks: Iterable[list[_Plan]], reader: _Reader) -> Iterat
             if plan.skip is None:
                 try:
                     plan.frames = reader.decoder.decode(plan.video, plan.needed, size=cfg.image_size)
-                except DecodeError:
-                    plan.skip = "decode_error"
+                except DecodeError as exc:
+                    plan.skip, plan.detail = "decode_error", str(exc)
         for plan in plans:
             if plan.skip is not None:
-                reader.skip(plan.skip, plan.key)
+                reader.skip(plan.skip, plan.key, plan.detail)
                 continue
             reader.failure_streak = 0
             meta = plan.meta
@@ -266,7 +301,7 @@ class TrainClips(IterableDataset):
         chunk_samples = max(1, cfg.batch_size // cfg.clips_per_video)
         pipeline = wds.DataPipeline(
             lambda: _urls(slot_passes(self.urls, self.seed, self.epoch, slot), reader, modulo.count if modulo else 1),
-            wds.tarfile_to_samples(handler=reader.shard_error, select_files=_format_entries_only),
+            lambda sources: _tar_samples(sources, reader.shard_error),
             lambda samples: _keep_slot(samples, reader, modulo),
             wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=random.Random(str(seeds))),
             lambda samples: read_ahead(
@@ -326,7 +361,7 @@ class EvalClips(IterableDataset):
 
         pipeline = wds.DataPipeline(
             lambda: iter([{"url": url} for url in self.urls]),
-            wds.tarfile_to_samples(handler=reader.shard_error, select_files=_format_entries_only),
+            lambda sources: _tar_samples(sources, reader.shard_error),
             lambda samples: read_ahead(
                 _plan_chunks(samples, self.cfg, start_rng, 1, chunk=min(self.batch_size, self.num_clips)), depth=2
             ),

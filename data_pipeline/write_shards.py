@@ -1,10 +1,14 @@
 """Write a folder of videos (with optional sidecar JSON) into webdataset tar shards.
 
     python -m data_pipeline.write_shards --input videos/ --output shards/ [--samples-per-shard N | --bytes-per-shard B]
-        [--size S --fps F --gop G] [--val-fraction f --seed s]
+        [--size S --fps F --gop G] [--val-fraction f --seed s] [--action-rows transition|frame]
 
 Input: `NAME.mp4` (or .webm, .avi, .mkv, .mov, ...) with an optional sidecar `NAME.json` holding `state`,
-`state_names`, `action`, `action_names`, `events`, `labels` (docs/architecture.md). Output layout:
+`state_names`, `action`, `action_names`, `events`, `labels` (docs/architecture.md). The shards store one `action` row
+per transition t -> t+1 (N-1 rows for N frames), and so must the sidecars by default; sidecars that store one action
+per frame (N rows, the action taken at frame t, the last one unused) need `--action-rows frame`, which drops the last
+row. A sidecar whose row count fits neither is skipped with the reason (the check is strict: an off-by-one would
+otherwise shift every action by a frame without a word). Output layout:
 
     OUTPUT/shard-000000.tar      KEY.mp4 (or the source extension) + KEY.json per sample, KEY = NAME sanitised
     OUTPUT/index.json            {"shards": [{"name", "samples", "bytes"}], "total_samples"}
@@ -38,6 +42,7 @@ from data_pipeline.encode import encode_h264
 
 VIDEO_EXTENSIONS = ("mp4", "webm", "avi", "mkv", "mov", "m4v", "mpg", "mpeg", "ogv")
 STORED_FIELDS = ("fps", "num_frames", "height", "width")
+ACTION_ROWS = ("transition", "frame")  # what a sidecar's `action` rows are: one per transition, or one per frame
 DEFAULT_SAMPLES_PER_SHARD = 1000
 
 
@@ -84,12 +89,37 @@ def sanitise_key(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", name)
 
 
-def _check_sidecar(sample: Sample, num_frames: int) -> None:
+def _checked_sidecar(sample: Sample, num_frames: int, action_rows: str = "transition") -> dict:
+    """The sample's sidecar in the shard format (one `action` row per transition) after checking it against a video
+    of `num_frames` frames; with `action_rows="frame"` the sidecar has one action per frame and the last is dropped.
+
+    Raises MetadataError with the reason, naming --action-rows when the `action` row count fits the other option.
+    """
     if sample.problem:
         raise MetadataError(sample.problem)
     if not isinstance(sample.sidecar, dict):
         raise MetadataError(f"the sidecar must be a JSON object, got {type(sample.sidecar).__name__}")
-    cut_metadata({**sample.sidecar, "num_frames": num_frames}, np.arange(num_frames))
+    sidecar = sample.sidecar
+    action = sidecar.get("action")
+    if isinstance(action, list):
+        per_frame = action_rows == "frame"
+        expected = num_frames if per_frame else num_frames - 1
+        if len(action) != expected:
+            if per_frame:
+                per = "one per frame, as --action-rows frame says; the last one is dropped"
+                other = "if your sidecars store one action per transition t -> t+1, leave out --action-rows frame"
+            else:
+                per = "one per transition t -> t+1"
+                other = "if your sidecars store one action per frame (the last one unused), pass --action-rows frame"
+            hint = f"; {other}" if len(action) == (num_frames - 1 if per_frame else num_frames) else ""
+            raise MetadataError(
+                f"'action' has {len(action)} rows for a video of {num_frames} frames; expected {expected} rows ({per})"
+                f"{hint}"
+            )
+        if per_frame:
+            sidecar = {**sidecar, "action": action[:-1]}
+    cut_metadata({**sidecar, "num_frames": num_frames}, np.arange(num_frames))
+    return sidecar
 
 
 def _resampled_indices(num_frames: int, src_fps: float, fps: float | None) -> np.ndarray:
@@ -103,14 +133,17 @@ def _resampled_indices(num_frames: int, src_fps: float, fps: float | None) -> np
     return np.minimum(np.round(out * src_fps / fps).astype(np.int64), num_frames - 1)
 
 
-def prepare_sample(sample: Sample, reencode: Reencode | None, decoder: PyAVDecoder) -> tuple[bytes, str, dict]:
+def prepare_sample(
+    sample: Sample, reencode: Reencode | None, decoder: PyAVDecoder, *, action_rows: str = "transition"
+) -> tuple[bytes, str, dict]:
     """Check (and optionally re-encode) one video -> (video bytes, extension, KEY.json dict).
 
-    Raises DecodeError or MetadataError with the reason when the sample must be skipped.
+    `action_rows`: "transition" (the sidecar's `action` has one row per transition, as stored) or "frame" (one row
+    per frame; the last is dropped). Raises DecodeError or MetadataError with the reason when the sample must be
+    skipped.
     """
     info = decoder.info(sample.video)
-    _check_sidecar(sample, info.num_frames)
-    meta = dict(sample.sidecar)
+    meta = dict(_checked_sidecar(sample, info.num_frames, action_rows))
     if reencode is None:
         video, ext = sample.video, sample.ext
         meta.update(fps=info.fps, num_frames=info.num_frames, height=info.height, width=info.width)
@@ -182,9 +215,14 @@ def write_samples(
     reencode: Reencode | None = None,
     total: int | None = None,
     progress: bool = True,
+    action_rows: str = "transition",
 ) -> WriteSummary:
     """Write `samples` in order into OUTPUT/shard-*.tar + OUTPUT/index.json; shards left from an earlier, larger
-    run in OUTPUT are removed. Undecodable samples are skipped and listed in the returned summary."""
+    run in OUTPUT are removed. Undecodable samples are skipped and listed in the returned summary. `action_rows`
+    says what the sidecars' `action` rows are: "transition" (one per transition t -> t+1, N-1 rows for N frames,
+    as stored) or "frame" (N rows, one per frame; the last row is dropped)."""
+    if action_rows not in ACTION_ROWS:
+        raise ValueError(f"action_rows must be one of {ACTION_ROWS}, got {action_rows!r}")
     if samples_per_shard is None and bytes_per_shard is None:
         samples_per_shard = DEFAULT_SAMPLES_PER_SHARD
     for name, limit in (("samples_per_shard", samples_per_shard), ("bytes_per_shard", bytes_per_shard)):
@@ -199,7 +237,7 @@ def write_samples(
             summary.skipped.append((sample.source, f"duplicate key {sample.key!r} (another input has the same stem)"))
             continue
         try:
-            video, ext, meta = prepare_sample(sample, reencode, decoder)
+            video, ext, meta = prepare_sample(sample, reencode, decoder, action_rows=action_rows)
         except (DecodeError, MetadataError) as exc:
             summary.skipped.append((sample.source, f"{type(exc).__name__}: {exc}"))
             continue
@@ -251,12 +289,16 @@ def write_shards(
     val_fraction: float = 0.0,
     seed: int = 0,
     progress: bool = True,
+    action_rows: str = "transition",
 ) -> dict[str, WriteSummary]:
     """Shard the videos of `input_dir` into `output_dir` (or its train/ and val/ when `val_fraction` > 0).
 
     Returns the summary per split ("all", or "train" and "val"). The val split is a seeded random
-    `round(val_fraction * N)` of the videos; shards keep the videos in name order.
+    `round(val_fraction * N)` of the videos; shards keep the videos in name order. `action_rows`: see
+    `write_samples`.
     """
+    if action_rows not in ACTION_ROWS:
+        raise ValueError(f"action_rows must be one of {ACTION_ROWS}, got {action_rows!r}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     videos = find_videos(input_dir)
@@ -283,6 +325,7 @@ def write_shards(
             reencode=reencode,
             total=len(names),
             progress=progress,
+            action_rows=action_rows,
         )
     return summaries
 
@@ -299,6 +342,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gop", type=int, help="re-encode with a keyframe every GOP frames (default 8)")
     parser.add_argument("--val-fraction", type=float, default=0.0, help="write OUTPUT/train and OUTPUT/val")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    parser.add_argument(
+        "--action-rows",
+        choices=ACTION_ROWS,
+        default="transition",
+        help="what the sidecars' 'action' rows are: one per transition t -> t+1, N-1 rows for N frames (default), "
+        "or one per frame, N rows (the last row, taken at the last frame, is dropped)",
+    )
     args = parser.parse_args(argv)
     summaries = write_shards(
         args.input,
@@ -310,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         gop=args.gop,
         val_fraction=args.val_fraction,
         seed=args.seed,
+        action_rows=args.action_rows,
     )
     for summary in summaries.values():
         print(summary.report())

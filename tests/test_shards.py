@@ -167,3 +167,53 @@ def test_tar_members_are_plain_readable_files(video_folder, tmp_path):
         member = tar.getmember("alpha.json")
         assert member.isfile() and member.mode == 0o644
         assert json.load(io.BytesIO(tar.extractfile(member).read()))["labels"]
+
+
+@pytest.fixture(scope="module")
+def per_frame_folder(tmp_path_factory) -> Path:
+    """Two 12-frame videos whose sidecars store one action per frame: `perframe` with 12 rows (row t taken at frame
+    t, the last unused) and `short` with 10 rows, which fits neither convention."""
+    root = tmp_path_factory.mktemp("per_frame")
+    rng = np.random.default_rng(11)
+    for name, rows in (("perframe", 12), ("short", 10)):
+        frames, meta = simulate(12, rng)
+        action = (np.arange(rows * 2, dtype=np.float64).reshape(rows, 2) / 4).tolist()
+        (root / f"{name}.mp4").write_bytes(encode_h264(frames, 10.0))
+        (root / f"{name}.json").write_text(json.dumps({"state": meta["state"], "action": action}))
+    return root
+
+
+def test_per_frame_actions_are_rejected_by_default_with_the_option_to_pass(per_frame_folder, tmp_path):
+    summary = write_shards(per_frame_folder, tmp_path, progress=False)["all"]
+    assert summary.written == 0
+    skipped = dict(summary.skipped)
+    assert "'action' has 12 rows for a video of 12 frames; expected 11 rows" in skipped["perframe.mp4"]
+    assert "one action per frame (the last one unused), pass --action-rows frame" in skipped["perframe.mp4"]
+    assert "'action' has 10 rows for a video of 12 frames; expected 11 rows" in skipped["short.mp4"]
+    assert "--action-rows" not in skipped["short.mp4"]  # no option makes 10 rows fit 12 frames
+
+
+def test_action_rows_frame_drops_the_unused_last_action(per_frame_folder, tmp_path, capsys):
+    assert main(["--input", str(per_frame_folder), "--output", str(tmp_path), "--action-rows", "frame"]) == 0
+    report = capsys.readouterr().out
+    assert "wrote 1 samples in 1 shards, skipped 1" in report
+    assert "skipped short.mp4: MetadataError: 'action' has 10 rows for a video of 12 frames; expected 12 rows" in report
+    source = json.loads((per_frame_folder / "perframe.json").read_text())
+    entries = _read_shards(tmp_path)
+    meta = json.loads(entries["perframe.json"])
+    assert meta["num_frames"] == 12 and meta["action"] == source["action"][:11]
+    assert meta["state"] == source["state"]
+    # the converted rows are what re-encoding resamples (here to half the frame rate: pairs of transitions summed)
+    write_shards(per_frame_folder, tmp_path / "half", fps=5.0, action_rows="frame", progress=False)
+    meta = json.loads(_read_shards(tmp_path / "half")["perframe.json"])
+    assert meta["num_frames"] == 6
+    np.testing.assert_allclose(meta["action"], np.asarray(source["action"])[:10].reshape(5, 2, 2).sum(axis=1))
+
+
+def test_transition_actions_with_action_rows_frame_name_the_default(video_folder, tmp_path):
+    summary = write_shards(video_folder, tmp_path, action_rows="frame", progress=False)["all"]
+    reason = dict(summary.skipped)["alpha.mp4"]
+    assert "'action' has 11 rows for a video of 12 frames; expected 12 rows" in reason
+    assert "one action per transition t -> t+1, leave out --action-rows frame" in reason
+    with pytest.raises(ValueError, match="action_rows must be one of"):
+        write_shards(video_folder, tmp_path, action_rows="frames")
