@@ -4,7 +4,8 @@
     python train.py --config configs/tiny.yaml run_dir=runs/tiny          # one process, no launcher
 
 Exit status: 0 = finished (train.steps reached, RUN_DIR/finished.json written); 75 = stopped by SIGTERM/Ctrl-C
-after saving a checkpoint, continue with --resume auto; 1 = the loss diverged; 2 = bad config or --resume.
+after saving a checkpoint, continue with --resume auto; 1 = the loss diverged; 2 = bad config, --resume or shard list
+(missing shards or shard program), or a process group other than the launcher announced.
 Launchers report any non-zero status of a trainer as their own failure (accelerate launch exits 1), so scripts
 and schedulers tell a finished run by RUN_DIR/finished.json.
 
@@ -36,11 +37,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     # heavy imports once the config is valid
-    from worldmodel.trainer import EXIT_STOPPED, ResumeError, TrainingDiverged, train
+    from data_pipeline.shardlist import ShardListError
+    from worldmodel.trainer import EXIT_STOPPED, LaunchError, ResumeError, TrainingDiverged, train
 
     try:
         finished = train(cfg, resume=args.resume)
-    except ResumeError as err:
+    except (ResumeError, LaunchError, ShardListError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingDiverged:

@@ -9,6 +9,10 @@ because the command itself contains spaces):
     pipe:aws s3 cp s3://bucket/shard-000000.tar -     a command whose stdout is a tar (a spec that starts with
                                                       `pipe:` and has no `::` is one command)
 
+The program of each `pipe:` command (its first word, after `NAME=value` assignments and `env`/`exec`), and curl
+for http(s) URLs, must be on PATH of the machine that runs the loader: `expand_shards` checks that at start-up, so a
+missing program is one clear error instead of every shard being skipped as a `shard_error`.
+
 A reader slot is one DataLoader worker of one rank: slot = rank * num_workers + worker, slots = world_size *
 num_workers. Every epoch the shard list is shuffled with (seed, epoch), identically on every rank. With at least as
 many shards as slots, slot k reads shuffled[k::slots] (disjoint shares). With fewer, every slot reads every shard
@@ -19,6 +23,9 @@ from __future__ import annotations
 
 import glob
 import os
+import re
+import shlex
+import shutil
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -31,7 +38,7 @@ URL_SCHEMES = ("http://", "https://")
 
 
 class ShardListError(ValueError):
-    """The shard spec names nothing, or names shards that do not exist."""
+    """The shard spec names nothing, names shards that do not exist, or needs a program that is not installed."""
 
 
 def _split_spec(spec: str) -> list[str]:
@@ -54,6 +61,70 @@ def _expand_local(pattern: str) -> list[str]:
     return [path]
 
 
+# Shell syntax and builtins: a command that starts with one of them is run by /bin/sh itself (webdataset runs a
+# `pipe:` command with shell=True), so there is no program to look up.
+_SHELL_WORDS = frozenset(
+    {"!", "(", "{", "[", "[[", ".", ":", "cd", "case", "command", "echo", "eval", "export", "for", "if", "printf"}
+    | {"read", "set", "source", "test", "true", "until", "while"}
+)
+_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
+_FIX = (
+    "install it on every machine that runs the loader, or give its absolute path; in the Docker image, build with "
+    "--build-arg WITH_S5CMD=1 for s5cmd or add the tool in an image on top (docker/README.md, 'Shards on a shared "
+    "filesystem or in object storage')"
+)
+
+
+def pipe_program(url: str) -> str | None:
+    """The program a `pipe:` shard URL runs (`pipe:FOO=1 env -i s5cmd cat s3://...` -> `s5cmd`), with `~` and
+    `$VAR` expanded as the shell would; None when the command starts with shell syntax or a shell builtin (nothing
+    to look up) or cannot be parsed (then the shell reports it when the shard is opened). Only the words up to the
+    program are read."""
+    lexer = shlex.shlex(url.removeprefix("pipe:"), posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    words = iter(lexer)
+    try:
+        word = next(words, None)
+        while word is not None and _ASSIGNMENT.match(word):
+            word = next(words, None)
+        if word == "exec":
+            word = next(words, None)
+        if word == "env":  # env [-i] [-u NAME] [NAME=value ...] PROGRAM ...
+            word = next(words, None)
+            while word is not None and (word.startswith("-") or _ASSIGNMENT.match(word)):
+                if word in ("-u", "--unset", "-C", "--chdir"):
+                    next(words, None)
+                word = next(words, None)
+    except ValueError:  # unbalanced quotes
+        return None
+    if not word or word in _SHELL_WORDS or word[0] in "&|;<>()":
+        return None
+    program = os.path.expandvars(os.path.expanduser(word))
+    return None if any(c in program for c in "$`*?") else program
+
+
+def check_programs(urls: list[str]) -> None:
+    """Fail with a ShardListError naming the program and the fix when the program of a `pipe:` command, or curl
+    (which reads http(s) URLs), is not installed on this machine."""
+    found: dict[str, bool] = {}
+    for url in urls:
+        if url.startswith(URL_SCHEMES):
+            program, role = "curl", "reads http(s) shard URLs"
+        elif url.startswith("pipe:"):
+            program, role = pipe_program(url), f"runs the shard command {url!r}"
+        else:
+            continue
+        if program is None:
+            continue
+        if program not in found:
+            found[program] = shutil.which(program) is not None
+        if not found[program]:
+            where = "does not exist or is not executable" if os.sep in program else "is not on PATH"
+            raise ShardListError(
+                f"{program!r}, which {role}, {where} on this machine (PATH={os.environ.get('PATH', '')}): {_FIX}"
+            )
+
+
 def _check_url(url: str, timeout: float = 10.0) -> None:
     request = urllib.request.Request(url, method="HEAD")
     try:
@@ -69,7 +140,8 @@ def _check_url(url: str, timeout: float = 10.0) -> None:
 
 def expand_shards(spec: str, *, check_urls: bool = True) -> list[str]:
     """Expand a shard spec into a list of shard URLs/paths, failing at start-up with a clear error when it is empty,
-    a local shard or glob matches nothing, or (with `check_urls`) the first http(s) URL does not answer."""
+    a local shard or glob matches nothing, the program of a `pipe:` command (or curl for http(s)) is not installed
+    here, or (with `check_urls`) the first http(s) URL does not answer."""
     if not spec or not spec.strip():
         raise ShardListError("the shard list is empty; set data.train_shards / data.val_shards to a glob or URL")
     urls: list[str] = []
@@ -79,6 +151,7 @@ def expand_shards(spec: str, *, check_urls: bool = True) -> list[str]:
                 urls.append(item)
             else:
                 urls.extend(_expand_local(item))
+    check_programs(urls)
     remote = [u for u in urls if u.startswith(URL_SCHEMES)]
     if check_urls and remote:
         _check_url(remote[0])

@@ -5,9 +5,10 @@
 #   NNODES         number of nodes (machines)                                   default 1
 #   NODE_RANK      this node's rank, 0..NNODES-1                                default 0
 #   MASTER_ADDR    address of node 0, reachable from every node                 default 127.0.0.1
-#   MASTER_PORT    a free TCP port on node 0                                    default 29500
+#   MASTER_PORT    a free TCP port on node 0        default 29500, or 20000 + SLURM_JOB_ID % 20000 in a Slurm job
 #   GPUS_PER_NODE  processes on this node, one per GPU                          default: visible GPUs, or 1 on CPU
-#   ACCELERATE_USE_CPU=1  train on CPU (gloo), also chosen when no GPU is visible
+#   ACCELERATE_USE_CPU=1  train on CPU (gloo). Without it the launcher needs GPUS_PER_NODE visible GPUs and fails
+#                  otherwise: a GPU job that silently fell back to CPU would start N separate single-process runs
 #   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds the launcher waits for trainers to checkpoint and exit after a
 #                  SIGTERM before it kills them                                 default 100
 #   PYTHON         the interpreter with the project installed                   default python3 on PATH
@@ -15,6 +16,10 @@
 #
 # One process in total (one node, one GPU or CPU) runs train.py directly: accelerate's single-process launcher
 # does not pass SIGTERM on to its child, and the trainer needs it to checkpoint before it is stopped.
+# Signals: SIGTERM to this launcher (docker stop, tini) is passed on to the trainers by torch.distributed.run, which
+# kills them only TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds later; a trainer stays graceful when it gets SIGTERM
+# again from its agent (Slurm signals every process of a step). The trainers check that their process group has
+# the size announced here (WORLDMODEL_WORLD_SIZE).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${PYTHON:-python3}
@@ -22,21 +27,27 @@ train_script=${TRAIN_SCRIPT:-$repo/train.py}
 nnodes=${NNODES:-1}
 node_rank=${NODE_RANK:-0}
 master_addr=${MASTER_ADDR:-127.0.0.1}
-master_port=${MASTER_PORT:-29500}
+if [ -n "${SLURM_JOB_ID:-}" ]; then
+  master_port=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}  # jobs sharing a node do not collide
+else
+  master_port=${MASTER_PORT:-29500}
+fi
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-100}
 
 use_cpu=$(echo "${ACCELERATE_USE_CPU:-0}" | tr '[:upper:]' '[:lower:]')
+case "$use_cpu" in 1 | true | yes) use_cpu=1 ;; *) use_cpu=0 ;; esac
+if [ "$use_cpu" = 0 ]; then
+  if ! gpus=$("$python" -c "import torch; print(torch.cuda.device_count())"); then
+    echo "[launch] cannot ask torch for the GPUs with $python (set PYTHON to the interpreter of the project)" >&2
+    exit 2
+  fi
+fi
 if [ -n "${GPUS_PER_NODE:-}" ]; then
   procs_per_node=$GPUS_PER_NODE
-elif [ "$use_cpu" = 1 ] || [ "$use_cpu" = true ] || [ "$use_cpu" = yes ]; then
+elif [ "$use_cpu" = 1 ]; then
   procs_per_node=1
 else
-  procs_per_node=$("$python" -c "import torch; print(torch.cuda.device_count())")
-  if [ "$procs_per_node" -eq 0 ]; then
-    echo "[launch] no GPU visible: one CPU process per node (gloo)" >&2
-    export ACCELERATE_USE_CPU=1
-    procs_per_node=1
-  fi
+  procs_per_node=$gpus
 fi
 
 for name in nnodes node_rank master_port procs_per_node; do
@@ -47,6 +58,15 @@ for name in nnodes node_rank master_port procs_per_node; do
     exit 2
   fi
 done
+if [ "$use_cpu" = 0 ] && { [ "$gpus" -eq 0 ] || [ "$gpus" -lt "$procs_per_node" ]; }; then
+  if [ "$gpus" -eq 0 ]; then
+    echo "[launch] no GPU visible on $(hostname); set ACCELERATE_USE_CPU=1 to train on CPU (gloo) on purpose" >&2
+  else
+    echo "[launch] GPUS_PER_NODE=$procs_per_node but only $gpus GPU(s) visible on $(hostname)" >&2
+  fi
+  exit 2
+fi
+
 if [ "$nnodes" -lt 1 ] || [ "$procs_per_node" -lt 1 ] || [ "$node_rank" -ge "$nnodes" ]; then
   echo "[launch] need NNODES >= 1, GPUS_PER_NODE >= 1 and 0 <= NODE_RANK < NNODES;" \
     "got NNODES=$nnodes GPUS_PER_NODE=$procs_per_node NODE_RANK=$node_rank" >&2
@@ -58,6 +78,7 @@ if [ ! -f "$train_script" ]; then
 fi
 
 num_processes=$((nnodes * procs_per_node))
+export WORLDMODEL_WORLD_SIZE=$num_processes
 echo "[launch] node $node_rank of $nnodes, $procs_per_node process(es) here, $num_processes in all," \
   "rendezvous at $master_addr:$master_port" >&2
 if [ "$num_processes" -eq 1 ]; then

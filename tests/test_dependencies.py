@@ -214,3 +214,55 @@ def test_install_script_does_not_repeat_the_dependency_list():
     names = dependencies().union(*extras().values()) - {"torch", "torchvision"}
     repeated = sorted(n for n in names if re.search(rf"(?<![\w./-]){re.escape(n)}(?![\w/-])", code))
     assert not repeated, f"scripts/install.sh names {repeated}: read them from pyproject.toml instead"
+
+
+LINUX_X86_64 = {"sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64"}
+
+
+def linux_closure(root: str) -> dict[str, list[str]]:
+    """{distribution: [requirements naming it]} for everything `root` needs on Linux x86_64, followed through the
+    installed distributions' metadata (with the extras asked for, e.g. cuda-toolkit[cublas,...])."""
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+
+    environment = {**default_environment(), **LINUX_X86_64}
+    found: dict[str, list[str]] = {}
+    todo = [(root, frozenset())]
+    done = set()
+    while todo:
+        name, wanted = todo.pop()
+        if (name, wanted) in done:
+            continue
+        done.add((name, wanted))
+        try:
+            requires = importlib.metadata.distribution(name).requires or []
+        except importlib.metadata.PackageNotFoundError:
+            continue  # not installed here (another platform): its own requirements cannot be read
+        for spec in requires:
+            req = Requirement(spec)
+            extras = [""] + sorted(wanted)
+            if req.marker and not any(req.marker.evaluate({**environment, "extra": e}) for e in extras):
+                continue
+            dep = normalize(req.name)
+            found.setdefault(dep, []).append(spec)
+            todo.append((dep, frozenset(req.extras)))
+    return found
+
+
+def test_torchs_linux_requirements_are_locked_too():
+    """torch pins some CUDA wheels exactly and lets others float (triton ~=, cuda-bindings, nvidia-nvjitlink and
+    cuda-pathfinder by range): constraints.txt must lock all of them, at versions torch's metadata accepts."""
+    from packaging.requirements import Requirement
+
+    pinned = pins()
+    closure = linux_closure("torch")
+    cuda_side = {n for n in closure if n.startswith(("nvidia-", "cuda-")) or n == "triton"}
+    if importlib.metadata.version("torch").split("+")[0] == pinned["torch"] and sys.platform == "linux":
+        assert {"triton", "cuda-bindings", "nvidia-nccl-cu13", "nvidia-cudnn-cu13"} <= cuda_side, sorted(closure)
+    missing = sorted(n for n in closure if n not in pinned)
+    assert not missing, f"torch needs {missing} on Linux, which constraints.txt does not pin: {closure}"
+    for name, specs in closure.items():
+        for spec in specs:
+            assert Requirement(spec).specifier.contains(pinned[name], prereleases=True), (
+                f"constraints.txt pins {name}=={pinned[name]}, which the requirement {spec!r} excludes"
+            )

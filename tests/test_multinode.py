@@ -155,6 +155,14 @@ def _world_model(run_dir: Path):
         ({"NNODES": "two"}, "nnodes must be a non-negative integer, got 'two'"),
         ({"GPUS_PER_NODE": "0"}, "GPUS_PER_NODE >= 1"),
         ({"TRAIN_SCRIPT": "/nonexistent/train.py"}, "training script not found: /nonexistent/train.py"),
+        pytest.param(
+            {"ACCELERATE_USE_CPU": "0"}, "no GPU visible",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible here"),
+        ),
+        pytest.param(
+            {"ACCELERATE_USE_CPU": "0", "GPUS_PER_NODE": "1"}, "no GPU visible",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible here"),
+        ),
     ],
 )
 def test_launcher_rejects_bad_settings_with_a_clear_message(env, message):

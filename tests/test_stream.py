@@ -6,6 +6,8 @@ import functools
 import http.server
 import json
 import pickle
+import re
+import shutil
 import threading
 import time
 from dataclasses import replace
@@ -21,7 +23,7 @@ from data_pipeline.config import DataConfig
 from data_pipeline.decoders import get_decoder
 from data_pipeline.encode import encode_h264
 from data_pipeline.make_moving_digits import simulate
-from data_pipeline.shardlist import ShardListError
+from data_pipeline.shardlist import ShardListError, expand_shards, pipe_program
 from data_pipeline.stream import NoDecodableDataError, make_eval_loader, make_train_loader
 
 CFG = DataConfig(num_context=3, num_target=3, batch_size=2, num_workers=0, shuffle_buffer=4, epoch_batches=4)
@@ -167,6 +169,36 @@ def test_http_shards_stream_like_local_ones(digits_shards, http_root):
 def test_pipe_shards_stream_like_local_ones(digits_shards):
     pipe = f"pipe:cat {digits_shards}/val/shard-000000.tar :: pipe:cat {digits_shards}/val/shard-000001.tar"
     assert _keys(make_eval_loader(CFG, pipe, num_clips=8)) == [f"val_{i:07d}" for i in range(8)]
+
+
+def test_a_pipe_command_that_is_not_installed_fails_at_start_up(digits_shards, tmp_path, monkeypatch):
+    """Not one `shard_error` skip per shard: the loader refuses to start, naming the program and the fix."""
+    missing = "pipe:no-such-command-xyz cat s3://bucket/train/shard-{000000..000003}.tar"
+    with pytest.raises(ShardListError, match=r"'no-such-command-xyz', which runs the shard command .* is not on PATH"):
+        make_train_loader(CFG, missing, seed=0, epoch=0, rank=0, world_size=1)
+    with pytest.raises(ShardListError, match=r"install it on every machine .*WITH_S5CMD=1"):
+        make_eval_loader(CFG, f"pipe:cat {digits_shards}/val/shard-000000.tar :: {missing}", num_clips=1)
+    for spec in [
+        "pipe:AWS_PROFILE=x LC_ALL=C no-such-command-xyz cat s3://b/s.tar",
+        "pipe:env -i -u HOME FOO=1 no-such-command-xyz cat s3://b/s.tar",
+        "pipe:exec no-such-command-xyz cat s3://b/s.tar | head",
+    ]:
+        with pytest.raises(ShardListError, match="'no-such-command-xyz'"):
+            expand_shards(spec)
+    with pytest.raises(ShardListError, match=re.escape(f"'{tmp_path}/s5cmd', which") + ".* does not exist"):
+        expand_shards(f"pipe:{tmp_path}/s5cmd cat s3://b/s.tar")
+
+    cat = shutil.which("cat")
+    assert pipe_program("pipe:FOO=1 env -i s5cmd cat s3://b/s.tar") == "s5cmd"
+    assert pipe_program("pipe:~/bin/s5cmd cat s3://b/s.tar") == str(Path.home() / "bin" / "s5cmd")
+    assert pipe_program("pipe:cd /tmp && no-such-command-xyz x") is None  # the shell runs it; nothing to look up
+    assert pipe_program("pipe:$UNSET_VARIABLE_XYZ/s5cmd x") is None
+    works = f"pipe:LC_ALL=C {cat} {digits_shards}/val/shard-{{000000..000001}}.tar"
+    assert _keys(make_eval_loader(CFG, works, num_clips=8)) == [f"val_{i:07d}" for i in range(8)]
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # a machine without curl: http(s) shards cannot be read either
+    with pytest.raises(ShardListError, match="'curl', which reads http"):
+        expand_shards("https://host/train/shard-{000000..000003}.tar", check_urls=False)
 
 
 def test_missing_shards_are_a_clear_error_at_start_up(digits_shards, http_root, tmp_path):

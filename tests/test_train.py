@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -17,7 +18,7 @@ from worldmodel.checkpoint import checkpoint_dir, latest_checkpoint, load_model_
 from worldmodel.config import load_config
 from worldmodel.evaluation.runner import evaluate_run, evaluated_final
 from worldmodel.model import WorldModel
-from worldmodel.trainer import EXIT_STOPPED, build_optimizer
+from worldmodel.trainer import EXIT_STOPPED, StopRequest, build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).parent / "accelerate"
@@ -283,3 +284,51 @@ def test_weight_decay_skips_norms_biases_and_position_embeddings():
     assert {"encoder.vit.pos_embed", "predictor.pos_embed", "predictor.frame_embed"} <= exempt
     assert "encoder.vit.patch_embed.proj.weight" in decayed and "encoder.vit.patch_embed.proj.bias" in exempt
     assert all("norm" not in n for n in decayed) and all(not n.endswith(".bias") for n in decayed)
+
+
+def test_repeated_sigterm_still_ends_in_a_checkpoint(digits_shards, tmp_path):
+    """Under Slurm every process of a step gets SIGTERM and torch elastic's agent sends another: the trainer must
+    still finish its checkpoint."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        _python(*_args(run, digits_shards, "train.steps=100000", "train.checkpoint_every=100000")),
+        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _wait_for(lambda: (run / "metrics.jsonl").is_file() and len(_metrics(run)) >= 2, proc)
+        for _ in range(3):
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.02)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    assert proc.returncode == EXIT_STOPPED, err[-4000:]
+    saved = latest_checkpoint(run)
+    assert saved is not None and read_state(saved)["step"] == _metrics(run)[-1]["step"]
+
+
+
+def test_stop_request_keeps_sigterm_graceful_and_escalates_a_second_ctrl_c():
+    stop = StopRequest()
+    try:
+        for _ in range(3):
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested
+        os.kill(os.getpid(), signal.SIGINT)  # after a TERM: the second stop signal, but a first Ctrl-C
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_a_process_group_other_than_the_launcher_announced_is_refused(digits_shards, tmp_path):
+    """A launch that fell apart into single-process runs (WORLDMODEL_WORLD_SIZE=2, a group of 1) stops before
+    training anything into the shared run directory."""
+    env = {**_env(), "WORLDMODEL_WORLD_SIZE": "2"}
+    result = subprocess.run(
+        _python(*_args(tmp_path / "run", digits_shards)), cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert "the launcher announced 2 processes (WORLDMODEL_WORLD_SIZE) but this process group has 1" in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import signal
 import time
 from collections import Counter
@@ -28,7 +29,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch import nn
 
 from data_pipeline.stream import make_train_loader
@@ -39,8 +40,13 @@ from worldmodel.model import WorldModel
 from worldmodel.monitors import HealthWatch
 from worldmodel.schedules import beta_at, ema_momentum, lr_factor
 
+WORLD_SIZE_ENV = "WORLDMODEL_WORLD_SIZE"
 EXIT_STOPPED = 75  # train.py's exit status after a SIGTERM/Ctrl-C checkpoint (sysexits EX_TEMPFAIL); 0 = finished
 _NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.Embedding)
+
+
+class LaunchError(RuntimeError):
+    """The process group is not the one the launcher announced."""
 
 
 class ResumeError(ValueError):
@@ -74,18 +80,26 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 class StopRequest:
     """Records SIGTERM / SIGINT instead of dying, so the loop can checkpoint at the next step boundary.
 
-    A second signal of the same kind restores the default behaviour (a second Ctrl-C interrupts at once).
+    SIGTERM stays graceful however often it comes: under Slurm every process of a job step gets it, and torch
+    elastic's agent sends each trainer another one, so a second TERM must not kill a rank mid-step or mid-save.
+    Only a second Ctrl-C (SIGINT) escalates: it interrupts at once with KeyboardInterrupt.
     """
 
     def __init__(self) -> None:
         self.requested = False
+        self._interrupted = False  # a Ctrl-C came already
         self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT:
+            if self._interrupted:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+            self._interrupted = True
         self.requested = True
-        signal.signal(signum, self._previous[signum])
 
     def restore(self) -> None:
+        """Put back the handlers that were installed before."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
@@ -104,6 +118,36 @@ def _epochs(cfg: ExperimentConfig, start_epoch: int, rank: int, world_size: int)
         if produced == 0:
             raise RuntimeError(f"epoch {epoch} of {cfg.data.train_shards} produced no batch on rank {rank}")
         epoch += 1
+
+
+def _agreed_resume_dir(accelerator: Accelerator, resume: str | None, run_dir: Path) -> Path | None:
+    """`_resume_dir` decided once, on the main process, and sent to every rank: on a shared filesystem ranks that
+    list the checkpoints themselves can see different newest ones. Every rank raises the main process's ResumeError.
+    """
+    decision: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            decision = [("ok", _resume_dir(resume, run_dir))]
+        except ResumeError as err:
+            decision = [("error", str(err))]
+    if accelerator.num_processes > 1:
+        decision = broadcast_object_list(decision)
+    kind, value = decision[0]
+    if kind == "error":
+        raise ResumeError(value)
+    return value
+
+
+def check_world_size(num_processes: int) -> None:
+    """Fail when the launcher announced a different number of processes (WORLDMODEL_WORLD_SIZE, set by
+    docker/launch_multinode.sh) than this process group has: a misconfigured launch would otherwise train N
+    separate single-process runs into one run directory."""
+    announced = os.environ.get(WORLD_SIZE_ENV)
+    if announced and int(announced) != num_processes:
+        raise LaunchError(
+            f"the launcher announced {announced} processes ({WORLD_SIZE_ENV}) but this process group has "
+            f"{num_processes}; check NNODES and GPUS_PER_NODE, and that every node reaches MASTER_ADDR:MASTER_PORT"
+        )
 
 
 def _resume_dir(resume: str | None, run_dir: Path) -> Path | None:
@@ -231,14 +275,23 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> bool:
     Returns True when the run has reached cfg.train.steps (and RUN_DIR/finished.json exists), False after a
     SIGTERM/Ctrl-C checkpoint; raises TrainingDiverged on a non-finite loss. Every rank returns or raises together.
     """
+    stop = StopRequest()  # first: a signal during setup (process group, data, model) must not kill the rank
+    try:
+        return _train(cfg, resume, stop)
+    finally:
+        stop.restore()
+
+
+def _train(cfg: ExperimentConfig, resume: str | None, stop: StopRequest) -> bool:
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
         gradient_accumulation_steps=cfg.optim.grad_accum_steps,
         step_scheduler_with_optimizer=False,  # we step it once per optimiser step, not once per rank
     )
     rank, world_size, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    check_world_size(world_size)
     run_dir = Path(cfg.run_dir)
-    resume_from = _resume_dir(resume, run_dir)
+    resume_from = _agreed_resume_dir(accelerator, resume, run_dir)
     resumed = ckpt.read_state(resume_from) if resume_from is not None else None
     start_step = resumed["step"] if resumed else 0
     if start_step >= cfg.train.steps:
@@ -285,7 +338,6 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> bool:
     accelerator.wait_for_everyone()
 
     log = MetricsLog(run_dir, enabled=main, total_steps=cfg.train.steps, start_step=start_step)
-    stop = StopRequest()
     window = _Window()
     health = HealthWatch(dim=accelerator.unwrap_model(model).norm.center.numel())
     accum, device = cfg.optim.grad_accum_steps, accelerator.device
@@ -357,7 +409,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> bool:
                 _save(accelerator, cfg, step, epoch, model, optimizer, scheduler)
     except TrainingDiverged as err:
         log.write(str(err))
-        _finish(accelerator, log, stop, epochs)
+        _finish(accelerator, log, epochs)
         raise
     finished = step >= cfg.train.steps
     if finished and main:  # the final checkpoint is on disk: every rank waited for it in _save
@@ -367,14 +419,13 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> bool:
         _dump_state(run_dir, "final", rank, accelerator.unwrap_model(model), optimizer)
     del model, optimizer, scheduler
     accelerator.free_memory()
-    _finish(accelerator, log, stop, epochs)
+    _finish(accelerator, log, epochs)
     return finished
 
 
-def _finish(accelerator: Accelerator, log: MetricsLog, stop: StopRequest, epochs: Iterator) -> None:
+def _finish(accelerator: Accelerator, log: MetricsLog, epochs: Iterator) -> None:
     """Close the logs and the loader, then leave the process group together (gloo aborts at exit otherwise)."""
     log.close()
-    stop.restore()
     epochs.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
