@@ -336,7 +336,7 @@ def make_train_loader(cfg: DataConfig, shards: str, *, seed: int, epoch: int, ra
 
 
 def _workers_leave_stopping_to_the_trainer(worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM/SIGINT.
+    """DataLoader workers ignore SIGTERM/SIGINT/SIGUSR2 (the trainer's stop signals).
 
     Launchers (torch elastic, SLURM, Ctrl-C in a terminal) signal a trainer's whole process group; a worker killed
     that way makes the DataLoader raise in the trainer before it can checkpoint. The trainer shuts its workers down
@@ -344,6 +344,7 @@ def _workers_leave_stopping_to_the_trainer(worker_id: int) -> None:
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 class EvalClips(IterableDataset):

@@ -8,11 +8,11 @@ and worker itself and yields exactly `data.epoch_batches` batches per epoch on e
 same number of steps and no rank decodes for another.
 
 Ending: a run that reaches train.steps saves its final checkpoint and writes the completion marker
-RUN_DIR/finished.json (`checkpoint.mark_finished`); `train` returns True. SIGTERM or Ctrl-C makes every rank save a
-checkpoint at the next step boundary; `train` returns False and train.py exits with EXIT_STOPPED (75, EX_TEMPFAIL:
-"resume me"), so that neither a script nor a scheduler takes a stopped run for a finished one. A non-finite loss
-(or, without fp16 loss scaling, a non-finite gradient norm) stops every rank before the optimiser step, with a
-message naming the step and each loss term, and writes no checkpoint.
+RUN_DIR/finished.json (`checkpoint.mark_finished`); `train` returns True. SIGTERM, Ctrl-C or SIGUSR2 (the Slurm
+script's stop) makes every rank save a checkpoint at the next step boundary; `train` returns False and train.py
+exits with EXIT_STOPPED (75, EX_TEMPFAIL: "resume me"), so that neither a script nor a scheduler takes a stopped
+run for a finished one. A non-finite loss (or, without fp16 loss scaling, a non-finite gradient norm) stops every
+rank before the optimiser step, with a message naming the step and each loss term, and writes no checkpoint.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from worldmodel.monitors import HealthWatch
 from worldmodel.schedules import beta_at, ema_momentum, lr_factor
 
 WORLD_SIZE_ENV = "WORLDMODEL_WORLD_SIZE"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)  # each: checkpoint at the next step, then exit 75
 EXIT_STOPPED = 75  # train.py's exit status after a SIGTERM/Ctrl-C checkpoint (sysexits EX_TEMPFAIL); 0 = finished
 _NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.Embedding)
 
@@ -78,7 +79,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 
 
 class StopRequest:
-    """Records SIGTERM / SIGINT instead of dying, so the loop can checkpoint at the next step boundary.
+    """Records SIGTERM / SIGINT / SIGUSR2 instead of dying, so the loop can checkpoint at the next step boundary.
+
+    SIGUSR2 is the stop that docker/slurm_train.sbatch sends at the time-limit warning: Slurm follows a SIGTERM
+    delivered to a job step with SIGKILL after KillWait (30 s by default), but not a SIGUSR2, so a checkpoint that
+    takes longer still completes.
 
     SIGTERM stays graceful however often it comes: under Slurm every process of a job step gets it, and torch
     elastic's agent sends each trainer another one, so a second TERM must not kill a rank mid-step or mid-save.
@@ -88,7 +93,7 @@ class StopRequest:
     def __init__(self) -> None:
         self.requested = False
         self._interrupted = False  # a Ctrl-C came already
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT:
