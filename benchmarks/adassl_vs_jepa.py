@@ -1,14 +1,17 @@
-"""AdaSSL vs JEPA on the default data: same budget, same seeds, same held-out shards.
+"""AdaSSL vs JEPA on a built-in world: same budget, same seeds, same held-out shards.
 
-    python -m benchmarks.adassl_vs_jepa            # 4 methods x 3 seeds (an hour or two on 2 CPU cores)
-    python -m benchmarks.adassl_vs_jepa --quick    # 1 seed, shorter training: a smoke run of the whole table
-    python -m benchmarks.adassl_vs_jepa --still    # the still-digits diagnostic (digits rest, kicks are jumps)
+    python -m benchmarks.adassl_vs_jepa                # moving digits: 4 methods x 3 seeds (an hour or two on 2 cores)
+    python -m benchmarks.adassl_vs_jepa --quick        # 1 seed, shorter training: a smoke run of the whole table
+    python -m benchmarks.adassl_vs_jepa --still        # the still-digits diagnostic (digits rest, kicks are jumps)
+    python -m benchmarks.adassl_vs_jepa --world push   # the push world: none, adassl_v, oracle (configs/push.yaml)
 
 Trains `none` (plain JEPA), `adassl_v`, `adassl_s` and `oracle` (the velocity kicks as the action) with
 `train.py`, evaluates each with `evaluate.py` on the same held-out shards, and prints one table (mean ± std over
 seeds): rollout L1 at horizons 1, 4 and 8 on kicked and unkicked transitions; position, velocity and digit-identity
 probes on encoded frames; the per-transition KL as a kick detector (AUC); the latent-action probe on the innovation.
-The table is also written to OUT/table.md and OUT/table.json.
+The table is also written to OUT/table.md and OUT/table.json. "Kicked" transitions are the ones the data flags as
+events: a velocity kick (moving digits), a change of the agent's intent or a contact beginning (push world); the
+oracle conditions on the data's actions (the kicks; the agent's commanded velocity).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ ROLLOUT_ROWS = (
     ("AdaSSL-S r=0", "adassl_s", "prior_mean"),
     ("AdaSSL-S best-of-K", "adassl_s", "best_of_k"),
     ("AdaSSL-S posterior", "adassl_s", "posterior"),
-    ("oracle (true kicks)", "oracle", "action"),
+    ("oracle (true actions)", "oracle", "action"),
 )
 
 
@@ -81,15 +84,18 @@ def build_table(results: dict[str, list[dict]], horizon: int) -> tuple[str, dict
     lines += [
         "### Representation and latent actions",
         "",
-        "| model | position R² | velocity R² | digit accuracy | reg. kicked | reg. unkicked | KL kick AUC "
-        "| innovation kick AUC | innovation action R² |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | position R² | x0/y0 R² | x1/y1 R² | velocity R² | digit accuracy | target eff. rank | reg. kicked "
+        "| reg. unkicked | KL kick AUC | innovation kick AUC | innovation action R² |",
+        "|---" * 12 + "|",
     ]
     for method, runs in results.items():
         cols = {
             "position_r2": [probe_mean(m, "position") for m in runs],
+            "position_r2_0": [probe_mean(m, "position", 0) for m in runs],
+            "position_r2_1": [probe_mean(m, "position", 1) for m in runs],
             "velocity_r2": [probe_mean(m, "velocity") for m in runs],
             "digit_acc": [metric(m, "probes", "labels", "digit0") for m in runs],
+            "target_eff_rank": [metric(m, "collapse", "target", "emb_eff_rank") for m in runs],
             "reg_kicked": [metric(m, "latent_action", "detector", "mean_event") for m in runs],
             "reg_unkicked": [metric(m, "latent_action", "detector", "mean_no_event") for m in runs],
             "kl_kick_auc": [metric(m, "latent_action", "detector", "event_auc") for m in runs],
@@ -103,7 +109,9 @@ def build_table(results: dict[str, list[dict]], horizon: int) -> tuple[str, dict
     lines += [
         "",
         "reg. = the per-transition regulariser, mean over held-out kicked / unkicked transitions: KL(q || p) in nats "
-        "for adassl_v, the expected number of active dims for adassl_s. KL kick AUC scores it as a kick detector.",
+        "for adassl_v, the expected number of active dims for adassl_s. KL kick AUC scores it as a kick detector. "
+        "x0/y0 and x1/y1: the first and second entity (the push world's agent and object). target eff. rank: of the "
+        "target encoder's frame embeddings on the held-out clips.",
     ]
     return "\n".join(lines) + "\n", table
 
@@ -113,8 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = new_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="1 seed and a short schedule (smoke run)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; --quick: 0)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument(
+        "--world", choices=("digits", "push"), default="digits",
+        help="moving digits (default) or the push world (data/push_world, configs/push.yaml, runs/bench-push)",
+    )  # fmt: skip
+    parser.add_argument("--methods", nargs="+", default=None, choices=METHODS,
+                        help="default: all four on digits; none, adassl_v and oracle on push")  # fmt: skip
+    parser.add_argument("--config", default=None, help="default configs/demo.yaml (configs/push.yaml for push)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the config's)")
     parser.add_argument(
         "--still",
@@ -132,11 +145,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parse_with_overrides(build_parser(), argv)  # any key=value word: a config override for every run
 
+    push = args.world == "push"
+    if push and args.still:
+        raise SystemExit("--still is a variant of the moving digits; it does not apply to --world push")
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    data = args.data or ROOT / "data" / ("still_digits" if args.still else "moving_digits")
-    out = args.out or ROOT / "runs" / ("bench" + ("-still" if args.still else "") + ("-quick" if args.quick else ""))
+    methods = args.methods or (["none", "adassl_v", "oracle"] if push else list(METHODS))
+    config = args.config or ("configs/push.yaml" if push else "configs/demo.yaml")
+    name = "push_world" if push else "still_digits" if args.still else "moving_digits"
+    data = args.data or ROOT / "data" / name
+    variant = "-push" if push else "-still" if args.still else ""
+    out = args.out or ROOT / "runs" / ("bench" + variant + ("-quick" if args.quick else ""))
     steps = args.steps or (300 if args.quick else None)
-    ensure_data(data, num_videos=1024, val_videos=256, still=args.still)
+    ensure_data(data, num_videos=1024, val_videos=256, still=args.still, world=args.world)
     # horizon-long targets after the context; the predictor's frame embedding must cover the whole clip
     common = [f"data.num_target={args.horizon}", f"eval.horizon={args.horizon}", "model.max_frames=16", *args.overrides]
     if steps:
@@ -144,14 +164,14 @@ def main(argv: list[str] | None = None) -> None:
     eval_args = ["--horizon", str(args.horizon), "--num-samples", str(args.num_samples)]
 
     results: dict[str, list[dict]] = {}
-    for method in args.methods:
+    for method in methods:
         for seed in seeds:
             run_dir = out / f"{method}-seed{seed}"
             overrides = [f"model.latent={method}", f"seed={seed}", *common]
-            results.setdefault(method, []).append(train_and_evaluate(run_dir, args.config, overrides, data, eval_args))
+            results.setdefault(method, []).append(train_and_evaluate(run_dir, config, overrides, data, eval_args))
     markdown, table = build_table(results, args.horizon)
     header = (
-        f"Data {data.name}; methods {', '.join(args.methods)}; seeds {seeds}; config {args.config}"
+        f"Data {data.name}; methods {', '.join(methods)}; seeds {seeds}; config {config}"
         f"{f' with train.steps={steps}' if steps else ''}; horizon {args.horizon}; K={args.num_samples}.\n\n"
     )
     (out / "table.md").write_text(header + markdown)

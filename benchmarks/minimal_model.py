@@ -27,7 +27,7 @@ from data_pipeline.config import DataConfig
 from data_pipeline.stream import make_eval_loader
 from worldmodel.config import ModelConfig
 from worldmodel.encoder import FrameEncoder, TokenNorm, ema_update, preprocess
-from worldmodel.evaluation.probes import auc
+from worldmodel.evaluation.probes import auc, ridge_r2
 from worldmodel.latents import VariationalLatent, gaussian_kl, mlp
 from worldmodel.monitors import target_health
 from worldmodel.predictor import Predictor
@@ -36,11 +36,33 @@ from worldmodel.predictor import Predictor
 def load_clips(shards: str, num_clips: int, clip_length: int, image_size: int) -> dict[str, torch.Tensor]:
     """Decode `num_clips` clips of `clip_length` frames: frames uint8 [C, T, H, W, 3], events [C, T-1]."""
     cfg = DataConfig(num_context=2, num_target=clip_length - 2, image_size=image_size, clips_per_video=4)
-    frames, events = [], []
+    frames, events, states = [], [], []
     for batch in make_eval_loader(cfg, shards, num_clips=num_clips, seed=0, batch_size=64):
         frames.append(batch["frames"])
         events.append(batch["events"])
-    return {"frames": torch.cat(frames), "events": torch.cat(events).float()}
+        if "state" in batch:
+            states.append(batch["state"])
+    out = {"frames": torch.cat(frames), "events": torch.cat(events).float()}
+    if states:
+        out["state"] = torch.cat(states).float()
+    return out
+
+
+def temporal_variance_penalty(z: torch.Tensor, floor: float) -> torch.Tensor:
+    """z [B, T, N, D] -> mean over dims of relu(floor - std over the batch of z_{t+1} - z_t): a price on embeddings
+    that do not change from frame to frame (a static background pays nothing in the prediction loss)."""
+    diff = (z[:, 1:] - z[:, :-1]).flatten(0, 2)
+    return F.relu(floor - (diff.var(0) + 1e-4).sqrt()).mean()
+
+
+def time_contrastive_loss(pred: torch.Tensor, tgt: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """pred, tgt [B, T, N, D] -> InfoNCE over the time steps of the same clip: the prediction for frame t must match
+    frame t's target better than the clip's other frames, which share its background."""
+    p = F.normalize(pred.mean(2).float(), dim=-1)
+    z = F.normalize(tgt.mean(2).float(), dim=-1)
+    logits = torch.einsum("btd,bsd->bts", p, z) / temperature
+    labels = torch.arange(logits.shape[1], device=logits.device).expand(logits.shape[0], -1)
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
 
 class SmallCNN(nn.Module):
@@ -85,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         "one space for input and target, with a variance-covariance regulariser against collapse",
     )
     p.add_argument("--vc-weight", type=float, default=1.0)
+    p.add_argument("--tvar-weight", type=float, default=0.0, help="weight of temporal_variance_penalty")
+    p.add_argument("--tvar-floor", type=float, default=0.1)
+    p.add_argument("--tnce-weight", type=float, default=0.0, help="weight of time_contrastive_loss (in-clip)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
@@ -156,8 +181,13 @@ def main(argv: list[str] | None = None) -> int:
         err = pred - tgt[:, 1:]
         loss = err.abs().mean() if args.loss == "l1" else err.pow(2).mean()
         beta = args.beta * min(1.0, step / (0.2 * args.steps))
+        extra = torch.zeros(())
+        if args.tvar_weight:
+            extra = extra + args.tvar_weight * temporal_variance_penalty(z, args.tvar_floor)
+        if args.tnce_weight:
+            extra = extra + args.tnce_weight * time_contrastive_loss(pred, tgt[:, 1:])
         optim.zero_grad()
-        (loss + beta * kl + args.vc_weight * vc).backward()
+        (loss + beta * kl + args.vc_weight * vc + extra).backward()
         optim.step()
         ema_update(target_encoder, encoder, args.ema + (1 - args.ema) * step / args.steps)
         norm.update(raw_t)
@@ -177,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         out = {"args": vars(args), "seconds": round(time.perf_counter() - start, 1), "drift_every_100": drift_trace}
         health = target_health(tgt)
         out.update(drift=float(health["drift"]), target_eff_rank=float(health["target_eff_rank"]))
+        if "state" in val:  # ridge probes of the state's positions from the target embedding, half/half clips
+            feats = tgt.mean(2).flatten(0, 1).numpy()
+            state = val["state"].flatten(0, 1).numpy()
+            half = len(val["frames"]) // 2 * tgt.shape[1]
+            r2 = ridge_r2(feats[:half], state[:half], feats[half:], state[half:], 1.0)
+            out["probe_r2_per_state_column"] = [round(float(v), 3) for v in r2]
 
         def ratio(pred: torch.Tensor) -> list[float]:
             l1 = (pred - tgt[:, t + 1]).abs().mean((1, 2))

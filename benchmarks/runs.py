@@ -50,13 +50,17 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None
     return args
 
 
-def ensure_data(data_dir: Path, num_videos: int, val_videos: int, seed: int = 0, still: bool = False) -> None:
-    """Generate the stochastic moving-digits shards into data_dir/{train,val} unless they exist (`still`: the
-    diagnostic variant where digits rest and a kick is a one-frame jump, `make_moving_digits --still`)."""
+def ensure_data(
+    data_dir: Path, num_videos: int, val_videos: int, seed: int = 0, still: bool = False, world: str = "digits"
+) -> None:
+    """Generate a built-in world's shards into data_dir/{train,val} unless they exist: `world` "digits" (stochastic
+    moving digits; `still`: the diagnostic variant where digits rest and a kick is a one-frame jump) or "push"
+    (an agent pushing an object, `make_push_world`)."""
     if (data_dir / "val" / "index.json").exists():
         return
+    module = "data_pipeline.make_push_world" if world == "push" else "data_pipeline.make_moving_digits"
     run([
-        sys.executable, "-m", "data_pipeline.make_moving_digits", "--output", str(data_dir),
+        sys.executable, "-m", module, "--output", str(data_dir),
         "--num-videos", str(num_videos), "--val-videos", str(val_videos), "--seed", str(seed),
         *(["--still"] if still else []),
     ])  # fmt: skip
@@ -90,9 +94,14 @@ def metric(tree: dict, *path: str | int) -> float | None:
     return node if isinstance(node, int | float) else None
 
 
-def probe_mean(metrics: dict, kind: str) -> float | None:
-    """Mean R² of the encoded-frame probes over position (x*, y*) or velocity (vx*, vy*) columns."""
+def probe_mean(metrics: dict, kind: str, index: int | None = None) -> float | None:
+    """Mean R² of the encoded-frame probes over position (x*, y*) or velocity (vx*, vy*) columns; `index` keeps
+    only the columns of one entity (x0/y0: the first digit, or the push world's agent; 1: its object)."""
     encoded = metrics.get("probes", {}).get("encoded", {}) or {}
     prefix = ("x", "y") if kind == "position" else ("vx", "vy")
-    vals = [v for k, v in encoded.items() if k.rstrip("0123456789") in prefix and v is not None]
+    vals = [
+        v
+        for k, v in encoded.items()
+        if k.rstrip("0123456789") in prefix and v is not None and (index is None or k.endswith(str(index)))
+    ]
     return sum(vals) / len(vals) if vals else None
