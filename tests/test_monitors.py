@@ -40,3 +40,11 @@ def test_health_watch_warns_once_on_collapse_and_on_drift_growth():
     (collapse,) = watch.check(400, {"target_eff_rank": 3.0, "drift": 0.3})
     assert "effective rank 3.0 of 64" in collapse
     assert watch.check(500, {"target_eff_rank": 2.0, "drift": 0.9}) == []  # each warning once
+
+
+def test_health_watch_warns_once_when_the_targets_hardly_change():
+    watch = HealthWatch(dim=64)
+    assert watch.check(50, {"target_eff_rank": 40.0, "drift": 0.005}) == []  # before the reference step
+    (static,) = watch.check(100, {"target_eff_rank": 40.0, "drift": 0.013})
+    assert "0.0130 < 0.02" in static and "ignores what moves" in static
+    assert watch.check(200, {"target_eff_rank": 40.0, "drift": 0.01}) == []

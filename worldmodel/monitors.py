@@ -62,14 +62,23 @@ class HealthWatch:
 
     - collapse: `target_eff_rank` below `min_rank_share` of the target width `dim`;
     - drift: `drift` above `max_drift_growth` x its value at the first log at or after step `reference_step`
-      (the target space moving away from the motion).
+      (the target space moving away from the motion);
+    - static: `drift` below `min_drift` at or after `reference_step`: consecutive frames' targets are nearly equal,
+      so copy-last is almost free and the embedding likely holds the static scene (a textured background) but not
+      what moves. The rank can look healthy meanwhile (backgrounds differ between videos), and the loss is low.
     `check(step, scalars)` returns the warning lines to print (empty when healthy).
     """
 
     def __init__(
-        self, dim: int, min_rank_share: float = 0.1, max_drift_growth: float = 2.0, reference_step: int = 100
+        self,
+        dim: int,
+        min_rank_share: float = 0.1,
+        max_drift_growth: float = 2.0,
+        reference_step: int = 100,
+        min_drift: float = 0.02,
     ) -> None:
         self.dim = dim
+        self.min_drift = min_drift
         self.min_rank_share = min_rank_share
         self.max_drift_growth = max_drift_growth
         self.reference_step = reference_step
@@ -86,6 +95,14 @@ class HealthWatch:
                 f"warning: step {step}: target effective rank {rank:.1f} of {self.dim} dims (< "
                 f"{self.min_rank_share:.0%}): the targets are collapsing; check model.target_norm (centred) and the "
                 "EMA schedule"
+            )
+        if drift is not None and step >= self.reference_step and drift < self.min_drift and "static" not in self.warned:
+            self.warned.add("static")
+            out.append(
+                f"warning: step {step}: drift (copy-last error / target variance) {drift:.4f} < {self.min_drift:g}: "
+                "consecutive frames' targets are nearly equal, so the embedding likely ignores what moves (a static "
+                "background dominates it) and the model can only copy the last frame; check the state probes and "
+                "the rollout error against copy-last in the evaluation"
             )
         if drift is not None and self.reference_drift is None and step >= self.reference_step:
             self.reference_drift = drift
