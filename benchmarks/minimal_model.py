@@ -110,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tvar-weight", type=float, default=0.0, help="weight of temporal_variance_penalty")
     p.add_argument("--tvar-floor", type=float, default=0.1)
     p.add_argument("--tnce-weight", type=float, default=0.0, help="weight of time_contrastive_loss (in-clip)")
+    p.add_argument("--input-diff", action="store_true", help="encoder input [x_t, x_t - x_{t-1}] (6 channels)")
+    p.add_argument(
+        "--recon-weight", type=float, default=0.0,
+        help="weight of an auxiliary MLP decoder loss: decode(z_t) - decode(z_{t-1}) must match the pixel change "
+        "x_t - x_{t-1} (the static background cancels; only what moves is reconstructed)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
@@ -117,8 +123,17 @@ def main(argv: list[str] | None = None) -> int:
     train = load_clips(args.train_shards, 2048, 8, 32)
     val = load_clips(args.val_shards, 256, 8, 32)
     cfg = ModelConfig(
-        img_size=32, patch_size=args.patch, embed_dim=96, depth=4, num_heads=3, granularity=args.granularity
-    )
+        img_size=32, patch_size=args.patch, embed_dim=96, depth=4, num_heads=3, granularity=args.granularity,
+        in_chans=6 if args.input_diff else 3,
+    )  # fmt: skip
+
+    def inputs(frames: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, T, H, W, 3] -> float [B, T, C, H, W]; with --input-diff the frame difference is appended."""
+        x = preprocess(frames, 32)
+        if not args.input_diff:
+            return x
+        diff = torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:] - x[:, :-1]], dim=1)
+        return torch.cat([x, diff], dim=2)
     encoder = FrameEncoder(cfg) if args.encoder == "vit" else SmallCNN(cfg.frame_dim)
     target_encoder = copy.deepcopy(encoder).requires_grad_(False)
     width = cfg.frame_dim if args.granularity == "frame" else cfg.embed_dim
@@ -130,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         predictor = Predictor(width, n, 16, 96, 4, 2, 3, cond_dim=d_r, residual=args.prediction == "residual")
     latent = VariationalLatent(width, d_r) if d_r else None
-    modules = nn.ModuleList([encoder, predictor] + ([latent] if latent else []))
+    pixel_decoder = nn.Sequential(nn.Linear(width, 512), nn.GELU(), nn.Linear(512, 3 * 32 * 32))
+    modules = nn.ModuleList([encoder, predictor, pixel_decoder] + ([latent] if latent else []))
     optim = torch.optim.AdamW(modules.parameters(), lr=args.lr, weight_decay=0.0)
 
     def predict(z: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
@@ -154,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     drift_trace = []
     for step in range(args.steps):
         idx = torch.randint(0, len(train["frames"]), (args.batch,))
-        x = preprocess(train["frames"][idx], 32)
+        x = inputs(train["frames"][idx])
         raw = encoder(x)
         z = online_norm(raw)
         with torch.no_grad():
@@ -186,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
             extra = extra + args.tvar_weight * temporal_variance_penalty(z, args.tvar_floor)
         if args.tnce_weight:
             extra = extra + args.tnce_weight * time_contrastive_loss(pred, tgt[:, 1:])
+        if args.recon_weight:
+            decoded = pixel_decoder(z.mean(2)).unflatten(-1, (3, 32, 32))  # [B, T, 3, 32, 32]
+            change = (x[:, 1:, :3] - x[:, :-1, :3]).float()
+            extra = extra + args.recon_weight * (decoded[:, 1:] - decoded[:, :-1] - change).pow(2).mean()
         optim.zero_grad()
         (loss + beta * kl + args.vc_weight * vc + extra).backward()
         optim.step()
@@ -197,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 
     encoder.eval()
     with torch.no_grad():
-        x = preprocess(val["frames"], 32)
+        x = inputs(val["frames"])
         z, tgt = online_norm(encoder(x)), norm(target_encoder(x))
         if args.target == "self":
             z = tgt = encoder(x)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+ASPECTS = ("crop", "pad", "squash")  # data.aspect (data_pipeline/decoders.py: ASPECT_MODES)
+
 
 @dataclass
 class DataConfig:
@@ -21,12 +23,28 @@ class DataConfig:
     num_target: int = 4  # frames after the context; a training clip has num_context + num_target frames
     frame_step: int = 1  # take every frame_step-th frame of the video
     image_size: int = 64  # frames are resized to image_size x image_size on decode (0 keeps the stored size)
+    # how a frame that is not square becomes image_size x image_size: crop (short side to image_size, centre crop),
+    # pad (long side to image_size, black bars) or squash (both sides, the aspect lost). Square videos give the same
+    # frames in every mode.
+    aspect: str = "crop"
+    # training only, with aspect crop: a random crop position along the long side, one per clip (the same for all its
+    # frames); evaluation always takes the centre crop
+    random_crop: bool = False
     batch_size: int = 16  # clips per batch, per process
     num_workers: int = 2  # DataLoader worker processes per training process
     shuffle_buffer: int = 64  # samples held by the shuffle buffer (per worker)
     clips_per_video: int = 1  # clips cut from each decoded video (more = fewer decodes per clip)
     epoch_batches: int = 100  # batches per process per epoch; equal on every rank so no rank waits
     decoder: str = "decord"  # decord | pyav (decord falls back to pyav per video when it cannot read it)
+
+    def __post_init__(self) -> None:
+        if self.aspect not in ASPECTS:
+            raise ValueError(f"data.aspect={self.aspect!r} is not one of {', '.join(ASPECTS)}")
+        if self.random_crop and (self.aspect != "crop" or self.image_size <= 0):
+            raise ValueError(
+                f"data.random_crop=true needs data.aspect=crop and data.image_size > 0 (got aspect={self.aspect!r}, "
+                f"image_size={self.image_size}): it picks where the image_size x image_size crop is taken"
+            )
 
     @property
     def clip_length(self) -> int:

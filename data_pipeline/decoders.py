@@ -4,11 +4,24 @@ Two backends, chosen by name through `get_decoder`:
 
 - `decord` (default): seeks to the requested frames (cheap with the writer's short GOP). Data it rejects falls
   back to `pyav` for that video. It decodes at the stored size and resizes with FFmpeg's swscale (through PyAV),
-  because decord2 3.4.0's own resize fails for some target sizes (measured: 16, 32, 48 and 96 px).
+  because decord2 3.4.0's own resize fails for some target sizes (measured: 16, 32, 48 and 96 px). For the same
+  reason it cannot return the frames of a video *stored* at some widths (measured from 16 to 258 px: 16, 24, 32, 48,
+  96 and 144; e.g. written with `write_shards --size 32`): such a video is decoded with `pyav`.
 - `pyav`: decodes forward from the start to the last requested frame; reads anything FFmpeg reads.
 
 Both return `uint8 [T, H, W, 3]` RGB frames, resized on decode to `size x size` when `size > 0` (bicubic in both),
-and raise `DecodeError` for data they cannot read (corrupt, truncated, no video stream, index out of range).
+and raise `DecodeError` for data they cannot read (corrupt, truncated, no video stream, index out of range). How a
+frame that is not square becomes `size x size` is the `aspect` mode (`ASPECT_MODES`; `aspect_geometry` has the
+sizes):
+
+- `crop`: the short side to `size`, the aspect kept, then the centre `size x size` (what the loader does by default);
+- `pad`: the long side to `size`, the aspect kept, then black bars around it to `size x size`;
+- `squash`: both sides to `size`, the aspect lost (a 16:9 frame is squeezed 1.8x; the decoders' default, and the
+  only mode before aspect modes existed);
+- `short`: the short side to `size`, the aspect kept, nothing cut: `[T, size, W', 3]` or `[T, H', size, 3]` (for a
+  caller that crops itself, e.g. a random crop per clip).
+
+A square frame gives the same pixels in `crop`, `pad` and `squash` (one swscale call to `size x size`).
 
 The native libraries are quiet: on corrupt data FFmpeg and decord print hundreds of lines per shard to stderr, some of
 them raw video bytes, and the stream counts every skipped sample by reason anyway (`batch["skipped"]`, logged by the
@@ -62,8 +75,9 @@ class Decoder(Protocol):
         """Frame count, size and frame rate of the video in `data`."""
         ...
 
-    def decode(self, data: bytes, indices: Sequence[int], size: int = 0) -> np.ndarray:
-        """Frames `indices` of the video in `data` -> uint8 [len(indices), H, W, 3] (H = W = size if size > 0)."""
+    def decode(self, data: bytes, indices: Sequence[int], size: int = 0, aspect: str = "squash") -> np.ndarray:
+        """Frames `indices` of the video in `data` -> uint8 [len(indices), H, W, 3] (H = W = size if size > 0,
+        made square by the `aspect` mode; with `aspect="short"` only the short side is `size`)."""
         ...
 
 
@@ -181,20 +195,82 @@ def _check_indices(indices: Sequence[int], num_frames: int, backend: str) -> lis
     return wanted
 
 
-def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
-    """Resize `frames`: uint8 [T, H, W, 3] to [T, size, size, 3] with swscale's bicubic filter (no-op if size is 0
-    or the frames already have that size)."""
-    if size <= 0 or frames.shape[1:3] == (size, size):
+ASPECT_MODES = ("crop", "pad", "squash")  # how a frame that is not square becomes size x size
+_ALL_ASPECTS = (*ASPECT_MODES, "short")  # "short": short side to size, nothing cut (the caller crops)
+
+
+def check_aspect(aspect: str, allowed: Sequence[str] = _ALL_ASPECTS) -> str:
+    """`aspect` if it is one of `allowed`, else a ValueError naming them."""
+    if aspect not in allowed:
+        raise ValueError(f"aspect mode {aspect!r} is not one of {', '.join(allowed)}")
+    return aspect
+
+
+def aspect_geometry(height: int, width: int, size: int, aspect: str, *, even: bool = False) -> tuple[int, int]:
+    """(h, w) a `height x width` frame is resized to before `fit_to_square` makes it `size x size` (`aspect` in
+    crop, pad, squash, short; see the module docstring). With `even`, `short` rounds its long side to an even number
+    (H.264's yuv420p needs even sizes; the other modes end at size x size, and round to the nearest pixel)."""
+    check_aspect(aspect)
+    if aspect == "squash" or height == width:
+        return size, size
+    long_side = size * max(height, width) / min(height, width)  # the long side when the short one is `size`
+    if aspect in ("crop", "short"):
+        other = 2 * int(long_side / 2 + 0.5) if even and aspect == "short" else int(long_side + 0.5)
+        other = max(size, other)
+        return (size, other) if width > height else (other, size)
+    short_side = max(1, int(size * min(height, width) / max(height, width) + 0.5))  # pad: the long side is `size`
+    return (short_side, size) if width > height else (size, short_side)
+
+
+def fit_to_square(frames: np.ndarray, size: int, aspect: str, offset: int | None = None) -> np.ndarray:
+    """Frames resized to `aspect_geometry`: uint8 [..., h, w, C] -> [..., size, size, C] (for `short`: unchanged).
+
+    `crop` takes the centre, or the window starting at `offset` along the long side when given (a random crop);
+    `pad` centres the frames on black.
+    """
+    h, w = frames.shape[-3:-1]
+    if aspect in ("squash", "short") or (h, w) == (size, size):
         return frames
+    if aspect == "crop":
+        long_side = max(h, w)
+        start = (long_side - size) // 2 if offset is None else int(offset)
+        if not 0 <= start <= long_side - size:
+            raise ValueError(f"crop offset {start} is outside 0..{long_side - size} for a side of {long_side}")
+        return frames[..., start : start + size, :, :] if h > w else frames[..., :, start : start + size, :]
+    out = np.zeros((*frames.shape[:-3], size, size, frames.shape[-1]), dtype=frames.dtype)  # pad
+    top, left = (size - h) // 2, (size - w) // 2
+    out[..., top : top + h, left : left + w, :] = frames
+    return out
+
+
+def frame_to_rgb(frame, size: int = 0, aspect: str = "squash", *, even: bool = False) -> np.ndarray:
+    """One PyAV VideoFrame -> uint8 [H, W, 3] RGB, converted and resized in one swscale call (bicubic) to
+    `aspect_geometry` (`even`: see there) and then made square by `fit_to_square` (no resize when `size` is 0)."""
+    if size <= 0:
+        return frame.to_ndarray(format="rgb24")
+    h, w = aspect_geometry(frame.height, frame.width, size, aspect, even=even)
+    return fit_to_square(frame.to_ndarray(format="rgb24", width=w, height=h, interpolation="BICUBIC"), size, aspect)
+
+
+def resize_frames(frames: np.ndarray, size: int, aspect: str = "squash") -> np.ndarray:
+    """Resize `frames`: uint8 [T, H, W, 3] to [T, size, size, 3] with swscale's bicubic filter, made square by the
+    `aspect` mode (no-op if size is 0 or the frames already have that size; `short`: [T, size, W', 3] or
+    [T, H', size, 3])."""
+    if size <= 0:
+        return frames
+    h, w = aspect_geometry(frames.shape[1], frames.shape[2], size, aspect)
+    if frames.shape[1:3] == (h, w):
+        return fit_to_square(frames, size, aspect)
     av = _require("av", "resize")
-    return np.stack(
+    resized = np.stack(
         [
             av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
-            .reformat(width=size, height=size, interpolation="BICUBIC")
+            .reformat(width=w, height=h, interpolation="BICUBIC")
             .to_ndarray()
             for f in frames
         ]
     )
+    return fit_to_square(resized, size, aspect)
 
 
 class PyAVDecoder:
@@ -233,7 +309,8 @@ class PyAVDecoder:
             rate = stream.average_rate or stream.guessed_rate or 0
             return VideoInfo(num_frames, stream.codec_context.height, stream.codec_context.width, float(rate))
 
-    def decode(self, data: bytes, indices: Sequence[int], size: int = 0) -> np.ndarray:
+    def decode(self, data: bytes, indices: Sequence[int], size: int = 0, aspect: str = "squash") -> np.ndarray:
+        check_aspect(aspect)
         container = self._open(data)
         with container:
             stream = container.streams.video[0]
@@ -241,16 +318,18 @@ class PyAVDecoder:
             wanted = _check_indices(indices, declared, self.name)
             last = max(wanted)
             picked: dict[int, np.ndarray] = {}
-            resize = {"width": size, "height": size, "interpolation": "BICUBIC"} if size > 0 else {}
             for i, frame in enumerate(self._frames(container)):
                 if i in wanted:
-                    picked[i] = frame.to_ndarray(format="rgb24", **resize)
+                    picked[i] = frame_to_rgb(frame, size, aspect)
                 if i >= last:
                     break
         missing = sorted(set(wanted) - picked.keys())
         if missing:
             raise DecodeError(f"pyav: the video ended before frames {missing[:5]} (truncated?)")
         return np.stack([picked[i] for i in wanted])
+
+
+_UNSUPPORTED_WIDTH = "DECORDArrayCopyFromTo"  # decord's failed size check when it copies out frames of some widths
 
 
 class DecordDecoder:
@@ -290,17 +369,20 @@ class DecordDecoder:
         except (self._decord.DECORDError, RuntimeError, IndexError) as exc:
             return self._fall_back(exc).info(data)
 
-    def decode(self, data: bytes, indices: Sequence[int], size: int = 0) -> np.ndarray:
+    def decode(self, data: bytes, indices: Sequence[int], size: int = 0, aspect: str = "squash") -> np.ndarray:
+        check_aspect(aspect)
         try:
             reader = self._reader(data)
         except (self._decord.DECORDError, RuntimeError) as exc:
-            return self._fall_back(exc).decode(data, indices, size)
+            return self._fall_back(exc).decode(data, indices, size, aspect)
         wanted = _check_indices(indices, len(reader), self.name)
         try:
             frames = reader.get_batch(wanted).asnumpy()
         except (self._decord.DECORDError, RuntimeError) as exc:
+            if _UNSUPPORTED_WIDTH in str(exc):  # a frame width decord copies wrongly (see the module docstring)
+                return self._fall_back(exc).decode(data, indices, size, aspect)
             raise DecodeError(f"decord: decoding frames {wanted[:5]}... failed: {exc}") from exc
-        return resize_frames(frames, size)
+        return resize_frames(frames, size, aspect)
 
 
 DECODERS: dict[str, type] = {"decord": DecordDecoder, "pyav": PyAVDecoder}

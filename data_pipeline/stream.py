@@ -8,6 +8,11 @@ Training (`make_train_loader`) gives every rank exactly `cfg.epoch_batches` batc
 over its share of the shards (reshuffled per pass) until its part of the epoch is done, so no rank waits on another.
 Evaluation (`make_eval_loader`) is one finite, deterministic pass over the shards in order.
 
+Frames are resized to `cfg.image_size` on decode and made square by `cfg.aspect` (crop, the default: short side to
+image_size, centre crop; pad; squash). With `cfg.random_crop`, training takes the crop at a random position along the
+long side instead, drawn per clip from the clip generator (the same window for all frames of the clip); evaluation
+always takes the centre.
+
 Bad samples never stop the stream: they are skipped and counted by reason ("decode_error", "too_short",
 "bad_metadata", "shard_error"), and each batch carries `batch["skipped"]`, the counts of its worker since that
 worker's previous batch. The decoders' native libraries are quiet, so the counts are all a log shows of bad data;
@@ -28,7 +33,7 @@ import warnings
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 
 import numpy as np
@@ -38,7 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipeline.batching import RING_SLOTS, BatchLoader, batches, read_ahead
 from data_pipeline.clips import MetadataError, clip_indices, clip_span, clip_starts, cut_metadata
 from data_pipeline.config import DataConfig
-from data_pipeline.decoders import DecodeError, decode_debug, get_decoder, stderr_not_held
+from data_pipeline.decoders import DecodeError, decode_debug, fit_to_square, get_decoder, stderr_not_held
 from data_pipeline.shardlist import Slot, expand_shards, slot_passes, uses_modulo
 from data_pipeline.write_shards import VIDEO_EXTENSIONS
 
@@ -177,6 +182,7 @@ class _Plan:
     needed: list[int] | None = None  # the frames to decode: the sorted union of the clips' frames
     positions: np.ndarray | None = None  # int64 [clips, T]: where each clip's frames are in the decoded ones
     rows: list[dict] | None = None  # per clip: the metadata arrays of clips.cut_metadata
+    crops: np.ndarray | None = None  # float64 [clips] in [0, 1): where each clip's random crop lies (random_crop)
     frames: np.ndarray | None = None  # uint8 [len(needed), H, W, C] once decoded
 
 
@@ -198,6 +204,8 @@ def _plan(sample: dict, cfg: DataConfig, rng: np.random.Generator, clips_per_vid
             )
             return plan
         clips = [clip_indices(int(s), cfg.clip_length, cfg.frame_step) for s in plan.starts]
+        if cfg.random_crop:  # drawn only then, so the clip starts of other runs stay as they were
+            plan.crops = rng.random(len(clips))
         plan.rows = [cut_metadata(plan.meta, idx) for idx in clips]
     except MetadataError as exc:
         plan.skip, plan.detail = "bad_metadata", str(exc)
@@ -222,6 +230,13 @@ def _plan_chunks(
         yield [_plan(sample, cfg, start_rng(sample.get("__key__", "?")), clips_per_video) for sample in group]
 
 
+def _random_crop(frames: np.ndarray, size: int, where: float) -> np.ndarray:
+    """The `size x size` window of `frames` (uint8 [T, H, W, C], one side `size`) at fraction `where` in [0, 1) of the
+    free range along the long side: the same window for every frame."""
+    long_side = max(frames.shape[1:3])
+    return fit_to_square(frames, size, "crop", offset=int(where * (long_side - size + 1)))
+
+
 def _decode_clips(plan_chunks: Iterable[list[_Plan]], reader: _Reader) -> Iterator[dict]:
     """Decode + clip: for each planned sample, its clips from one decode of the union of their frames.
 
@@ -234,11 +249,12 @@ def _decode_clips(plan_chunks: Iterable[list[_Plan]], reader: _Reader) -> Iterat
     of the samples.
     """
     cfg = reader.cfg
+    aspect = "short" if cfg.random_crop else cfg.aspect  # random_crop: short side to image_size, cropped per clip
     for plans in plan_chunks:
         for plan in plans:
             if plan.skip is None:
                 try:
-                    plan.frames = reader.decoder.decode(plan.video, plan.needed, size=cfg.image_size)
+                    plan.frames = reader.decoder.decode(plan.video, plan.needed, size=cfg.image_size, aspect=aspect)
                 except DecodeError as exc:
                     plan.skip, plan.detail = "decode_error", str(exc)
         for plan in plans:
@@ -248,8 +264,11 @@ def _decode_clips(plan_chunks: Iterable[list[_Plan]], reader: _Reader) -> Iterat
             reader.failure_streak = 0
             meta = plan.meta
             for i, (start, row) in enumerate(zip(plan.starts, plan.rows, strict=True)):
+                frames = plan.frames if plan.positions is None else plan.frames[plan.positions[i]]
+                if plan.crops is not None:
+                    frames = _random_crop(frames, cfg.image_size, float(plan.crops[i]))
                 yield {
-                    "frames": plan.frames if plan.positions is None else plan.frames[plan.positions[i]],
+                    "frames": frames,
                     **row,
                     "labels": meta.get("labels"),
                     "state_names": meta.get("state_names"),
@@ -352,6 +371,7 @@ class EvalClips(IterableDataset):
 
     def __init__(self, cfg: DataConfig, urls: list[str], *, num_clips: int, seed: int, batch_size: int):
         super().__init__()
+        cfg = replace(cfg, random_crop=False)  # evaluation takes the centre crop
         self.cfg, self.urls, self.num_clips, self.seed, self.batch_size = cfg, urls, num_clips, seed, batch_size
 
     def __iter__(self) -> Iterator[dict]:

@@ -1,49 +1,116 @@
-"""Write a folder of videos (with optional sidecar JSON) into webdataset tar shards.
+"""Write videos (with optional sidecar JSON) into webdataset tar shards: in parallel, in jobs, resumably.
 
-    python -m data_pipeline.write_shards --input videos/ --output shards/ [--samples-per-shard N | --bytes-per-shard B]
-        [--size S --fps F --gop G] [--val-fraction f --seed s] [--action-rows transition|frame]
+    python -m data_pipeline.write_shards --input videos/|list.txt|list.csv --output shards/
+        [--samples-per-shard N | --bytes-per-shard B] [--workers N] [--num-jobs J --job-index I]
+        [--size S --aspect crop|pad|squash|short --fps F --gop G] [--max-frames F | --max-seconds S]
+        [--val-fraction f --seed s] [--action-rows transition|frame]
+    python -m data_pipeline.write_shards --merge shards/          # after the J jobs of a --num-jobs J run
 
-Input: `NAME.mp4` (or .webm, .avi, .mkv, .mov, ...) with an optional sidecar `NAME.json` holding `state`,
-`state_names`, `action`, `action_names`, `events`, `labels` (docs/architecture.md). The shards store one `action` row
-per transition t -> t+1 (N-1 rows for N frames), and so must the sidecars by default; sidecars that store one action
-per frame (N rows, the action taken at frame t, the last one unused) need `--action-rows frame`, which drops the last
-row. A sidecar whose row count fits neither is skipped with the reason (the check is strict: an off-by-one would
-otherwise shift every action by a frame without a word). Output layout:
+**Input** (data_pipeline/writer_inputs.py): a folder of videos, searched recursively (`NAME.mp4`, .webm, .avi, .mkv,
+.mov, ... with an optional sidecar `NAME.json` next to it), or a text or CSV list of paths and http(s) URLs, each
+with an optional sidecar. The sidecar holds `state`, `state_names`, `action`, `action_names`, `events`, `labels`
+(docs/architecture.md). The shards store one `action` row per transition t -> t+1 (N-1 rows for N frames), and so
+must the sidecars by default; sidecars that store one action per frame (N rows, the action taken at frame t, the last
+one unused) need `--action-rows frame`, which drops the last row. A sidecar whose row count fits neither is skipped
+with the reason (the check is strict: an off-by-one would otherwise shift every action by a frame without a word).
 
-    OUTPUT/shard-000000.tar      KEY.mp4 (or the source extension) + KEY.json per sample, KEY = NAME sanitised
+**Output**:
+
+    OUTPUT/shard-000000.tar      KEY.mp4 (or the source extension) + KEY.json per sample, in the sorted input order
     OUTPUT/index.json            {"shards": [{"name", "samples", "bytes"}], "total_samples"}
     (with --val-fraction: the same under OUTPUT/train/ and OUTPUT/val/)
 
 KEY.json is the sidecar with `fps`, `num_frames`, `height`, `width` filled in from the decoded video. Every video is
-decoded once to check it; one that cannot be decoded is reported by name and skipped. With --size/--fps/--gop the
-video is re-encoded to H.264 (short GOP, no B-frames) and the sidecar rows follow the kept frames. The output is
-deterministic: the same input gives byte-identical shards (fixed order, tar mtimes, owners and JSON layout);
-with re-encoding the samples and metadata are the same but libx264 may not give the same bytes every time.
+decoded once to check it; one that cannot be read or decoded is reported by name and skipped, and so is a second
+input with the KEY of an earlier one. With --size/--fps/--gop (or --max-frames/--max-seconds) the video is
+re-encoded to H.264 (short GOP, no B-frames) and the sidecar rows follow the kept frames; `--size S` makes frames
+S x S by `--aspect`: `crop` (default: short side to S, centre crop), `pad` (long side to S, black bars), `squash`
+(both sides to S, the aspect lost), or `short` (short side to S, the aspect kept, the long side rounded to even: the
+loader crops, e.g. a random crop per clip with data.random_crop).
+
+**Deterministic and parallel**: `--workers N` prepares (reads, decodes, checks, re-encodes) videos in N processes;
+the parent takes the results in input order and writes the tars, so the order and the shard boundaries come from
+the sorted input and the samples' bytes alone, never from N or timing. Without re-encoding the shards are
+byte-identical whatever N (fixed order, tar mtimes, owners and JSON layout). libx264 is not bit-exact from call to
+call here (data_pipeline/encode.py), so re-encoded samples have the same keys, order and metadata and frames equal
+within codec noise; with `--samples-per-shard` their shard boundaries are fixed too, with `--bytes-per-shard` a
+boundary may move by a sample between runs (the sizes vary by a few bytes).
+
+**Jobs** (a SLURM job array, several machines: docker/write_shards_array.sbatch): `--num-jobs J --job-index I`
+writes job I's share: the train/val split is drawn on the whole sorted list first, then job I takes the I-th of J
+contiguous slices of each split. Job I names its shards `shard-jIIIII-KKKKKK.tar` (no two jobs collide) and
+records them in `OUTPUT/job-IIIII-of-JJJJJ.json`; once all J jobs are done, `--merge OUTPUT` checks that every job
+finished, renames the shards in job order to `shard-000000.tar, shard-000001.tar, ...` and writes index.json. The
+result holds the same samples in the same order with the same bytes as one run over the whole input; only the shard
+boundaries differ (each job starts a new shard, so a job's last shard may be short), hence the numbering.
+
+**Resumable**: a shard is written to `NAME.tar.tmp` and renamed when complete, so a partial tar is never visible.
+The job file records each complete shard (size, sample count, first and last key, where in the input it ends) and
+every skipped input. A rerun with the same input and options (any --workers) verifies the recorded shards (size
+and tar member list), keeps the ones that verify, and writes from there on; the result is the same as that of an
+uninterrupted run (byte-identical without re-encoding). Other options, or another input list, start over. A
+single run (J = 1) writes index.json at the end and removes its job file and any shard not in the index.
+
+**Long videos**: `--max-frames F` / `--max-seconds S` cut every video into consecutive segments of F frames (S
+seconds at the output frame rate), each its own sample `KEY-segNNNNN` (a last segment of fewer than 2 frames is
+dropped), re-encoded (at the source size and frame rate unless --size/--fps say otherwise). A segment of F frames
+has its F `state` rows and the F-1 `action`/`events` rows of its own transitions: the transition from one segment's
+last frame to the next one's first belongs to neither and is dropped. KEY.json has `"segment": {"of": KEY,
+"index", "count", "frame_offset" (its first frame in the re-encoded video's frames), "source_frame" (in the input's
+frames), "time_offset" (seconds)}`. Videos are decoded and encoded segment by segment, so memory stays bounded.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
+import math
+import multiprocessing
 import re
 import sys
 import tarfile
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from data_pipeline.clips import MetadataError, cut_metadata
-from data_pipeline.decoders import DecodeError, PyAVDecoder
+from data_pipeline.decoders import DecodeError, PyAVDecoder, frame_to_rgb
 from data_pipeline.encode import encode_h264
+from data_pipeline.writer_inputs import (
+    VIDEO_EXTENSIONS,
+    InputVideo,
+    fetch,
+    list_inputs,
+    read_sidecar,
+    sanitise_key,
+)
 
-VIDEO_EXTENSIONS = ("mp4", "webm", "avi", "mkv", "mov", "m4v", "mpg", "mpeg", "ogv")
+__all__ = [
+    "VIDEO_EXTENSIONS",
+    "Reencode",
+    "Sample",
+    "WriteSummary",
+    "merge_jobs",
+    "prepare_sample",
+    "sanitise_key",
+    "write_samples",
+    "write_shards",
+]
+
 STORED_FIELDS = ("fps", "num_frames", "height", "width")
 ACTION_ROWS = ("transition", "frame")  # what a sidecar's `action` rows are: one per transition, or one per frame
+WRITER_ASPECTS = ("crop", "pad", "squash", "short")  # --aspect
 DEFAULT_SAMPLES_PER_SHARD = 1000
+JOB_FILE = re.compile(r"^job-(\d{5,})-of-(\d{5,})\.json$")
+JOB_FORMAT = 1
 
 
 @dataclass
@@ -60,33 +127,58 @@ class Sample:
 
 @dataclass(frozen=True)
 class Reencode:
-    """Re-encode to H.264: `size` x `size` pixels (None keeps the size), `fps` (None keeps it), GOP `gop`."""
+    """Re-encode to H.264: `size` x `size` pixels made square by `aspect` (None keeps the size), `fps` (None keeps
+    it), GOP `gop`, libx264's `crf`."""
 
     size: int | None = None
     fps: float | None = None
     gop: int = 8
     crf: int = 10
+    aspect: str = "crop"
 
 
 @dataclass
 class WriteSummary:
-    """What a write produced: samples written, shard files, and the skipped inputs with the reason for each."""
+    """What a write produced: samples written, shard files, and the skipped inputs with the reason for each.
+    `kept`: shards kept from an interrupted earlier run; `job`: (index, count) for a job of a --num-jobs run."""
 
     output: Path
     written: int = 0
     shards: list[dict] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    kept: int = 0
+    job: tuple[int, int] | None = None
 
     def report(self) -> str:
-        head = f"{self.output}: wrote {self.written} samples in {len(self.shards)} shards, skipped {len(self.skipped)}"
+        where = f"{self.output} (job {self.job[0]} of {self.job[1]})" if self.job else str(self.output)
+        head = f"{where}: wrote {self.written} samples in {len(self.shards)} shards, skipped {len(self.skipped)}"
+        if self.kept:
+            head += f" (kept {self.kept} complete shards from an earlier run)"
         lines = [head]
         lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped]
         return "\n".join(lines)
 
 
-def sanitise_key(name: str) -> str:
-    """A webdataset key from a file stem: dots would split the key, so anything but [A-Za-z0-9_-] becomes '_'."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", name)
+@dataclass(frozen=True)
+class _Options:
+    """What preparing one input needs (sent to the worker processes)."""
+
+    reencode: Reencode | None = None
+    action_rows: str = "transition"
+    max_frames: int | None = None
+    max_seconds: float | None = None
+
+    @property
+    def segmented(self) -> bool:
+        return self.max_frames is not None or self.max_seconds is not None
+
+
+def _sidecar_problem(sample: Sample) -> None:
+    """Raise MetadataError if the sidecar could not be read or is not a JSON object (checks that need no video)."""
+    if sample.problem:
+        raise MetadataError(sample.problem)
+    if not isinstance(sample.sidecar, dict):
+        raise MetadataError(f"the sidecar must be a JSON object, got {type(sample.sidecar).__name__}")
 
 
 def _checked_sidecar(sample: Sample, num_frames: int, action_rows: str = "transition") -> dict:
@@ -95,10 +187,7 @@ def _checked_sidecar(sample: Sample, num_frames: int, action_rows: str = "transi
 
     Raises MetadataError with the reason, naming --action-rows when the `action` row count fits the other option.
     """
-    if sample.problem:
-        raise MetadataError(sample.problem)
-    if not isinstance(sample.sidecar, dict):
-        raise MetadataError(f"the sidecar must be a JSON object, got {type(sample.sidecar).__name__}")
+    _sidecar_problem(sample)
     sidecar = sample.sidecar
     action = sidecar.get("action")
     if isinstance(action, list):
@@ -133,6 +222,133 @@ def _resampled_indices(num_frames: int, src_fps: float, fps: float | None) -> np
     return np.minimum(np.round(out * src_fps / fps).astype(np.int64), num_frames - 1)
 
 
+def _open_video(video: bytes | str):
+    """A PyAV container of in-memory `video` bytes or of a local file path; DecodeError if it has no video stream."""
+    import av  # noqa: PLC0415 (PyAV is imported by the decoders already; kept local like theirs)
+
+    what = f"{len(video)} bytes" if isinstance(video, bytes) else video
+    try:
+        container = av.open(io.BytesIO(video) if isinstance(video, bytes) else video, mode="r")
+    except (av.FFmpegError, ValueError, EOFError, OSError) as exc:
+        raise DecodeError(f"pyav cannot open the video ({what}): {exc}") from exc
+    if not container.streams.video:
+        container.close()
+        raise DecodeError(f"pyav: no video stream in the data ({what})")
+    container.streams.video[0].codec_context.thread_count = 1  # the workers are the parallelism (see _decoder)
+    return container
+
+
+def _decoded(container) -> Iterator:
+    """The container's decoded video frames in order, FFmpeg errors as DecodeError."""
+    import av  # noqa: PLC0415
+
+    try:
+        yield from container.decode(video=0)
+    except (av.FFmpegError, ValueError, EOFError) as exc:
+        raise DecodeError(f"pyav: decoding failed: {exc}") from exc
+
+
+def _segment_length(options: _Options, fps: float) -> int | None:
+    """Output frames per segment (None: the video is one sample)."""
+    if not options.segmented:
+        return None
+    lengths = [options.max_frames] if options.max_frames is not None else []
+    if options.max_seconds is not None:
+        lengths.append(math.floor(options.max_seconds * fps + 1e-9))
+    length = min(lengths)
+    if length < 2:
+        raise DecodeError(f"--max-seconds {options.max_seconds} at {fps:g} fps is {length} frame(s); a segment needs 2")
+    return length
+
+
+def _reencoded(sample: Sample, video: bytes | str, options: _Options) -> list[tuple[str, bytes, dict]]:
+    """Decode `video` (bytes, or a local path read as a stream) once, frame by frame, resize (and resample to
+    `reencode.fps`), and re-encode it to H.264: [(key, mp4 bytes, KEY.json dict)], one entry, or one per segment
+    with --max-frames/--max-seconds (only one segment's frames, uint8 [F, S, S, 3], are held at a time).
+
+    The output frames are those of `_resampled_indices` (nearest source frame in time). The sidecar is checked once
+    the frame count is known; raises DecodeError or MetadataError with the reason.
+    """
+    reencode = options.reencode
+    assert reencode is not None
+    _sidecar_problem(sample)
+    size = reencode.size or 0
+    with _open_video(video) as container:
+        stream = container.streams.video[0]
+        src_fps = float(stream.average_rate or stream.guessed_rate or 0)
+        resample = reencode.fps is not None and reencode.fps != src_fps
+        if resample and src_fps <= 0:
+            raise DecodeError("the video reports no frame rate, so it cannot be resampled to --fps")
+        fps = float(reencode.fps or src_fps)
+        if fps <= 0:
+            raise DecodeError("the video reports no frame rate; pass --fps")
+        seg = _segment_length(options, fps)
+        # frames held back before a full segment is encoded: the last output frames of a resampled video may be
+        # dropped once the frame count is known (see below), so a segment is encoded only when frames follow it
+        reserve = 1 + (math.ceil(0.5 * fps / src_fps) + 1 if resample else 0)
+        pending: list[np.ndarray] = []
+        pending_src: list[int] = []
+        encoded: list[tuple[bytes, list[int], tuple[int, int]]] = []
+        num_frames, out = 0, 0
+
+        def encode(count: int) -> None:
+            frames = np.stack(pending[:count])
+            try:
+                data = encode_h264(frames, fps, gop=reencode.gop, crf=reencode.crf)
+            except ValueError as exc:
+                raise DecodeError(f"re-encoding failed: {exc}") from exc
+            encoded.append((data, pending_src[:count], frames.shape[1:3]))
+            del pending[:count], pending_src[:count]
+
+        for i, frame in enumerate(_decoded(container)):
+            num_frames = i + 1
+            copies = 1
+            if resample:  # output frames whose nearest source frame is i (as _resampled_indices computes it)
+                copies = 0
+                while int(np.round(out * src_fps / fps)) == i:
+                    copies, out = copies + 1, out + 1
+            if copies:
+                rgb = frame_to_rgb(frame, size, reencode.aspect, even=True)
+                pending += [rgb] * copies
+                pending_src += [i] * copies
+            if seg is not None and len(pending) >= seg + reserve:
+                encode(seg)
+    if num_frames == 0:
+        raise DecodeError("pyav: the video has no decodable frames")
+    if resample:  # _resampled_indices' count: frames past the last source frame's time are dropped
+        total = int(np.floor((num_frames - 1) / src_fps * fps + 1e-9)) + 1
+        excess = sum(len(src) for _, src, _ in encoded) + len(pending) - total
+        del pending[len(pending) - excess :], pending_src[len(pending_src) - excess :]
+    meta = dict(_checked_sidecar(sample, num_frames, options.action_rows))
+    while pending:
+        count = len(pending) if seg is None else min(seg, len(pending))
+        if seg is not None and count < 2:  # a 1-frame tail has no transition: dropped
+            break
+        encode(count)
+    if not encoded:
+        raise DecodeError(f"the video has {num_frames} frame(s): too short for a segment of at least 2 frames")
+    full = {**meta, "num_frames": num_frames}
+    results, offset = [], 0
+    for index, (data, src, (height, width)) in enumerate(encoded):
+        sample_meta = dict(meta)
+        sample_meta.update({k: v.tolist() for k, v in cut_metadata(full, np.asarray(src, dtype=np.int64)).items()})
+        sample_meta.update(fps=fps, num_frames=len(src), height=int(height), width=int(width))
+        key = sample.key
+        if seg is not None:
+            key = f"{sample.key}-seg{index:05d}"
+            sample_meta["segment"] = {
+                "of": sample.key,
+                "index": index,
+                "count": len(encoded),
+                "frame_offset": offset,
+                "source_frame": int(src[0]),
+                "time_offset": offset / fps,
+            }
+        results.append((key, data, sample_meta))
+        offset += len(src)
+    return results
+
+
 def prepare_sample(
     sample: Sample, reencode: Reencode | None, decoder: PyAVDecoder, *, action_rows: str = "transition"
 ) -> tuple[bytes, str, dict]:
@@ -142,23 +358,125 @@ def prepare_sample(
     per frame; the last is dropped). Raises DecodeError or MetadataError with the reason when the sample must be
     skipped.
     """
-    info = decoder.info(sample.video)
-    meta = dict(_checked_sidecar(sample, info.num_frames, action_rows))
     if reencode is None:
-        video, ext = sample.video, sample.ext
+        info = decoder.info(sample.video)
+        meta = dict(_checked_sidecar(sample, info.num_frames, action_rows))
         meta.update(fps=info.fps, num_frames=info.num_frames, height=info.height, width=info.width)
-        return video, ext, meta
-    indices = _resampled_indices(info.num_frames, info.fps, reencode.fps)
-    unique, inverse = np.unique(indices, return_inverse=True)
-    frames = decoder.decode(sample.video, unique.tolist(), size=reencode.size or 0)[inverse]
-    fps = reencode.fps or info.fps
-    try:
-        video = encode_h264(frames, fps, gop=reencode.gop, crf=reencode.crf)
-    except ValueError as exc:
-        raise DecodeError(f"re-encoding failed: {exc}") from exc
-    meta.update({k: v.tolist() for k, v in cut_metadata({**meta, "num_frames": info.num_frames}, indices).items()})
-    meta.update(fps=float(fps), num_frames=len(indices), height=frames.shape[1], width=frames.shape[2])
+        return sample.video, sample.ext, meta
+    ((_, video, meta),) = _reencoded(sample, sample.video, _Options(reencode, action_rows))
     return video, "mp4", meta
+
+
+@dataclass
+class _Prepared:
+    """One input, ready for the tars: its samples (one, or one per segment) as (key, tar entries), or the reason it
+    is skipped."""
+
+    source: str
+    samples: list[tuple[str, list[tuple[str, bytes]]]] = field(default_factory=list)
+    problem: str | None = None
+
+
+def _meta_bytes(meta: dict) -> bytes:
+    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _prepare(sample: Sample, options: _Options, decoder: PyAVDecoder, video: bytes | str | None = None) -> _Prepared:
+    """Prepare `sample` (its bytes, or `video`: a local path to stream from when re-encoding)."""
+    try:
+        if options.reencode is None:
+            data, ext, meta = prepare_sample(sample, None, decoder, action_rows=options.action_rows)
+            return _Prepared(sample.source, [(sample.key, [(ext, data), ("json", _meta_bytes(meta))])])
+        outputs = _reencoded(sample, sample.video if video is None else video, options)
+    except (DecodeError, MetadataError) as exc:
+        return _Prepared(sample.source, problem=f"{type(exc).__name__}: {exc}")
+    samples = [(key, [("mp4", data), ("json", _meta_bytes(meta))]) for key, data, meta in outputs]
+    return _Prepared(sample.source, samples)
+
+
+class _OneThreadDecoder(PyAVDecoder):
+    """PyAV decoding in one thread: FFmpeg's default (thread_count 0: as many as there are cores, where the codec
+    can, e.g. VP9's tiles) would make --workers N use more than N cores, and 1 worker more than 1."""
+
+    def _open(self, data: bytes):
+        container = super()._open(data)
+        container.streams.video[0].codec_context.thread_count = 1
+        return container
+
+
+_process_decoder: PyAVDecoder | None = None
+
+
+def _decoder() -> PyAVDecoder:
+    """This process's decoder (one per worker process)."""
+    global _process_decoder
+    if _process_decoder is None:
+        _process_decoder = _OneThreadDecoder()
+    return _process_decoder
+
+
+def _prepare_input(task: tuple[InputVideo, str | None], options: _Options) -> _Prepared:
+    """Read and prepare one listed video (runs in a worker process); `task` = (video, why it is skipped already)."""
+    video, problem = task
+    if problem:
+        return _Prepared(video.source, problem=problem)
+    if options.reencode is None and video.ext not in VIDEO_EXTENSIONS:
+        known = ", ".join(VIDEO_EXTENSIONS)
+        return _Prepared(
+            video.source,
+            problem=f"the extension {video.ext or '(none)'!r} is not one the loader reads ({known}); re-encode it "
+            "(--size, --fps or --gop) to store it as mp4",
+        )
+    sidecar, problem = read_sidecar(video)
+    stream_from_path = options.reencode is not None and not video.is_url  # decoded straight from the file
+    try:
+        data = b"" if stream_from_path else fetch(video.location)
+    except OSError as exc:
+        return _Prepared(video.source, problem=f"OSError: {exc}")
+    sample = Sample(video.key, data, video.ext, sidecar, video.source, problem)
+    return _prepare(sample, options, _decoder(), video.location if stream_from_path else None)
+
+
+def _ordered_map(fn: Callable, tasks: Iterable, workers: int, ahead: int = 8) -> Iterator:
+    """`fn(task)` for every task, results in task order: in this process (workers <= 1) or in `workers` processes.
+
+    A worker that finishes takes the next task even while an earlier, longer one is still running (one task waits in
+    the pool's queue at all times), up to `ahead * workers` tasks started or finished but not yet taken by the caller:
+    the bound on the results held in memory while a long video holds the head of the line.
+    """
+    if workers <= 1:
+        yield from map(fn, tasks)
+        return
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=context)
+    tasks = iter(tasks)
+    pending: deque = deque()  # futures in task order, the caller's next result first
+    exhausted = False
+
+    def top_up() -> None:
+        nonlocal exhausted
+        while not exhausted and len(pending) < ahead * workers:
+            if sum(not f.done() for f in pending) > workers:  # every worker busy and one task queued
+                return
+            try:
+                task = next(tasks)
+            except StopIteration:
+                exhausted = True
+                return
+            pending.append(pool.submit(fn, task))
+
+    try:
+        top_up()
+        while pending:
+            while not pending[0].done():
+                wait([f for f in pending if not f.done()], return_when=FIRST_COMPLETED)
+                top_up()
+            result = pending.popleft().result()
+            top_up()
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _tar_add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
@@ -169,12 +487,42 @@ def _tar_add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
-class _ShardSink:
-    """Appends samples to shard-NNNNNN.tar files, starting a new one at the sample or byte limit."""
+def _shard_name(number: int, job: tuple[int, int] = (0, 1)) -> str:
+    """Shard `number` of job (index, count): shard-NNNNNN.tar in a single run, shard-jIIIII-NNNNNN.tar in a job."""
+    index, count = job
+    return f"shard-{number:06d}.tar" if count == 1 else f"shard-j{index:05d}-{number:06d}.tar"
 
-    def __init__(self, output: Path, samples_per_shard: int | None, bytes_per_shard: int | None) -> None:
+
+def _job_file(output: Path, job: tuple[int, int]) -> Path:
+    return output / f"job-{job[0]:05d}-of-{job[1]:05d}.json"
+
+
+def _write_json(path: Path, data: dict, **dump) -> None:
+    """Write `data` to `path` atomically (a temporary file renamed over it)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, **dump) + "\n")
+    tmp.replace(path)
+
+
+class _ShardSink:
+    """Appends samples to shard tars, starting a new one at the sample or byte limit. A shard is written to
+    NAME.tar.tmp and renamed when complete; `on_close(shard)` is called after each rename. Each shard dict holds
+    name, samples, bytes (the file size once closed), first_key, last_key, and `next`: the input position (input
+    index, sample index within that input) of the first sample after the shard."""
+
+    def __init__(
+        self,
+        output: Path,
+        samples_per_shard: int | None,
+        bytes_per_shard: int | None,
+        *,
+        job: tuple[int, int] = (0, 1),
+        shards: list[dict] | None = None,
+        on_close: Callable[[dict], None] | None = None,
+    ) -> None:
         self.output, self.samples_limit, self.bytes_limit = output, samples_per_shard, bytes_per_shard
-        self.shards: list[dict] = []
+        self.job, self.on_close = job, on_close
+        self.shards: list[dict] = list(shards or [])  # complete shards kept from an earlier run come first
         self._tar: tarfile.TarFile | None = None
 
     def _full(self, incoming: int) -> bool:
@@ -184,26 +532,92 @@ class _ShardSink:
         over_bytes = self.bytes_limit is not None and current["bytes"] + incoming > self.bytes_limit
         return over_bytes and current["samples"] > 0
 
-    def add(self, key: str, entries: list[tuple[str, bytes]]) -> None:
+    def add(self, key: str, entries: list[tuple[str, bytes]], position: tuple[int, int] = (0, 0)) -> None:
         incoming = sum(len(payload) + 1024 for _, payload in entries)  # + tar header and padding, roughly
         if self._tar is None or self._full(incoming):
-            self.close()
-            self.shards.append({"name": f"shard-{len(self.shards):06d}.tar", "samples": 0, "bytes": 0})
-            tmp = self.output / (self.shards[-1]["name"] + ".tmp")
-            self._tar = tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT)  # noqa: SIM115 (closed in close())
+            self.close(position)
+            name = _shard_name(len(self.shards), self.job)
+            self.shards.append({"name": name, "samples": 0, "bytes": 0, "first_key": key})
+            self._tar = tarfile.open(self.output / (name + ".tmp"), "w", format=tarfile.GNU_FORMAT)  # noqa: SIM115
         for ext, payload in entries:
             _tar_add(self._tar, f"{key}.{ext}", payload)
         self.shards[-1]["samples"] += 1
         self.shards[-1]["bytes"] += incoming
+        self.shards[-1]["last_key"] = key
 
-    def close(self) -> None:
+    def close(self, position: tuple[int, int] = (0, 0)) -> None:
+        """Finish the open shard, if any; `position`: where the input continues after it."""
         if self._tar is None:
             return
         self._tar.close()
         self._tar = None
-        final = self.output / self.shards[-1]["name"]
+        shard = self.shards[-1]
+        final = self.output / shard["name"]
         Path(str(final) + ".tmp").replace(final)
-        self.shards[-1]["bytes"] = final.stat().st_size
+        shard["bytes"] = final.stat().st_size
+        shard["next"] = list(position)
+        if self.on_close is not None:
+            self.on_close(shard)
+
+
+def _index_entry(shard: dict) -> dict:
+    return {"name": shard["name"], "samples": shard["samples"], "bytes": shard["bytes"]}
+
+
+def _finish_folder(output: Path, shards: list[dict]) -> None:
+    """Write OUTPUT/index.json for `shards` (renamed already), then remove what is not part of it: other shard
+    tars, temporary files, job files."""
+    names = {s["name"] for s in shards}
+    index = {"shards": [_index_entry(s) for s in shards], "total_samples": sum(s["samples"] for s in shards)}
+    _write_json(output / "index.json", index, indent=1)
+    for stale in output.glob("shard-*.tar"):
+        if stale.name not in names:
+            stale.unlink(missing_ok=True)
+    for pattern in ("shard-*.tar.tmp", "job-*-of-*.json", "job-*-of-*.json.tmp"):
+        for stale in output.glob(pattern):
+            stale.unlink(missing_ok=True)
+
+
+def _check_limits(samples_per_shard: int | None, bytes_per_shard: int | None) -> int | None:
+    if samples_per_shard is None and bytes_per_shard is None:
+        samples_per_shard = DEFAULT_SAMPLES_PER_SHARD
+    for name, limit in (("samples_per_shard", samples_per_shard), ("bytes_per_shard", bytes_per_shard)):
+        if limit is not None and limit < 1:
+            raise ValueError(f"{name} must be >= 1, got {limit}")
+    return samples_per_shard
+
+
+def _write_prepared(
+    items: Iterable[_Prepared],
+    sink: _ShardSink,
+    summary: WriteSummary,
+    seen: set[str],
+    *,
+    start: tuple[int, int] = (0, 0),
+    skipped_at: list | None = None,
+    bar: tqdm | None = None,
+) -> None:
+    """Feed prepared inputs (input index from start[0] on) to the sink in order; the first start[1] samples of
+    input start[0] are in the shards already. Skips are added to the summary (and to `skipped_at` with their input
+    index); `seen` holds the keys written so far."""
+    for position, item in enumerate(items, start=start[0]):
+        if bar is not None:
+            bar.update(1)
+        todo = item.samples[start[1] :] if position == start[0] else item.samples
+        duplicate = next((key for key, _ in todo if key in seen), None)
+        problem = item.problem
+        if duplicate is not None:
+            problem = f"duplicate key {duplicate!r} (another input has the same stem)"
+        if problem is not None:
+            summary.skipped.append((item.source, problem))
+            if skipped_at is not None:
+                skipped_at.append([position, item.source, problem])
+            continue
+        first = start[1] if position == start[0] else 0
+        for number, (key, entries) in enumerate(todo, start=first):
+            sink.add(key, entries, (position, number))
+            seen.add(key)
+            summary.written += 1
 
 
 def write_samples(
@@ -217,64 +631,164 @@ def write_samples(
     progress: bool = True,
     action_rows: str = "transition",
 ) -> WriteSummary:
-    """Write `samples` in order into OUTPUT/shard-*.tar + OUTPUT/index.json; shards left from an earlier, larger
-    run in OUTPUT are removed. Undecodable samples are skipped and listed in the returned summary. `action_rows`
-    says what the sidecars' `action` rows are: "transition" (one per transition t -> t+1, N-1 rows for N frames,
-    as stored) or "frame" (N rows, one per frame; the last row is dropped)."""
+    """Write `samples` in order into OUTPUT/shard-*.tar + OUTPUT/index.json, in this process (for samples made in
+    memory, e.g. by a simulator; `write_shards` reads inputs in parallel and resumes). Shards left from an earlier,
+    larger run in OUTPUT are removed. Undecodable samples are skipped and listed in the returned summary.
+    `action_rows` says what the sidecars' `action` rows are: "transition" (one per transition t -> t+1, N-1 rows
+    for N frames, as stored) or "frame" (N rows, one per frame; the last row is dropped)."""
     if action_rows not in ACTION_ROWS:
         raise ValueError(f"action_rows must be one of {ACTION_ROWS}, got {action_rows!r}")
-    if samples_per_shard is None and bytes_per_shard is None:
-        samples_per_shard = DEFAULT_SAMPLES_PER_SHARD
-    for name, limit in (("samples_per_shard", samples_per_shard), ("bytes_per_shard", bytes_per_shard)):
-        if limit is not None and limit < 1:
-            raise ValueError(f"{name} must be >= 1, got {limit}")
+    samples_per_shard = _check_limits(samples_per_shard, bytes_per_shard)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    summary, decoder, seen = WriteSummary(output), PyAVDecoder(), set()
+    (output / "index.json").unlink(missing_ok=True)  # the folder is complete again when a new one is written
+    summary, seen, options = WriteSummary(output), set(), _Options(reencode, action_rows)
     sink = _ShardSink(output, samples_per_shard, bytes_per_shard)
-    for sample in tqdm(samples, total=total, desc=f"writing {output}", unit="video", disable=not progress):
-        if sample.key in seen:
-            summary.skipped.append((sample.source, f"duplicate key {sample.key!r} (another input has the same stem)"))
-            continue
-        try:
-            video, ext, meta = prepare_sample(sample, reencode, decoder, action_rows=action_rows)
-        except (DecodeError, MetadataError) as exc:
-            summary.skipped.append((sample.source, f"{type(exc).__name__}: {exc}"))
-            continue
-        seen.add(sample.key)
-        meta_bytes = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
-        sink.add(sample.key, [(ext, video), ("json", meta_bytes)])
-        summary.written += 1
+
+    def prepared() -> Iterator[_Prepared]:
+        for sample in samples:
+            if sample.key in seen:  # found before the work (the writer checks again, for the message)
+                yield _Prepared(sample.source, [(sample.key, [])])
+            else:
+                yield _prepare(sample, options, _decoder())
+
+    with tqdm(total=total, desc=f"writing {output}", unit=" videos", disable=not progress) as bar:
+        _write_prepared(prepared(), sink, summary, seen, bar=bar)
     sink.close()
-    summary.shards = sink.shards
-    keep = {s["name"] for s in sink.shards}
-    for stale in output.glob("shard-*.tar"):
-        if stale.name not in keep:
-            stale.unlink()
-    index = {"shards": sink.shards, "total_samples": summary.written}
-    (output / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+    summary.shards = [_index_entry(s) for s in sink.shards]
+    _finish_folder(output, sink.shards)
     return summary
 
 
-def _read_folder(names: list[Path], root: Path) -> Iterator[Sample]:
-    for path in names:
-        sidecar_path = path.with_suffix(".json")
-        sidecar, problem = {}, None
-        if sidecar_path.exists():
-            try:
-                sidecar = json.loads(sidecar_path.read_text())
-            except json.JSONDecodeError as exc:
-                problem = f"sidecar {sidecar_path.name} is not valid JSON: {exc}"
-        key, ext = sanitise_key(path.stem), path.suffix[1:].lower()
-        yield Sample(key, path.read_bytes(), ext, sidecar, str(path.relative_to(root)), problem)
+def _settings(videos: list[InputVideo], job: tuple[int, int], options: _Options, limits: tuple) -> dict:
+    """What a job's output depends on (any --workers gives the same): its inputs and the options."""
+    listed = "\n".join(f"{v.source}\t{v.key}\t{v.sidecar or ''}" for v in videos)
+    return {
+        "inputs": hashlib.sha256(listed.encode()).hexdigest(),
+        "job": list(job),
+        "options": _options_record(options, limits),
+    }
 
 
-def find_videos(input_dir: str | Path) -> list[Path]:
-    """Video files directly in `input_dir`, sorted by name."""
-    root = Path(input_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--input {root} is not a directory")
-    return sorted(p for p in root.iterdir() if p.is_file() and p.suffix[1:].lower() in VIDEO_EXTENSIONS)
+def _options_record(options: _Options, limits: tuple) -> dict:
+    return {
+        "samples_per_shard": limits[0],
+        "bytes_per_shard": limits[1],
+        "reencode": asdict(options.reencode) if options.reencode else None,
+        "action_rows": options.action_rows,
+        "max_frames": options.max_frames,
+        "max_seconds": options.max_seconds,
+    }
+
+
+def _shard_keys(path: Path) -> list[str] | None:
+    """The sample keys of a tar in member order (None if it cannot be read to its end)."""
+    try:
+        with tarfile.open(path) as tar:
+            names = tar.getnames()
+    except (OSError, tarfile.TarError, EOFError):
+        return None
+    return list(dict.fromkeys(name.split(".", 1)[0] for name in names))
+
+
+def _verified(output: Path, shards: list[dict]) -> tuple[list[dict], set[str]]:
+    """The leading shards of `shards` that are complete on disk (size, member list, first and last key as
+    recorded), and their sample keys."""
+    kept: list[dict] = []
+    keys: set[str] = set()
+    for shard in shards:
+        path = output / shard["name"]
+        if not path.is_file() or path.stat().st_size != shard["bytes"]:
+            break
+        found = _shard_keys(path)
+        ends = (shard["first_key"], shard["last_key"])
+        if not found or len(found) != shard["samples"] or (found[0], found[-1]) != ends:
+            break
+        kept.append(shard)
+        keys.update(found)
+    return kept, keys
+
+
+def _write_job(
+    videos: list[InputVideo],
+    problems: dict[int, str],
+    output: Path,
+    *,
+    options: _Options,
+    limits: tuple[int | None, int | None],
+    job: tuple[int, int],
+    workers: int,
+    progress: bool,
+) -> WriteSummary:
+    """Write one job's share `videos` (positions in `problems` are skipped with that reason) into `output`,
+    resuming from its job file when the settings match."""
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "index.json").unlink(missing_ok=True)  # written again when the folder is complete (or merged)
+    job_file = _job_file(output, job)
+    settings = _settings(videos, job, options, limits)
+    state = None
+    if job_file.exists():
+        try:
+            state = json.loads(job_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            state = None
+        if not isinstance(state, dict) or state.get("format") != JOB_FORMAT or state.get("settings") != settings:
+            if state is not None:
+                print(f"{output}: {job_file.name} is from other inputs or options; starting over", file=sys.stderr)
+            state = None
+    kept, seen = _verified(output, state["shards"]) if state else ([], set())
+    start = tuple(kept[-1]["next"]) if kept else (0, 0)
+    skipped_at = [s for s in state["skipped"] if s[0] < start[0]] if state else []
+    keep = {s["name"] for s in kept}
+    prefix = _shard_name(0, job).rsplit("-", 1)[0] + "-"  # this job's shard names: shard- or shard-jIIIII-
+    for stale in [*output.glob(f"{prefix}*.tar"), *output.glob(f"{prefix}*.tar.tmp")]:
+        own = job[1] > 1 or re.fullmatch(r"shard-\d{6}\.tar(\.tmp)?", stale.name)
+        if own and stale.name not in keep:
+            stale.unlink(missing_ok=True)
+    record = {
+        "format": JOB_FORMAT,
+        "settings": settings,
+        "job_index": job[0],
+        "num_jobs": job[1],
+        "inputs": len(videos),
+        "complete": False,
+        "shards": kept,
+        "skipped": skipped_at,
+    }
+    _write_json(job_file, record, indent=1)
+    summary = WriteSummary(output, skipped=[(s[1], s[2]) for s in skipped_at], kept=len(kept))
+    summary.written = sum(s["samples"] for s in kept)
+    summary.job = job if job[1] > 1 else None
+
+    def save(_shard: dict | None = None) -> None:
+        record["shards"] = sink.shards
+        _write_json(job_file, record, indent=1)
+
+    sink = _ShardSink(output, *limits, job=job, shards=kept, on_close=save)
+    tasks = ((videos[i], problems.get(i)) for i in range(start[0], len(videos)))
+    desc = f"writing {output}" + (f" (job {job[0]} of {job[1]})" if job[1] > 1 else "")
+    with tqdm(total=len(videos), initial=start[0], desc=desc, unit=" videos", disable=not progress) as bar:
+        items = _ordered_map(partial(_prepare_input, options=options), tasks, workers)
+        _write_prepared(items, sink, summary, seen, start=start, skipped_at=skipped_at, bar=bar)
+    sink.close((len(videos), 0))
+    record["complete"] = True
+    save()
+    summary.shards = [_index_entry(s) for s in sink.shards]
+    if job[1] == 1:
+        _finish_folder(output, sink.shards)
+    return summary
+
+
+def _duplicates(videos: list[InputVideo]) -> dict[int, str]:
+    """{position: reason} for every video whose key an earlier video of the list has."""
+    first: dict[str, int] = {}
+    out = {}
+    for i, video in enumerate(videos):
+        if video.key in first:
+            out[i] = f"duplicate key {video.key!r} (as {videos[first[video.key]].source}; rename one, or set the key)"
+        else:
+            first[video.key] = i
+    return out
 
 
 def write_shards(
@@ -286,25 +800,46 @@ def write_shards(
     size: int | None = None,
     fps: float | None = None,
     gop: int | None = None,
+    aspect: str = "crop",
+    max_frames: int | None = None,
+    max_seconds: float | None = None,
     val_fraction: float = 0.0,
     seed: int = 0,
     progress: bool = True,
     action_rows: str = "transition",
+    workers: int = 1,
+    num_jobs: int = 1,
+    job_index: int = 0,
 ) -> dict[str, WriteSummary]:
-    """Shard the videos of `input_dir` into `output_dir` (or its train/ and val/ when `val_fraction` > 0).
+    """Shard the videos of `input_dir` (a folder, searched recursively, or a text/CSV list of paths and URLs) into
+    `output_dir` (or its train/ and val/ when `val_fraction` > 0); see the module docstring for every option.
 
     Returns the summary per split ("all", or "train" and "val"). The val split is a seeded random
-    `round(val_fraction * N)` of the videos; shards keep the videos in name order. `action_rows`: see
-    `write_samples`.
+    `round(val_fraction * N)` of the N listed videos; shards keep the videos in sorted order. With `num_jobs` > 1
+    this writes job `job_index`'s share of each split; `merge_jobs` finishes the folder once every job is done.
+    `action_rows`: see `write_samples`.
     """
     if action_rows not in ACTION_ROWS:
         raise ValueError(f"action_rows must be one of {ACTION_ROWS}, got {action_rows!r}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    videos = find_videos(input_dir)
-    if not videos:
-        raise FileNotFoundError(f"--input {input_dir} holds no videos (looked for extensions {VIDEO_EXTENSIONS})")
-    reencode = Reencode(size=size, fps=fps, gop=gop or 8) if (size or fps or gop) else None
+    if aspect not in WRITER_ASPECTS:
+        raise ValueError(f"aspect must be one of {', '.join(WRITER_ASPECTS)}, got {aspect!r}")
+    if size is not None and (size < 2 or size % 2):
+        raise ValueError(f"size must be an even number >= 2 (H.264 stores even frame sizes), got {size}")
+    if max_frames is not None and max_frames < 2:
+        raise ValueError(f"max_frames must be >= 2 (a segment needs a transition), got {max_frames}")
+    if max_seconds is not None and max_seconds <= 0:
+        raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if num_jobs < 1 or not 0 <= job_index < num_jobs:
+        raise ValueError(f"job_index must be in [0, num_jobs) and num_jobs >= 1, got {job_index} and {num_jobs}")
+    limits = (_check_limits(samples_per_shard, bytes_per_shard), bytes_per_shard)
+    videos = list_inputs(input_dir)
+    segmented = max_frames is not None or max_seconds is not None
+    reencode = Reencode(size, fps, gop or 8, aspect=aspect) if (size or fps or gop or segmented) else None
+    options = _Options(reencode, action_rows, max_frames, max_seconds)
     output = Path(output_dir)
     if val_fraction > 0:
         val_ids = set(np.random.default_rng(seed).permutation(len(videos))[: round(val_fraction * len(videos))])
@@ -316,30 +851,128 @@ def write_shards(
     else:
         splits, targets = {"all": videos}, {"all": output}
     summaries = {}
-    for split, names in splits.items():
-        summaries[split] = write_samples(
-            _read_folder(names, Path(input_dir)),
+    for split, listed in splits.items():
+        problems = _duplicates(listed)
+        lo, hi = len(listed) * job_index // num_jobs, len(listed) * (job_index + 1) // num_jobs
+        summaries[split] = _write_job(
+            listed[lo:hi],
+            {i - lo: reason for i, reason in problems.items() if lo <= i < hi},
             targets[split],
-            samples_per_shard=samples_per_shard,
-            bytes_per_shard=bytes_per_shard,
-            reencode=reencode,
-            total=len(names),
+            options=options,
+            limits=limits,
+            job=(job_index, num_jobs),
+            workers=workers,
             progress=progress,
-            action_rows=action_rows,
         )
     return summaries
 
 
+def _merge_folder(folder: Path) -> WriteSummary:
+    """Merge the job files of one folder (see `merge_jobs`)."""
+    found: dict[int, dict] = {}
+    counts = set()
+    for path in sorted(folder.glob("job-*-of-*.json")):
+        match = JOB_FILE.match(path.name)
+        if match is None:
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise RuntimeError(f"{path} is not valid JSON ({exc}): rerun that job, then merge") from exc
+        found[int(match.group(1))] = record
+        counts.add(int(match.group(2)))
+    if len(counts) > 1:
+        raise RuntimeError(
+            f"{folder} holds job files of runs with different --num-jobs ({sorted(counts)}): delete the job files "
+            "(job-*-of-*.json) of the run you do not want, then merge"
+        )
+    (num_jobs,) = counts
+    missing = [i for i in range(num_jobs) if i not in found]
+    unfinished = [i for i, record in sorted(found.items()) if not record.get("complete")]
+    if missing or unfinished:
+        raise RuntimeError(
+            f"cannot merge {folder}: of {num_jobs} jobs, "
+            + "; ".join(
+                part
+                for part in (
+                    f"job(s) {missing} have not started" if missing else "",
+                    f"job(s) {unfinished} have not finished" if unfinished else "",
+                )
+                if part
+            )
+            + f". Run them (again: a job resumes where it stopped) with --num-jobs {num_jobs} --job-index I, then merge"
+        )
+    options = {json.dumps(r["settings"]["options"], sort_keys=True) for r in found.values()}
+    if len(options) > 1:
+        raise RuntimeError(f"the jobs in {folder} were written with different options; rerun them with the same ones")
+    moves, number = [], 0
+    for index in range(num_jobs):
+        for shard in found[index]["shards"]:
+            source, target = folder / shard["name"], folder / _shard_name(number)
+            number += 1
+            if source.is_file() and source.stat().st_size == shard["bytes"]:
+                moves.append((source, target, shard))
+            elif target.is_file() and target.stat().st_size == shard["bytes"]:
+                keys = _shard_keys(target)  # moved by an interrupted merge: check it is this shard
+                if not keys or (keys[0], keys[-1]) != (shard["first_key"], shard["last_key"]):
+                    raise RuntimeError(f"{target} is not shard {shard['name']} of job {index}: rerun job {index}")
+                moves.append((target, target, shard))
+            else:
+                raise RuntimeError(
+                    f"{source} of job {index} is missing or has another size than the job recorded: rerun job "
+                    f"{index} with --num-jobs {num_jobs} --job-index {index} (it rewrites what is missing), then merge"
+                )
+    shards = []
+    for source, target, shard in moves:
+        if source != target:
+            source.replace(target)
+        shards.append({**shard, "name": target.name})
+    _finish_folder(folder, shards)
+    summary = WriteSummary(folder, written=sum(s["samples"] for s in shards))
+    summary.shards = [_index_entry(s) for s in shards]
+    summary.skipped = [(s[1], s[2]) for index in range(num_jobs) for s in found[index]["skipped"]]
+    return summary
+
+
+def merge_jobs(output: str | Path) -> dict[str, WriteSummary]:
+    """Finish a --num-jobs run in `output` (and its train/ and val/, where they hold job files) once every job is
+    done: rename the jobs' shards in job order to shard-000000.tar, ... and write index.json. Returns the summary
+    per split ("all", or "train" and "val"). Raises RuntimeError naming the jobs to (re)run when one has not
+    finished, and FileNotFoundError when there is nothing to merge."""
+    output = Path(output)
+    folders = {"all": output, "train": output / "train", "val": output / "val"}
+    with_jobs = {split: f for split, f in folders.items() if f.is_dir() and any(f.glob("job-*-of-*.json"))}
+    if not with_jobs:
+        raise FileNotFoundError(
+            f"{output} holds no job files (job-IIIII-of-JJJJJ.json) to merge: run the jobs first (--num-jobs J "
+            f"--job-index I); a folder with index.json and no job files is merged already"
+        )
+    return {split: _merge_folder(folder) for split, folder in with_jobs.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", required=True, help="folder of videos (+ optional NAME.json sidecars)")
-    parser.add_argument("--output", required=True, help="folder for shard-*.tar and index.json")
+    parser.add_argument("--input", help="folder of videos (recursive; NAME.json sidecars), or a text/CSV list")
+    parser.add_argument("--output", help="folder for shard-*.tar and index.json")
+    parser.add_argument("--merge", metavar="OUTPUT", help="merge the job files of a --num-jobs run in OUTPUT")
     limit = parser.add_mutually_exclusive_group()
     limit.add_argument("--samples-per-shard", type=int, help=f"default {DEFAULT_SAMPLES_PER_SHARD}")
     limit.add_argument("--bytes-per-shard", type=int)
-    parser.add_argument("--size", type=int, help="re-encode to SIZE x SIZE pixels")
+    parser.add_argument("--workers", type=int, default=1, help="processes preparing videos (default 1)")
+    parser.add_argument("--num-jobs", type=int, default=1, help="split the input into this many jobs")
+    parser.add_argument("--job-index", type=int, default=0, help="the job to write, 0..NUM_JOBS-1")
+    parser.add_argument("--size", type=int, help="re-encode to SIZE x SIZE pixels (see --aspect)")
+    parser.add_argument(
+        "--aspect",
+        choices=WRITER_ASPECTS,
+        default="crop",
+        help="with --size: crop (short side to SIZE, centre crop; default), pad (long side to SIZE, black bars), "
+        "squash (both sides to SIZE), short (short side to SIZE, the aspect kept)",
+    )
     parser.add_argument("--fps", type=float, help="re-encode at this frame rate (nearest frames kept)")
     parser.add_argument("--gop", type=int, help="re-encode with a keyframe every GOP frames (default 8)")
+    parser.add_argument("--max-frames", type=int, help="cut videos into segments of at most this many frames")
+    parser.add_argument("--max-seconds", type=float, help="cut videos into segments of at most this many seconds")
     parser.add_argument("--val-fraction", type=float, default=0.0, help="write OUTPUT/train and OUTPUT/val")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     parser.add_argument(
@@ -349,21 +982,50 @@ def main(argv: list[str] | None = None) -> int:
         help="what the sidecars' 'action' rows are: one per transition t -> t+1, N-1 rows for N frames (default), "
         "or one per frame, N rows (the last row, taken at the last frame, is dropped)",
     )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in batch job logs)")
     args = parser.parse_args(argv)
-    summaries = write_shards(
-        args.input,
-        args.output,
-        samples_per_shard=args.samples_per_shard,
-        bytes_per_shard=args.bytes_per_shard,
-        size=args.size,
-        fps=args.fps,
-        gop=args.gop,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        action_rows=args.action_rows,
-    )
+    if args.merge:
+        try:
+            summaries = merge_jobs(args.merge)
+        except (FileNotFoundError, RuntimeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        for summary in summaries.values():
+            print(summary.report())
+        return 0 if any(s.written for s in summaries.values()) else 1
+    if not args.input or not args.output:
+        parser.error("--input and --output are required (or --merge OUTPUT)")
+    try:
+        summaries = write_shards(
+            args.input,
+            args.output,
+            samples_per_shard=args.samples_per_shard,
+            bytes_per_shard=args.bytes_per_shard,
+            size=args.size,
+            fps=args.fps,
+            gop=args.gop,
+            aspect=args.aspect,
+            max_frames=args.max_frames,
+            max_seconds=args.max_seconds,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            action_rows=args.action_rows,
+            workers=args.workers,
+            num_jobs=args.num_jobs,
+            job_index=args.job_index,
+            progress=not args.no_progress,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     for summary in summaries.values():
         print(summary.report())
+    if args.num_jobs > 1:
+        print(
+            f"job {args.job_index} of {args.num_jobs} done; once all are: python -m data_pipeline.write_shards "
+            f"--merge {args.output}"
+        )
+        return 0
     return 0 if any(s.written for s in summaries.values()) else 1
 
 

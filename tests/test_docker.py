@@ -34,6 +34,10 @@ SHELL_SCRIPTS = [
     "docker/entrypoint.sh",
     "docker/launch_multinode.sh",
     "docker/slurm_train.sbatch",
+    "docker/write_shards_array.sbatch",
+    "scripts/run_demo.sh",
+    "scripts/test.sh",
+    ".ci/run",
 ]
 
 

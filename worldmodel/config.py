@@ -246,7 +246,10 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
             kwargs[name] = _build(tp, value, f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(value, tp, prefix + name)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # a section's own check (e.g. DataConfig.__post_init__)
+        raise ConfigError(str(err)) from err
 
 
 def _set_dotted(tree: dict[str, Any], key: str, raw: str) -> None:
