@@ -28,7 +28,6 @@ import argparse
 import gzip
 import struct
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -37,13 +36,11 @@ import numpy as np
 from einops import repeat
 from scipy import ndimage
 
-from data_pipeline.encode import encode_h264
-from data_pipeline.write_shards import Sample, WriteSummary, write_samples
+from data_pipeline.simulated import FPS, write_world
+from data_pipeline.write_shards import WriteSummary
 
 CANVAS = 64
 DIGIT_SIZE = 20
-FPS = 10.0
-GOP, CRF = 8, 10  # short GOP for cheap random access; crf 10 keeps decoded pixels within a few levels
 MIN_SPEED, MAX_SPEED = 1.5, 3.5  # px/frame
 MIN_TURN = np.pi / 3  # a kick turns the velocity by at least 60 degrees
 MIN_JUMP, MAX_JUMP = 3.0, 6.0  # px: a kick's displacement in `still` videos
@@ -236,13 +233,6 @@ def simulate(
     return np.stack(frames), meta
 
 
-def _videos(split: str, count: int, rng: np.random.Generator, **simulate_kwargs) -> Iterator[Sample]:
-    for i in range(count):
-        frames, meta = simulate(rng=rng, **simulate_kwargs)
-        key = f"{split}_{i:07d}"
-        yield Sample(key, encode_h264(frames, FPS, gop=GOP, crf=CRF), "mp4", meta, key)
-
-
 def make_moving_digits(
     output: str | Path,
     num_videos: int,
@@ -262,28 +252,21 @@ def make_moving_digits(
     OUTPUT/train/ and OUTPUT/val/ shards. Train uses seed [seed, 0], val [seed, 1]: same seed, same frames and
     metadata."""
     bank = mnist_digits(mnist) if mnist else sklearn_digits()
-    counts = {"train": num_videos, "val": max(1, num_videos // 10) if val_videos is None else val_videos}
-    summaries = {}
-    for split_id, (split, count) in enumerate(counts.items()):
-        rng = np.random.default_rng([seed, split_id])
-        summaries[split] = write_samples(
-            _videos(
-                split,
-                count,
-                rng,
-                num_frames=num_frames,
-                num_digits=num_digits,
-                kick_prob=kick_prob,
-                digits=bank,
-                still=still,
-                subpixel=subpixel,
-            ),
-            Path(output) / split,
-            samples_per_shard=samples_per_shard,
-            total=count,
-            progress=progress,
-        )
-    return summaries
+    return write_world(
+        output,
+        simulate,
+        num_videos,
+        seed,
+        val_videos=val_videos,
+        samples_per_shard=samples_per_shard,
+        progress=progress,
+        num_frames=num_frames,
+        num_digits=num_digits,
+        kick_prob=kick_prob,
+        digits=bank,
+        still=still,
+        subpixel=subpixel,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

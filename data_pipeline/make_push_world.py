@@ -32,18 +32,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-from data_pipeline.encode import encode_h264
-from data_pipeline.write_shards import Sample, WriteSummary, write_samples
+from data_pipeline.simulated import FPS, write_world
+from data_pipeline.write_shards import WriteSummary
 
 CANVAS = 64
-FPS = 10.0
-GOP, CRF = 8, 10  # as the moving digits: short GOP, near-lossless
 AGENT_R, OBJECT_R = 4.5, 6.0  # px
 AGENT_RGB = np.array([0.15, 0.35, 1.0], dtype=np.float32)
 OBJECT_RGB = np.array([1.0, 0.55, 0.1], dtype=np.float32)
@@ -195,13 +192,6 @@ def simulate(num_frames: int, rng: np.random.Generator, intent_prob: float = 0.1
     return np.stack(frames), meta
 
 
-def _videos(split: str, count: int, rng: np.random.Generator, **simulate_kwargs) -> Iterator[Sample]:
-    for i in range(count):
-        frames, meta = simulate(rng=rng, **simulate_kwargs)
-        key = f"{split}_{i:07d}"
-        yield Sample(key, encode_h264(frames, FPS, gop=GOP, crf=CRF), "mp4", meta, key)
-
-
 def make_push_world(
     output: str | Path,
     num_videos: int,
@@ -216,18 +206,17 @@ def make_push_world(
     """Generate `num_videos` training and `val_videos` (default num_videos // 10, at least 1) held-out videos into
     OUTPUT/train/ and OUTPUT/val/ shards. Train uses seed [seed, 0], val [seed, 1]: same seed, same frames and
     metadata."""
-    counts = {"train": num_videos, "val": max(1, num_videos // 10) if val_videos is None else val_videos}
-    summaries = {}
-    for split_id, (split, count) in enumerate(counts.items()):
-        rng = np.random.default_rng([seed, split_id])
-        summaries[split] = write_samples(
-            _videos(split, count, rng, num_frames=num_frames, intent_prob=intent_prob),
-            Path(output) / split,
-            samples_per_shard=samples_per_shard,
-            total=count,
-            progress=progress,
-        )
-    return summaries
+    return write_world(
+        output,
+        simulate,
+        num_videos,
+        seed,
+        val_videos=val_videos,
+        samples_per_shard=samples_per_shard,
+        progress=progress,
+        num_frames=num_frames,
+        intent_prob=intent_prob,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
