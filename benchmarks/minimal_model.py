@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--encoder", choices=("vit", "cnn"), default="vit")
     p.add_argument("--patch", type=int, default=8)
+    p.add_argument("--image-size", type=int, default=32, help="frames decoded at this size (ViT encoder only)")
     p.add_argument("--ema", type=float, default=0.996)
     p.add_argument(
         "--target",
@@ -120,16 +121,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
 
-    train = load_clips(args.train_shards, 2048, 8, 32)
-    val = load_clips(args.val_shards, 256, 8, 32)
+    size = args.image_size
+    train = load_clips(args.train_shards, 2048, 8, size)
+    val = load_clips(args.val_shards, 256, 8, size)
     cfg = ModelConfig(
-        img_size=32, patch_size=args.patch, embed_dim=96, depth=4, num_heads=3, granularity=args.granularity,
+        img_size=size, patch_size=args.patch, embed_dim=96, depth=4, num_heads=3, granularity=args.granularity,
         in_chans=6 if args.input_diff else 3,
     )  # fmt: skip
 
     def inputs(frames: torch.Tensor) -> torch.Tensor:
         """uint8 [B, T, H, W, 3] -> float [B, T, C, H, W]; with --input-diff the frame difference is appended."""
-        x = preprocess(frames, 32)
+        x = preprocess(frames, size)
         if not args.input_diff:
             return x
         diff = torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:] - x[:, :-1]], dim=1)
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     encoder = FrameEncoder(cfg) if args.encoder == "vit" else SmallCNN(cfg.frame_dim)
     target_encoder = copy.deepcopy(encoder).requires_grad_(False)
     width = cfg.frame_dim if args.granularity == "frame" else cfg.embed_dim
-    n = 1 if args.granularity == "frame" else (32 // args.patch) ** 2
+    n = 1 if args.granularity == "frame" else (size // args.patch) ** 2
     norm, online_norm = TokenNorm(width, args.target_norm, 0.9), TokenNorm(width, args.target_norm, 0.9)
     d_r = 4 if args.latent == "adassl_v" else 0
     if args.predictor == "mlp":  # [z_{t-1}, z_t, r] -> z_{t+1}, per token
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         predictor = Predictor(width, n, 16, 96, 4, 2, 3, cond_dim=d_r, residual=args.prediction == "residual")
     latent = VariationalLatent(width, d_r) if d_r else None
-    pixel_decoder = nn.Sequential(nn.Linear(width, 512), nn.GELU(), nn.Linear(512, 3 * 32 * 32))
+    pixel_decoder = nn.Sequential(nn.Linear(width, 512), nn.GELU(), nn.Linear(512, 3 * size * size))
     modules = nn.ModuleList([encoder, predictor, pixel_decoder] + ([latent] if latent else []))
     optim = torch.optim.AdamW(modules.parameters(), lr=args.lr, weight_decay=0.0)
 
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.tnce_weight:
             extra = extra + args.tnce_weight * time_contrastive_loss(pred, tgt[:, 1:])
         if args.recon_weight:
-            decoded = pixel_decoder(z.mean(2)).unflatten(-1, (3, 32, 32))  # [B, T, 3, 32, 32]
+            decoded = pixel_decoder(z.mean(2)).unflatten(-1, (3, size, size))  # [B, T, 3, size, size]
             change = (x[:, 1:, :3] - x[:, :-1, :3]).float()
             extra = extra + args.recon_weight * (decoded[:, 1:] - decoded[:, :-1] - change).pow(2).mean()
         optim.zero_grad()
