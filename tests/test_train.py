@@ -212,21 +212,30 @@ def test_sigterm_to_one_rank_checkpoints_both_at_the_step_boundary_and_exits_cle
     assert read_finished(run) is None
 
 
+def _stopped_run(run: Path, shards: Path, signals: int = 1) -> tuple[int, str, str]:
+    """Start a long single-process run, send it SIGTERM `signals` times once it has logged two steps, and return
+    its (exit status, stdout, stderr)."""
+    proc = subprocess.Popen(
+        _python(*_args(run, shards, "train.steps=100000", "train.checkpoint_every=100000")),
+        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _wait_for(lambda: (run / "metrics.jsonl").is_file() and len(_metrics(run)) >= 2, proc)
+        for _ in range(signals):
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.02)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    return proc.returncode, out, err
+
+
 def test_sigterm_exits_75_unfinished_evaluate_warns_and_resume_finishes(digits_shards, tmp_path, capsys):
     """A stopped run is never taken for a finished one: train.py exits 75 without the completion marker, an
     evaluation of it says "unfinished" and records finished=false, and --resume auto finishes it (exit 0, marker)."""
     run = tmp_path / "run"
-    first = subprocess.Popen(
-        _python(*_args(run, digits_shards, "train.steps=100000", "train.checkpoint_every=100000")),
-        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        _wait_for(lambda: (run / "metrics.jsonl").is_file() and len(_metrics(run)) >= 2, first)
-        first.send_signal(signal.SIGTERM)
-        out, err = first.communicate(timeout=90)
-    finally:
-        first.kill()
-    assert first.returncode == EXIT_STOPPED == 75, err[-4000:]
+    status, out, err = _stopped_run(run, digits_shards)
+    assert status == EXIT_STOPPED == 75, err[-4000:]
     assert read_finished(run) is None
     step = read_state(latest_checkpoint(run))["step"]
     assert f"saved {checkpoint_dir(run, step)} at step {step} of 100000; exiting unfinished" in out + err
@@ -290,22 +299,10 @@ def test_repeated_sigterm_still_ends_in_a_checkpoint(digits_shards, tmp_path):
     """Under Slurm every process of a step gets SIGTERM and torch elastic's agent sends another: the trainer must
     still finish its checkpoint."""
     run = tmp_path / "run"
-    proc = subprocess.Popen(
-        _python(*_args(run, digits_shards, "train.steps=100000", "train.checkpoint_every=100000")),
-        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        _wait_for(lambda: (run / "metrics.jsonl").is_file() and len(_metrics(run)) >= 2, proc)
-        for _ in range(3):
-            proc.send_signal(signal.SIGTERM)
-            time.sleep(0.02)
-        out, err = proc.communicate(timeout=90)
-    finally:
-        proc.kill()
-    assert proc.returncode == EXIT_STOPPED, err[-4000:]
+    status, _, err = _stopped_run(run, digits_shards, signals=3)
+    assert status == EXIT_STOPPED, err[-4000:]
     saved = latest_checkpoint(run)
     assert saved is not None and read_state(saved)["step"] == _metrics(run)[-1]["step"]
-
 
 
 def test_stop_request_keeps_sigterm_graceful_and_escalates_a_second_ctrl_c():
