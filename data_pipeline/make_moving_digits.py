@@ -24,7 +24,6 @@ snapped to the nearest whole pixel, so pixels and ground truth disagree by up to
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import struct
 import sys
@@ -36,7 +35,7 @@ import numpy as np
 from einops import repeat
 from scipy import ndimage
 
-from data_pipeline.simulated import FPS, write_world
+from data_pipeline.simulated import FPS, report, world_parser, write_world
 from data_pipeline.write_shards import WriteSummary
 
 CANVAS = 64
@@ -270,11 +269,7 @@ def make_moving_digits(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Generate stochastic Moving digits shards (train/ and val/).")
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--num-videos", type=int, required=True, help="training videos")
-    parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--num-frames", type=int, default=32)
+    parser = world_parser("Generate stochastic Moving digits shards (train/ and val/).")
     parser.add_argument("--num-digits", type=int, default=1, choices=(1, 2))
     parser.add_argument("--kick-prob", type=float, default=0.2, help="probability that a transition kicks a digit")
     parser.add_argument(
@@ -285,9 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         "--whole-pixel", action="store_true",
         help="draw each digit at the nearest whole pixel, not its exact position (the old data, for comparison)",
     )  # fmt: skip
-    parser.add_argument("--val-videos", type=int, help="held-out videos (default num-videos // 10)")
     parser.add_argument("--mnist", help="folder with MNIST IDX files (default: scikit-learn's bundled 8x8 digits)")
-    parser.add_argument("--samples-per-shard", type=int, default=100)
     args = parser.parse_args(argv)
     summaries = make_moving_digits(
         args.output,
@@ -302,9 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         mnist=args.mnist,
         samples_per_shard=args.samples_per_shard,
     )
-    for summary in summaries.values():
-        print(summary.report())
-    return 0 if all(s.written for s in summaries.values()) else 1
+    return report(summaries)
 
 
 if __name__ == "__main__":

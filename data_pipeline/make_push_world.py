@@ -30,14 +30,13 @@ changes the intent or a contact begins, and the same two flags apart as `intent_
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-from data_pipeline.simulated import FPS, write_world
+from data_pipeline.simulated import FPS, report, world_parser, write_world
 from data_pipeline.write_shards import WriteSummary
 
 CANVAS = 64
@@ -220,15 +219,11 @@ def make_push_world(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Generate push-world shards (train/ and val/): an agent pushes an "
-                                     "object on a cluttered table; actions, state and events in the JSON.")
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--num-videos", type=int, required=True, help="training videos")
-    parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--num-frames", type=int, default=32)
+    parser = world_parser(
+        "Generate push-world shards (train/ and val/): an agent pushes an object on a cluttered table; actions, "
+        "state and events in the JSON."
+    )
     parser.add_argument("--intent-prob", type=float, default=0.15, help="probability of a new intent per transition")
-    parser.add_argument("--val-videos", type=int, help="held-out videos (default num-videos // 10)")
-    parser.add_argument("--samples-per-shard", type=int, default=100)
     args = parser.parse_args(argv)
     summaries = make_push_world(
         args.output,
@@ -239,9 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         val_videos=args.val_videos,
         samples_per_shard=args.samples_per_shard,
     )
-    for summary in summaries.values():
-        print(summary.report())
-    return 0 if all(s.written for s in summaries.values()) else 1
+    return report(summaries)
 
 
 if __name__ == "__main__":

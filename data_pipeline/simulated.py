@@ -8,6 +8,7 @@ the same frames and metadata.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +19,26 @@ from data_pipeline.write_shards import Sample, WriteSummary, write_samples
 
 FPS = 10.0
 GOP, CRF = 8, 10  # short GOP for cheap random access; crf 10 keeps decoded pixels within a few levels
+
+
+def world_parser(description: str) -> argparse.ArgumentParser:
+    """The command line every built-in world shares: --output, --num-videos, --seed, --num-frames, --val-videos,
+    --samples-per-shard; the world adds its own options."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--num-videos", type=int, required=True, help="training videos")
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--num-frames", type=int, default=32)
+    parser.add_argument("--val-videos", type=int, help="held-out videos (default num-videos // 10)")
+    parser.add_argument("--samples-per-shard", type=int, default=100)
+    return parser
+
+
+def report(summaries: dict[str, WriteSummary]) -> int:
+    """Print each split's write summary; the exit status: 0 when every split wrote samples, else 1."""
+    for summary in summaries.values():
+        print(summary.report())
+    return 0 if all(s.written for s in summaries.values()) else 1
 
 
 def _videos(split: str, count: int, rng: np.random.Generator, simulate: Callable, kwargs: dict) -> Iterator[Sample]:
