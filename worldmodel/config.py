@@ -101,6 +101,12 @@ class TrainConfig:
     keep_checkpoints: int = 3  # newest K complete checkpoints are kept
     log_every: int = 10
     mixed_precision: str = "auto"  # auto (bf16 on GPU, no on CPU) | no | bf16 | fp16
+    # speed options (worldmodel/train_setup.py; measured with benchmarks/step_speed.py, docs/architecture.md "GPU
+    # path"); none of them changes what is computed beyond floating-point rounding
+    compile: bool = False  # torch.compile the encoder, the EMA target encoder and the predictor, in place
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no C++ compiler needed, what tests use)
+    tf32: bool = True  # CUDA only: TF32 matmuls/convolutions for what autocast leaves in fp32
+    fused_adamw: bool = True  # CUDA only: PyTorch's fused AdamW kernel
     # test hooks, off by default: make rank 0's loss NaN at this (1-based) global step; dump each rank's
     # model/optimizer state to RUN_DIR/debug/{resumed,final}-rank{r}.pt
     debug_nan_at_step: int = 0
@@ -121,6 +127,18 @@ class EvalConfig:
 
 
 @dataclass
+class PixelDecoderConfig:
+    """The pixel decoder trained after the fact on the frozen target latents (evaluate.py --pixels;
+    worldmodel/evaluation/pixel_decoder.py)."""
+
+    steps: int = 1000  # AdamW steps
+    batch_size: int = 128  # frames per step
+    lr: float = 2.0e-3  # peak learning rate (5% warm-up, cosine decay)
+    width: int = 128  # channels of the first feature map, halved at every x2 upsampling stage (down to 16)
+    train_frames: int = 12288  # training-shard frames held in memory with their latents (one clip per video)
+
+
+@dataclass
 class ExperimentConfig:
     """The whole experiment: one YAML file, sections as below."""
 
@@ -131,6 +149,7 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    pixel_decoder: PixelDecoderConfig = field(default_factory=PixelDecoderConfig)
 
 
 def _check_choices(cfg: ExperimentConfig) -> None:
@@ -162,6 +181,10 @@ def _check_choices(cfg: ExperimentConfig) -> None:
         "model.latent_dim": cfg.model.latent_dim,
         "model.frame_dim": cfg.model.frame_dim,
         "eval.probe_grid": cfg.eval.probe_grid,
+        "pixel_decoder.steps": cfg.pixel_decoder.steps,
+        "pixel_decoder.batch_size": cfg.pixel_decoder.batch_size,
+        "pixel_decoder.width": cfg.pixel_decoder.width,
+        "pixel_decoder.train_frames": cfg.pixel_decoder.train_frames,
     }
     non_negative = {
         "model.beta": cfg.model.beta,

@@ -34,16 +34,22 @@ from torch import nn
 
 from data_pipeline.stream import make_train_loader
 from worldmodel import checkpoint as ckpt
-from worldmodel.config import ExperimentConfig, OptimConfig, save_config
+from worldmodel.config import ExperimentConfig, save_config
 from worldmodel.metrics_log import MetricsLog
 from worldmodel.model import WorldModel
 from worldmodel.monitors import HealthWatch
 from worldmodel.schedules import beta_at, ema_momentum, lr_factor
+from worldmodel.train_setup import (
+    build_optimizer,
+    compile_model,
+    resolve_mixed_precision,
+    set_tf32,
+    use_fused_adamw,
+)
 
 WORLD_SIZE_ENV = "WORLDMODEL_WORLD_SIZE"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)  # each: checkpoint at the next step, then exit 75
 EXIT_STOPPED = 75  # train.py's exit status after a SIGTERM/Ctrl-C checkpoint (sysexits EX_TEMPFAIL); 0 = finished
-_NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.Embedding)
 
 
 class LaunchError(RuntimeError):
@@ -56,26 +62,6 @@ class ResumeError(ValueError):
 
 class TrainingDiverged(RuntimeError):
     """A loss became NaN/inf; the message names the step and every loss term. No checkpoint was written."""
-
-
-def resolve_mixed_precision(name: str) -> str:
-    """train.mixed_precision -> accelerate's value: "auto" is bf16 when CUDA is available, else "no"."""
-    if name == "auto":
-        return "bf16" if torch.cuda.is_available() else "no"
-    return name
-
-
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; no weight decay on norms, biases, embeddings and position/cls tokens."""
-    decay, no_decay = [], []
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad:
-                continue
-            exempt = isinstance(module, _NORM_LAYERS) or param.ndim <= 1 or "embed" in name or "token" in name
-            (no_decay if exempt else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
 
 
 class StopRequest:
@@ -314,8 +300,9 @@ def _train(cfg: ExperimentConfig, resume: str | None, stop: StopRequest) -> bool
     _infer_action_dim(cfg, first[1])
     batches = itertools.chain([first], epochs)
     set_seed(cfg.seed)  # identical initial weights on every rank, however the loader used the global RNG
-    model = WorldModel(cfg.model)
-    optimizer = build_optimizer(model, cfg.optim)
+    model = WorldModel(cfg.model).to(accelerator.device)  # on its device first: fused AdamW checks where params are
+    set_tf32(cfg.train, accelerator.device)
+    optimizer = build_optimizer(model, cfg.optim, fused=use_fused_adamw(cfg.train, accelerator.device))
     lr_kw = dict(
         warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.train.steps, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr
     )
@@ -337,6 +324,8 @@ def _train(cfg: ExperimentConfig, resume: str | None, stop: StopRequest) -> bool
             _dump_state(run_dir, "resumed", rank, accelerator.unwrap_model(model), optimizer)
     else:
         set_seed(cfg.seed + rank)  # per-rank noise (latent samples, dropout) from here on
+    if cfg.train.compile:  # in place, after loading: parameter names and checkpoints stay as without it
+        compile_model(accelerator.unwrap_model(model), cfg.train.compile_backend)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
