@@ -1,11 +1,14 @@
 """Rollout evaluation of a trained run, or a side-by-side comparison of evaluated runs.
 
     python evaluate.py --run RUN_DIR --shards GLOB [--horizon H --num-samples K --num-clips N --batch-size B --seed S]
-                       [--skip-evaluated]
+                       [--pixels] [--skip-evaluated]
     python evaluate.py --compare RUN_A RUN_B ... [--output DIR]
 
 The first writes RUN_DIR/eval/metrics.json (schema: docs/metrics_schema.md), report.md and PNG figures; the second
-writes DIR/compare.md and DIR/compare.json (DIR defaults to RUN_A's parent folder /compare).
+writes DIR/compare.md and DIR/compare.json (DIR defaults to RUN_A's parent folder /compare). --pixels also
+decodes the rollouts through the run's pixel decoder (trained on the run's training shards the first time, then
+reused from RUN_DIR/pixel_decoder) and scores them in pixel space: PSNR, SSIM and MSE in the same units for
+every model, decoded strips and GIFs.
 """
 
 from __future__ import annotations
@@ -35,9 +38,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", help="--compare: output folder (default: RUN_A/../compare)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
+        "--pixels",
+        action="store_true",
+        help="--run: decode rollouts with the run's pixel decoder (trained first if missing) and add pixel metrics",
+    )
+    parser.add_argument(
         "--skip-evaluated",
         action="store_true",
-        help="--run: do nothing if RUN_DIR/eval/metrics.json already evaluates the finished run's final checkpoint",
+        help="--run: do nothing if RUN_DIR/eval/metrics.json already evaluates the finished run's final checkpoint "
+        "(with pixel metrics, if --pixels)",
     )
     args = parser.parse_args(argv)
     if args.run and not args.shards:
@@ -67,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"warning: {warning}", file=sys.stderr)
         print(f"wrote {output / 'compare.md'} and {output / 'compare.json'}")
         return 0
-    if args.skip_evaluated and evaluated_final(args.run):
+    if args.skip_evaluated and evaluated_final(args.run, pixels=args.pixels):
         print(f"{args.run}: its final checkpoint is evaluated already ({Path(args.run) / 'eval' / 'metrics.json'})")
         return 0
     evaluate_run(
@@ -79,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         progress=not args.no_progress,
+        pixels=args.pixels,
     )
     print(f"wrote {Path(args.run) / 'eval' / 'metrics.json'}, report.md and figures")
     return 0

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, reduce
 
+from worldmodel.evaluation.pixel_decoder import PixelDecoder, pixel_errors, to_unit
 from worldmodel.evaluation.rollout_metrics import (
     ErrorAccumulator,
     MeanAccumulator,
@@ -94,6 +95,9 @@ class Collected:
     events: list[np.ndarray] = field(default_factory=list)
     latents: dict[str, list[np.ndarray]] = field(default_factory=dict)  # LATENT_READOUTS keys, per transition
     names: dict[str, list[str]] = field(default_factory=dict)  # state_names, label_names, action_names
+    decoder: PixelDecoder | None = None  # when set, rollouts are also decoded and scored in pixel space
+    pixels: ErrorAccumulator | None = None  # pixel errors (PIXEL_METRICS) per mode, when `decoder` is set
+    decoded_strips: dict[str, list[np.ndarray]] = field(default_factory=dict)  # row label -> uint8 [b, H, h, w, c]
 
     def stacked(self, name: str) -> np.ndarray | None:
         """The per-batch list `name` concatenated over clips, or None if never filled."""
@@ -153,6 +157,7 @@ def process_batch(
         if name in STRIP_MODES and num_strip:
             out.strip_tokens.setdefault(name, []).append(_np16(pred[:num_strip]))
 
+    samples = None
     if latent in SAMPLED_LATENTS:
         samples = model.rollout(context, horizon, "prior_sample", k=num_samples, generator=generator)  # [K, B, H, N, D]
         by_mode, best = sample_errors(samples, future)
@@ -165,6 +170,9 @@ def process_batch(
         out.predicted_pooled.setdefault("prior_sample", []).append(_np(pooled[0]))
         if num_strip:
             out.strip_samples.append(_np16(samples[:MAX_STRIP_SAMPLES, :num_strip].transpose(0, 1)))
+
+    if out.decoder is not None:
+        _score_pixels(out, preds, samples, future, frames, num_context, step_event, num_strip)
 
     if latent in LATENT_READOUTS:
         inferred = model.infer_latents(online, target)
@@ -183,3 +191,58 @@ def process_batch(
     for key in ("state_names", "label_names", "action_names"):
         if batch.get(key) is not None:
             out.names.setdefault(key, list(batch[key]))
+
+
+def _score_pixels(
+    out: Collected,
+    preds: dict[str, torch.Tensor],
+    samples: torch.Tensor | None,
+    future: torch.Tensor,
+    frames: torch.Tensor,
+    num_context: int,
+    step_event: torch.Tensor | None,
+    num_strip: int,
+) -> None:
+    """Decode every mode's predicted latents with `out.decoder` and add their pixel errors against the true future
+    frames to `out.pixels`; keep the decoded rows of the strip clips.
+
+    preds: mode -> [B, H, N, D]; samples: [K, B, H, N, D] or None; future: the true frames' target latents
+    [B, H, N, D]; frames: uint8 [B, T, h, w, c]. Rows: `decoder_limit` (the decoder on the true target latents:
+    the decoder's own share of every decoded error), `copy_last` (the last context frame's real pixels, the same for
+    every model), each rollout mode, and best-of-K / mean-of-K of the decoded samples (best chosen per clip by its
+    pixel MSE over the horizon).
+    """
+    decoder, horizon = out.decoder, future.shape[1]
+    truth = to_unit(frames[:, num_context : num_context + horizon])  # [B, H, h, w, c]
+    decoded = {
+        "copy_last": to_unit(frames[:, num_context - 1 : num_context]).expand_as(truth),
+        "decoder_limit": decoder(future),
+    }
+    for name, pred in preds.items():
+        if name != "copy_last" and name not in decoded:
+            decoded[name] = decoded["prediction"] if name == "prior_mean" and "prediction" in preds else decoder(pred)
+    for name, pixels in decoded.items():
+        out.pixels.add(name, pixel_errors(pixels, truth), step_event)
+    # strip rows, in reading order: decoded truth, the deterministic rollout, K samples, posterior, copy-last
+    rows = {"decoded truth": decoded["decoder_limit"]}
+    main = next(name for name in ("prediction", "prior_mean", "action") if name in decoded)
+    rows[main] = decoded[main]
+    if samples is not None:
+        pictures = decoder(samples)  # [K, B, H, h, w, c]
+        errors = pixel_errors(pictures, truth.unsqueeze(0).expand_as(pictures))  # each [K, B, H]
+        best = errors["mse"].mean(dim=-1).argmin(dim=0)  # [B]
+        index = torch.arange(best.shape[0], device=best.device)
+        out.pixels.add("best_of_k", {k: v[best, index] for k, v in errors.items()}, step_event)
+        out.pixels.add("mean_of_k", {k: v.mean(dim=0) for k, v in errors.items()}, step_event)
+        rows.update({f"sample {k + 1}": pictures[k] for k in range(min(MAX_STRIP_SAMPLES, len(pictures)))})
+    if "posterior" in decoded:
+        rows["posterior"] = decoded["posterior"]
+    rows["copy_last"] = decoded["copy_last"]
+    if num_strip:
+        for label, pixels in rows.items():
+            out.decoded_strips.setdefault(label, []).append(_uint8(pixels[:num_strip]))
+
+
+def _uint8(pixels: torch.Tensor) -> np.ndarray:
+    """float [..., h, w, c] in [0, 1] -> uint8 numpy."""
+    return (pixels.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()

@@ -1,6 +1,8 @@
-"""PNG figures of an evaluation: error against horizon, probe R² against horizon, frame strips.
+"""Figures of an evaluation: error against horizon, probe R² against horizon, frame strips (PNG) and decoded
+rollouts (animated GIF).
 
-Predicted latents have no pixels; a frame strip shows, for each predicted token grid, the real eval-set frame whose
+Predicted latents have no pixels of their own. Decoded strips and GIFs show them through the run's pixel decoder
+(worldmodel/evaluation/pixel_decoder.py). A retrieval strip shows, for each predicted token grid, the real eval-set frame whose
 target tokens are nearest by the full token grid (mean squared difference over all N x D elements, the space the
 rollout errors are measured in; nearest-neighbour retrieval, no decoder). Pooling over patches first would let the
 background decide: on a small object on a plain canvas every frame pools to nearly the same vector.
@@ -22,10 +24,12 @@ R2_FLOOR = -1.0  # an R² below this (a probe far off on predicted latents) is d
 SPLIT_TITLES = {"all": "all transitions", "event": "event transitions", "no_event": "no-event transitions"}
 
 
-def plot_errors(modes: dict[str, dict], path: str | Path, metric: str = "l1") -> None:
+def plot_errors(
+    modes: dict[str, dict], path: str | Path, metric: str = "l1", ylabel: str = "{metric} to target latents"
+) -> None:
     """Error against horizon step, one line per mode, one panel per split (all / event / no_event).
 
-    modes: the metrics.json "modes" section ({mode: {split: {metric: [H]}}}).
+    modes: the metrics.json "modes" section ({mode: {split: {metric: [H]}}}), or the "decoded" one.
     """
     splits = [s for s in SPLIT_TITLES if any(s in entry for entry in modes.values())]
     fig, axes = plt.subplots(1, len(splits), figsize=(4.5 * len(splits), 3.5), squeeze=False, sharey=True)
@@ -40,7 +44,7 @@ def plot_errors(modes: dict[str, dict], path: str | Path, metric: str = "l1") ->
         ax.set_xlabel("horizon step")
         ax.set_xticks(range(1, len(values) + 1))
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"{metric} to target latents")
+    axes[0][0].set_ylabel(ylabel.format(metric=metric))
     axes[0][-1].legend(fontsize=8)
     _save(fig, path)
 
@@ -124,6 +128,41 @@ def plot_strip(
         axes[row, num_context].set_ylabel(label, fontsize=7)
     fig.suptitle(title, fontsize=8)
     _save(fig, path)
+
+
+def write_rollout_gif(
+    context: np.ndarray, truth: np.ndarray, rows: dict[str, np.ndarray], path: str | Path, scale: int = 4
+) -> None:
+    """An animated GIF of one decoded rollout: panels side by side (truth, then one per row), one GIF frame per
+    clip frame; during the context every panel shows the real context frame, after it each panel its own future.
+
+    context: uint8 [Tc, h, w, c]; truth: uint8 [Hz, h, w, c]; rows: {label: uint8 [Hz, h, w, c]}; `scale`: pixel
+    upscaling (nearest) so that small frames stay readable. 400 ms per frame, looping.
+    """
+    from PIL import Image, ImageDraw  # matplotlib's dependency
+
+    panels = {"truth": truth, **rows}
+    h, w = truth.shape[1] * scale, truth.shape[2] * scale
+    pad, top = 4, 14
+    images = []
+    for t in range(len(context) + len(truth)):
+        canvas = Image.new("RGB", (len(panels) * (w + pad) + pad, h + top + 12), (255, 255, 255))
+        draw = ImageDraw.Draw(canvas)
+        for i, (label, frames) in enumerate(panels.items()):
+            frame = context[t] if t < len(context) else frames[t - len(context)]
+            picture = Image.fromarray(_rgb(frame)).resize((w, h), Image.NEAREST)
+            x = pad + i * (w + pad)
+            canvas.paste(picture, (x, top))
+            draw.text((x, 1), label[: max(4, w // 6)], fill=(0, 0, 0))
+        when = f"context {t + 1}" if t < len(context) else f"predicted +{t - len(context) + 1}"
+        draw.text((pad, top + h + 1), when, fill=(200, 0, 0) if t >= len(context) else (0, 0, 0))
+        images.append(canvas)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=400, loop=0)
+
+
+def _rgb(frame: np.ndarray) -> np.ndarray:
+    """uint8 [h, w, c] with c in 1, 3 (or more: the first three) -> uint8 [h, w, 3]."""
+    return np.repeat(frame, 3, axis=-1) if frame.shape[-1] == 1 else frame[..., :3]
 
 
 def _save(fig: plt.Figure, path: str | Path) -> None:

@@ -104,18 +104,23 @@ def step_events(events: torch.Tensor, num_context: int, horizon: int) -> torch.T
 
 
 class ErrorAccumulator:
-    """Sums per-step errors over batches, overall and split by the event flag of each step's transition."""
+    """Sums per-step errors over batches, overall and split by the event flag of each step's transition.
 
-    def __init__(self, horizon: int):
+    `metrics`: the names every `add` brings (latent errors: METRICS; pixel errors: pixel_decoder.PIXEL_METRICS).
+    """
+
+    def __init__(self, horizon: int, metrics: tuple[str, ...] = METRICS):
         self.horizon = horizon
+        self.metrics = metrics
         self.sums: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
         self.counts: dict[str, dict[str, torch.Tensor]] = {}
 
     def add(self, mode: str, errors: dict[str, torch.Tensor], step_event: torch.Tensor | None) -> None:
         """Add one batch. errors: {metric: [B, H]}; step_event: bool [B, H] or None (no event metadata)."""
-        masks = {"all": torch.ones_like(errors["l1"], dtype=torch.bool)}
+        first = errors[self.metrics[0]]
+        masks = {"all": torch.ones_like(first, dtype=torch.bool)}
         if step_event is not None:
-            masks["event"] = step_event.to(errors["l1"].device)
+            masks["event"] = step_event.to(first.device)
             masks["no_event"] = ~masks["event"]
         sums = self.sums.setdefault(mode, {})
         counts = self.counts.setdefault(mode, {})
@@ -123,11 +128,11 @@ class ErrorAccumulator:
             weight = mask.float()
             counts[split] = counts.get(split, 0) + weight.sum(dim=0).cpu()
             split_sums = sums.setdefault(split, {})
-            for name in METRICS:
+            for name in self.metrics:
                 split_sums[name] = split_sums.get(name, 0) + (errors[name].float() * weight).sum(dim=0).cpu()
 
     def result(self) -> dict[str, dict]:
-        """{mode: {split: {"l1": [H], "l2": [H], "cos": [H], "count": [H]}}}; a step with no clip in a split is None."""
+        """{mode: {split: {metric: [H] for each metric, "count": [H]}}}; a step with no clip in a split is None."""
         out: dict[str, dict] = {}
         for mode, splits in self.sums.items():
             out[mode] = {}

@@ -41,7 +41,8 @@ from worldmodel.evaluation.collect import (
     Collected,
     process_batch,
 )
-from worldmodel.evaluation.plots import nearest_frames, plot_errors, plot_probes, plot_strip
+from worldmodel.evaluation.pixel_decoder import PIXEL_METRICS, fit_or_load
+from worldmodel.evaluation.plots import nearest_frames, plot_errors, plot_probes, plot_strip, write_rollout_gif
 from worldmodel.evaluation.probe_suite import label_probes, latent_action_probes, state_probes
 from worldmodel.evaluation.probes import split_clips
 from worldmodel.evaluation.report import render_report
@@ -77,14 +78,17 @@ def load_run(run_dir: str | Path, device: torch.device) -> tuple[ExperimentConfi
     return cfg, model.to(device).eval(), ckpt, int(read_state(ckpt)["step"])
 
 
-def evaluated_final(run_dir: str | Path) -> bool:
+def evaluated_final(run_dir: str | Path, pixels: bool = False) -> bool:
     """True when the run is finished (RUN_DIR/finished.json) and RUN_DIR/eval/metrics.json evaluates its final
-    checkpoint; False when it is unfinished, not evaluated, or evaluated at another step."""
+    checkpoint (with pixel metrics, when `pixels`); False when it is unfinished, not evaluated, evaluated at another
+    step, or without the pixel metrics asked for."""
     marker = read_finished(run_dir)
     path = Path(run_dir) / "eval" / "metrics.json"
     if marker is None or not path.is_file():
         return False
     metrics = json.loads(path.read_text())
+    if pixels and not metrics.get("decoded"):
+        return False
     return bool(metrics.get("finished")) and metrics.get("checkpoint_step") == marker["step"]
 
 
@@ -98,10 +102,13 @@ def evaluate_run(
     batch_size: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    pixels: bool = False,
 ) -> dict:
     """Evaluate the newest checkpoint of `run_dir` on `shards`; write RUN_DIR/eval/*; return the metrics dict.
 
-    Unset options take the run config's `eval:` section. Raises EvaluationError for a horizon longer than the
+    Unset options take the run config's `eval:` section. `pixels`: also decode every rollout through the run's
+    pixel decoder (trained first on the run's training shards if RUN_DIR/pixel_decoder has none for this
+    checkpoint) and score it in pixel space (metrics["decoded"]), with decoded strips and GIFs. Raises EvaluationError for a horizon longer than the
     clips' num_target frames, a run without config or checkpoint, or shards that give no clip.
     """
     run_dir = Path(run_dir)
@@ -126,10 +133,17 @@ def evaluate_run(
             f"horizon {horizon} must be between 1 and data.num_target={cfg.data.num_target} (the frames after the "
             f"context in the run's clips); pass --horizon {cfg.data.num_target} or less"
         )
+    decoder, decoder_record = None, None
+    if pixels:
+        decoder, decoder_record = fit_or_load(run_dir, model, cfg, step, device, progress=progress)
     generator = torch.Generator(device=device).manual_seed(seed)
     loader = make_eval_loader(cfg.data, shards, num_clips=num_clips, seed=seed, batch_size=batch_size)
     collected = Collected(
-        errors=ErrorAccumulator(horizon), num_strips=cfg.eval.num_strips, probe_cells=cfg.eval.probe_grid
+        errors=ErrorAccumulator(horizon),
+        num_strips=cfg.eval.num_strips,
+        probe_cells=cfg.eval.probe_grid,
+        decoder=decoder,
+        pixels=ErrorAccumulator(horizon, PIXEL_METRICS) if pixels else None,
     )
     for batch in tqdm(loader, total=math.ceil(num_clips / batch_size), desc="evaluate", disable=not progress):
         process_batch(
@@ -162,6 +176,7 @@ def evaluate_run(
         "num_clips": int(sum(len(f) for f in collected.frames)),
         "modes": collected.errors.result(),
         "diversity": collected.diversity.result(),
+        "decoded": None if decoder is None else {"decoder": decoder_record, "modes": collected.pixels.result()},
         "notes": [unfinished_note] if unfinished_note else [],
     }
     if "events" not in _present(collected, metrics["num_clips"]):
@@ -314,4 +329,31 @@ def write_plots(collected: Collected, metrics: dict, out_dir: Path) -> list[str]
             title=f"clip {clip}: context | true future; predicted rows by nearest-neighbour retrieval",
         )
         written.append(name)
+    written += write_decoded(collected, metrics, out_dir)
+    return written
+
+
+def write_decoded(collected: Collected, metrics: dict, out_dir: Path) -> list[str]:
+    """psnr.png (PSNR against horizon, one line per mode) and, per strip clip, decoded-strip-XX.png and
+    decoded-XX.gif (the rollouts through the pixel decoder); nothing without pixel metrics."""
+    if not metrics.get("decoded"):
+        return []
+    plot_errors(metrics["decoded"]["modes"], out_dir / "psnr.png", metric="psnr", ylabel="PSNR (dB) of decoded frames")
+    written = ["psnr.png"]
+    frames = collected.stacked("frames")  # uint8 [C, T, h, w, c]
+    rows = {label: np.concatenate(parts) for label, parts in collected.decoded_strips.items()}  # [S, H, h, w, c]
+    num_context, horizon = metrics["num_context"], metrics["horizon"]
+    for clip in range(min(len(next(iter(rows.values()))), len(frames)) if rows else 0):
+        context, truth = frames[clip, :num_context], frames[clip, num_context : num_context + horizon]
+        clip_rows = {label: row[clip] for label, row in rows.items()}
+        name = f"decoded-strip-{clip:02d}.png"
+        plot_strip(
+            context,
+            truth,
+            clip_rows,
+            out_dir / name,
+            title=f"clip {clip}: context | true future; every further row decoded by the run's pixel decoder",
+        )
+        write_rollout_gif(context, truth, clip_rows, out_dir / f"decoded-{clip:02d}.gif")
+        written += [name, f"decoded-{clip:02d}.gif"]
     return written
