@@ -19,7 +19,7 @@ from pathlib import Path
 
 from worldmodel.config import ConfigError
 from worldmodel.evaluation import EvaluationError
-from worldmodel.evaluation.compare import compare_runs
+from worldmodel.evaluation.compare import compare_runs, render_headline
 from worldmodel.evaluation.runner import evaluate_run, evaluated_final
 
 
@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         result = compare_runs(args.compare, output)
         for warning in result["warnings"]:
             print(f"warning: {warning}", file=sys.stderr)
+        print(render_headline(result["headline"]))
         print(f"wrote {output / 'compare.md'} and {output / 'compare.json'}")
         return 0
     if args.skip_evaluated and evaluated_final(args.run, pixels=args.pixels):

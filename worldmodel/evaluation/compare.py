@@ -20,8 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from worldmodel.evaluation import EvaluationError
-from worldmodel.evaluation.report import fmt, table
+from worldmodel.evaluation.plots import plot_errors
+from worldmodel.evaluation.report import SPLIT_NAMES, fmt, mse_over_copy_last, table
 
+HEADLINE_STEPS = (1, 4, 8)  # horizon steps of the headline table (those within each run's horizon)
+HEADLINE_MODES = ("prior_mean", "action", "best_of_k", "posterior")  # the forecast, then what applies per latent
 # `prediction` (latent none) is left out: the same numbers are filed as `prior_mean`, which every run can line up on
 MODE_ORDER = ("copy_last", "prior_mean", "best_of_k", "mean_of_k", "posterior", "zero", "action")
 
@@ -85,6 +88,110 @@ def headline_rows(all_metrics: list[dict]) -> list[dict[str, Any]]:
     return rows
 
 
+def headline(labels: list[str], all_metrics: list[dict]) -> dict:
+    """The comparison in shared units, one row per run and rollout mode: pixel PSNR (dB) and error over copy-last
+    at h = 1, 4, 8, unkicked and kicked, the KL kick AUC and the checkpoint step.
+
+    Error over copy-last is the pixel MSE over copy-last's pixel MSE where the run has pixel metrics (evaluate.py
+    --pixels), else its latent L1 over its own copy-last L1 (marked `latent`). Returns {"splits", "steps",
+    "rows": [{"run", "mode", "step", "units", "psnr": {split: [..]}, "over_copy_last": {split: [..]},
+    "kick_auc"}]}; a list holds one value per headline step, None where it does not apply.
+    """
+    splits = ["no_event", "event"] if any("event" in m["modes"].get("copy_last", {}) for m in all_metrics) else ["all"]
+    horizon = max(m["horizon"] for m in all_metrics)
+    steps = [h for h in HEADLINE_STEPS if h <= horizon] or [horizon]
+    rows = []
+    if any(m.get("decoded") for m in all_metrics):
+        base = next(m for m in all_metrics if m.get("decoded"))
+        rows.append(_headline_row("any run", base, "copy_last", splits, steps))
+    for label, m in zip(labels, all_metrics, strict=True):
+        present = m["decoded"]["modes"] if m.get("decoded") else m["modes"]
+        for mode in [x for x in HEADLINE_MODES if x in present]:
+            rows.append(_headline_row(label, m, mode, splits, steps))
+        if m.get("decoded"):
+            rows.append(_headline_row(label, m, "decoder_limit", splits, steps))
+    return {"splits": splits, "steps": steps, "rows": rows}
+
+
+def _headline_row(label: str, m: dict, mode: str, splits: list[str], steps: list[int]) -> dict:
+    def pick(values: list | None) -> list | None:
+        return None if values is None else [values[h - 1] if h <= len(values) else None for h in steps]
+
+    decoded = (m.get("decoded") or {}).get("modes")
+    if decoded:
+        psnr = {s: pick(decoded.get(mode, {}).get(s, {}).get("psnr")) for s in splits}
+        over = {s: pick(mse_over_copy_last(decoded, mode, s)) for s in splits}
+        units = "pixels"
+    else:
+        psnr = {s: None for s in splits}
+        over = {s: pick(_latent_over_copy_last(m["modes"], mode, s)) for s in splits}
+        units = "latent"
+    if mode == "copy_last":
+        over = {s: None for s in splits}
+    kick_auc = ((m.get("latent_action") or {}).get("detector") or {}).get("event_auc")
+    return {
+        "run": label,
+        "mode": mode,
+        "step": m["checkpoint_step"] if label != "any run" else None,
+        "units": units,
+        "psnr": psnr,
+        "over_copy_last": over,
+        "kick_auc": kick_auc if mode not in ("copy_last", "decoder_limit") else None,
+    }
+
+
+def _latent_over_copy_last(modes: dict, mode: str, split: str) -> list | None:
+    ours = modes.get(mode, {}).get(split, {}).get("l1")
+    base = modes.get("copy_last", {}).get(split, {}).get("l1")
+    if ours is None or base is None:
+        return None
+    return [None if a is None or not b else a / b for a, b in zip(ours, base, strict=True)]
+
+
+def render_headline(head: dict) -> str:
+    """The headline table as markdown (cells list the values at the headline steps, h1 / h4 / h8)."""
+    where = "/".join(f"h{h}" for h in head["steps"])
+    header = ["run", "mode", "step"]
+    header += [f"PSNR dB {SPLIT_NAMES[s]} ({where})" for s in head["splits"]]
+    header += [f"err ÷ copy-last {SPLIT_NAMES[s]} ({where})" for s in head["splits"]]
+    header.append("KL kick AUC")
+
+    def cells(values: list | None, digits: int) -> str:
+        return "—" if values is None else " / ".join(fmt(v, digits) for v in values)
+
+    rows = []
+    for r in head["rows"]:
+        unit = "" if r["units"] == "pixels" else " (latent L1)"
+        rows.append(
+            [
+                r["run"],
+                f"`{r['mode']}`{unit}",
+                r["step"],
+                *[cells(r["psnr"][s], 1) for s in head["splits"]],
+                *[cells(r["over_copy_last"][s], 2) for s in head["splits"]],
+                fmt(r["kick_auc"], 3),
+            ]
+        )
+    return table(header, rows)
+
+
+def plot_psnr(labels: list[str], all_metrics: list[dict], path: Path) -> bool:
+    """PSNR against horizon, one line per run and mode, one panel per split; False (nothing written) when no run
+    has pixel metrics."""
+    lines = {}
+    for label, m in zip(labels, all_metrics, strict=True):
+        for mode, entry in ((m.get("decoded") or {}).get("modes") or {}).items():
+            if mode == "copy_last" and "copy_last" in lines:
+                continue
+            if mode in ("mean_of_k", "zero"):
+                continue
+            lines["copy_last" if mode == "copy_last" else f"{label}: {mode}"] = entry
+    if not lines:
+        return False
+    plot_errors(lines, path, metric="psnr", ylabel="PSNR (dB) of decoded frames")
+    return True
+
+
 def _feature(metrics: dict, name: str) -> dict:
     return ((metrics.get("latent_action") or {}).get("features") or {}).get(name) or {}
 
@@ -131,16 +238,26 @@ def compare_runs(run_dirs: list[str | Path], output: str | Path) -> dict:
     if len(horizons) > 1:
         notes.append(f"the runs were evaluated at different horizons {sorted(horizons)}; lists are each run's own")
     labels = _labels(run_dirs)
+    without = [label for label, m in zip(labels, all_metrics, strict=True) if not m.get("decoded")]
+    if without and len(without) < len(all_metrics):
+        notes.append(
+            f"no pixel metrics for {', '.join(without)}: its headline rows are latent L1 over its own copy-last, "
+            "not comparable with the others' pixel figures; evaluate it with `evaluate.py --run RUN --shards GLOB "
+            "--pixels`"
+        )
     result = {
         "runs": run_dirs,
         "labels": labels,
         "rows": headline_rows(all_metrics),
         "warnings": budget_warnings(labels, all_metrics),
         "notes": notes,
+        "headline": headline(labels, all_metrics),
     }
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
+    if plot_psnr(labels, all_metrics, output / "psnr.png"):
+        result["plots"] = ["psnr.png"]
     (output / "compare.json").write_text(json.dumps(result, indent=2))
     (output / "compare.md").write_text(render_compare(result, all_metrics))
     return result
@@ -162,6 +279,22 @@ def render_compare(result: dict, all_metrics: list[dict]) -> str:
     if result["warnings"]:
         out += ["> **Not like for like:**", *[f"> - {w}" for w in result["warnings"]], ""]
     out += [
+        "## Headline (shared units)",
+        "",
+        render_headline(result["headline"]),
+        "",
+        "PSNR of the frames decoded by each run's own pixel decoder (`evaluate.py --pixels`) against the true frames; "
+        "err ÷ copy-last: pixel MSE over copy-last's (the last context frame's real pixels), so below 1 beats "
+        "copy-last, or the run's latent L1 over its own copy-last where it has no pixel metrics. `decoder_limit`: "
+        "the decoder on the true latents (the decoder's share of the error); KL kick AUC: the AdaSSL KL as a "
+        "detector of kicked transitions.",
+        "",
+    ]
+    if result.get("plots"):
+        out += ["![PSNR against horizon](psnr.png)", ""]
+    out += [
+        "## All metrics",
+        "",
         table(["run", "latent", "checkpoint step", "clips"], info),
         "",
         f"Rollout rows list L1 at horizon steps ({where}); `—` = not applicable to that run.",

@@ -29,6 +29,8 @@ from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from worldmodel.evaluation import EvaluationError
+
 DECODER_DIR = "pixel_decoder"
 
 
@@ -72,7 +74,9 @@ class PixelDecoder(nn.Module):
         elif side * side == spec.num_tokens:
             self.stem = nn.Conv2d(spec.dim, spec.width, 1)
         else:
-            raise ValueError(f"the pixel decoder needs one token or a square token grid per frame, got N={spec.num_tokens}")
+            raise ValueError(
+                f"the pixel decoder needs one token or a square token grid per frame, got N={spec.num_tokens}"
+            )
         self.side = side
         stages, width, size = [], spec.width, side
         while size < spec.img_size:
@@ -237,13 +241,19 @@ def train_decoder(
     start = time.perf_counter()
     bar = tqdm(range(steps), desc="pixel decoder", disable=not progress, unit="step")
     for step in bar:
-        scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+        scale = (
+            (step + 1) / warmup
+            if step < warmup
+            else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+        )
         for group in optimizer.param_groups:
             group["lr"] = lr * scale
         pick = torch.randint(0, len(frames), (batch_size,), generator=generator)
         loss = mse_per_frame(decoder(latents[pick].to(device)), to_unit(frames[pick].to(device))).mean()
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"the pixel decoder's loss is {loss.item()} at step {step}; lower pixel_decoder.lr")
+            raise FloatingPointError(
+                f"the pixel decoder's loss is {loss.item()} at step {step}; lower pixel_decoder.lr"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -274,10 +284,20 @@ def fit_or_load(
     loaded = load_decoder(run_dir, checkpoint_step, device)
     if loaded is not None and loaded[1].get("settings") == settings:
         return loaded[0], {**loaded[1], "reused": True}
-    frames, latents = training_frames(
-        model, cfg.data, cfg.data.train_shards, max_frames=settings["train_frames"], batch_size=cfg.eval.batch_size,
-        device=device,
-    )
+    try:
+        frames, latents = training_frames(
+            model,
+            cfg.data,
+            cfg.data.train_shards,
+            max_frames=settings["train_frames"],
+            batch_size=cfg.eval.batch_size,
+            device=device,
+        )
+    except ValueError as err:  # ShardListError, or shards without a clip
+        raise EvaluationError(
+            f"the pixel decoder trains on the run's data.train_shards={cfg.data.train_shards!r}, which cannot be "
+            f"read here: {err}. Point data.train_shards in {Path(run_dir) / 'config.yaml'} at the training shards"
+        ) from err
     decoder, record = train_decoder(
         latents,
         frames,

@@ -182,6 +182,60 @@ def _collapse_section(metrics: dict) -> list[str]:
     return out
 
 
+DECODED_HELP = {
+    "copy_last": "the last context frame's real pixels repeated (the same for every model on the same clips)",
+    "decoder_limit": "the pixel decoder applied to the true frames' target latents: the decoder's own error",
+    "best_of_k": "K futures with r ~ prior, decoded; per clip the one with the lowest pixel MSE over the horizon",
+    "mean_of_k": "K futures with r ~ prior, decoded; the average error of one sampled future",
+}
+SPLIT_NAMES = {"all": "all", "no_event": "unkicked", "event": "kicked"}
+
+
+def mse_over_copy_last(modes: dict, mode: str, split: str) -> list[float | None] | None:
+    """Pixel MSE of `mode` over the copy-last pixel MSE per horizon step (from a metrics.json "decoded" modes
+    section), or None when either is missing."""
+    ours = modes.get(mode, {}).get(split, {}).get("mse")
+    base = modes.get("copy_last", {}).get(split, {}).get("mse")
+    if ours is None or base is None:
+        return None
+    return [None if a is None or not b else a / b for a, b in zip(ours, base, strict=True)]
+
+
+def _decoded_section(metrics: dict) -> list[str]:
+    decoded = metrics.get("decoded")
+    if not decoded:
+        return []
+    record, modes = decoded["decoder"], decoded["modes"]
+    steps = [f"h={h}" for h in range(1, metrics["horizon"] + 1)]
+    how = "loaded from RUN_DIR/pixel_decoder" if record.get("reused") else f"trained now in {record['seconds']:.0f} s"
+    out = [
+        "## Decoded rollouts (pixel space, the same units for every model)",
+        "",
+        f"Every rollout decoded by the run's pixel decoder ({how}: {record['steps']} steps on {record['num_frames']} "
+        f"frames of `{record['shards']}`, encoder frozen, world-model checkpoint step {record['checkpoint_step']}; "
+        f"final training MSE {record['train_mse']:.5f}) and compared with the true frames: PSNR in dB (per frame, "
+        "averaged; capped at 60), SSIM, and pixel MSE over copy-last's. `decoder_limit` shows what part of the error "
+        "is the decoder's.",
+        "",
+        "| mode | meaning |",
+        "|---|---|",
+        *[f"| `{m}` | {DECODED_HELP.get(m) or MODE_HELP.get(m, '')} |" for m in modes],
+        "",
+    ]
+    for split in ("all", "no_event", "event"):
+        rows = [[f"`{m}`", *e[split]["psnr"]] for m, e in modes.items() if split in e]
+        if rows:
+            out += [f"### PSNR (dB), {SPLIT_NAMES[split]} steps", "", table(["mode", *steps], rows), ""]
+    for split in ("no_event", "event"):
+        rows = [[f"`{m}`", *(mse_over_copy_last(modes, m, split) or [])] for m in modes if m != "copy_last"]
+        rows = [r for r in rows if len(r) > 1]
+        if rows:
+            out += [f"### Pixel MSE over copy-last, {SPLIT_NAMES[split]} steps", "", table(["mode", *steps], rows), ""]
+    rows = [[f"`{m}`", *e["all"]["ssim"]] for m, e in modes.items()]
+    out += ["### SSIM, all steps", "", table(["mode", *steps], rows), ""]
+    return out
+
+
 def render_report(metrics: dict) -> str:
     """The report.md text for one evaluation's metrics dict."""
     out = [
@@ -212,6 +266,7 @@ def render_report(metrics: dict) -> str:
         ),
         "",
     ]
+    out += _decoded_section(metrics)
     out += _error_section(metrics)
     out += _probe_section(metrics)
     out += _latent_action_section(metrics)

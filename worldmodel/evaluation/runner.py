@@ -108,8 +108,9 @@ def evaluate_run(
 
     Unset options take the run config's `eval:` section. `pixels`: also decode every rollout through the run's
     pixel decoder (trained first on the run's training shards if RUN_DIR/pixel_decoder has none for this
-    checkpoint) and score it in pixel space (metrics["decoded"]), with decoded strips and GIFs. Raises EvaluationError for a horizon longer than the
-    clips' num_target frames, a run without config or checkpoint, or shards that give no clip.
+    checkpoint) and score it in pixel space (metrics["decoded"]), with decoded strips and GIFs. Raises
+    EvaluationError for a horizon longer than the clips' num_target frames, a run without config or checkpoint, or
+    shards that give no clip.
     """
     run_dir = Path(run_dir)
     device = PartialState().device
