@@ -121,3 +121,25 @@ def test_bad_config_is_a_clear_error(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     assert main(["--config", "configs/tiny.yaml", "--synthetic", "train.compile=maybe"]) == 2
     assert "train.compile must be true or false" in capsys.readouterr().err
+
+
+def test_gpu_check_script_runs_each_config_eager_and_compiled():
+    """benchmarks/gpu_check.sh end to end, on the CPU with the tiny config and the light backend: an environment
+    line, then one record per config and compile setting."""
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "CONFIGS": "configs/tiny.yaml"}
+    result = subprocess.run(
+        ["bash", str(script), "--cpu", "--steps", "1", "--warmup", "1", "train.compile_backend=aot_eager"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    environment, *records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert environment["kind"] == "environment" and environment["torch"]
+    assert [(r["config"], r["compile"], r["synthetic"]) for r in records] == [
+        ("configs/tiny.yaml", False, True), ("configs/tiny.yaml", True, True),
+    ]  # fmt: skip
+    shellcheck = Path(sys.executable).parent / "shellcheck"
+    if shellcheck.exists():
+        lint = subprocess.run([str(shellcheck), str(script)], capture_output=True, text=True, timeout=60)
+        assert lint.returncode == 0, lint.stdout

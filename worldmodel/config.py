@@ -105,7 +105,7 @@ class TrainConfig:
     # path"); none of them changes what is computed beyond floating-point rounding
     compile: bool = False  # torch.compile the encoder, the EMA target encoder and the predictor, in place
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no C++ compiler needed, what tests use)
-    tf32: bool = True  # CUDA only: TF32 matmuls/convolutions for what autocast leaves in fp32
+    tf32: bool = True  # CUDA only: TF32 for the fp32 matmuls autocast leaves (set_float32_matmul_precision high)
     fused_adamw: bool = True  # CUDA only: PyTorch's fused AdamW kernel
     # test hooks, off by default: make rank 0's loss NaN at this (1-based) global step; dump each rank's
     # model/optimizer state to RUN_DIR/debug/{resumed,final}-rank{r}.pt

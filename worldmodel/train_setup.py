@@ -3,7 +3,8 @@ optimizer and the speed options of the `train` section.
 
     train.compile          torch.compile the encoder, the EMA target encoder and the predictor (default false)
     train.compile_backend  its backend (default inductor; the tests use aot_eager, which needs no C++ compiler)
-    train.tf32             CUDA only: TF32 for the matmuls and convolutions autocast leaves in fp32 (default true)
+    train.tf32             CUDA only: TF32 for the fp32 matmuls autocast leaves (default true; cuDNN convolutions use
+                           TF32 by default anyway)
     train.fused_adamw      CUDA only: AdamW's fused kernel, one launch for all parameters (default true)
 
 Compilation is in place (`nn.Module.compile` for the encoders, compiled bound methods for the predictor's trunk
@@ -56,16 +57,11 @@ def use_fused_adamw(cfg: TrainConfig, device: torch.device) -> bool:
 
 
 def set_tf32(cfg: TrainConfig, device: torch.device) -> bool:
-    """Allow TF32 matmuls and convolutions when train.tf32 is on and `device` is CUDA; returns whether it did."""
+    """TF32 for fp32 matmuls (torch.set_float32_matmul_precision("high")) when train.tf32 is on and `device` is
+    CUDA; returns whether it did. Process-wide; never on a CPU, where "high" may mean reduced-precision matmuls too."""
     if not (cfg.tf32 and torch.device(device).type == "cuda"):
         return False
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9; mixing it with the older flags is an error there
-        matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
-    else:
-        matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls; cuDNN convolutions use TF32 by default already
     return True
 
 
