@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The README's main job: set up, make the default data, train JEPA and AdaSSL-V, evaluate both, compare.
+# The README's main job: set up, make the default data, train JEPA and AdaSSL-V, evaluate both (with a pixel
+# decoder each, so rollouts are decoded and scored in pixels), compare.
 # Safe to run again: what exists (venv, data, finished runs, evaluations) is reused, and a run that was stopped
 # (Ctrl-C, SIGTERM) resumes from its checkpoint; a run is evaluated only once it has finished.
 #   bash scripts/run_demo.sh [extra key=value overrides for both training runs]
@@ -34,13 +35,14 @@ for latent in none adassl_v; do
   elif [ "$status" -ne 0 ]; then
     exit "$status"
   fi
-  echo "== 3/4 evaluating $run on the held-out shards"
-  $py evaluate.py --run "$run" --shards "$data/val/shard-*.tar" --skip-evaluated
+  echo "== 3/4 evaluating $run on the held-out shards (pixel decoder first: trained once, then reused)"
+  $py evaluate.py --run "$run" --shards "$data/val/shard-*.tar" --pixels --skip-evaluated
 done
 echo "== 4/4 comparison"
 $py evaluate.py --compare "$runs/none" "$runs/adassl_v" --output "$runs/compare"
 echo
 echo "Reports:"
-echo "  $runs/compare/compare.md             JEPA vs AdaSSL-V side by side"
+echo "  $runs/compare/compare.md             JEPA vs AdaSSL-V side by side (headline table above, psnr.png)"
 echo "  $runs/none/eval/report.md           plain JEPA"
 echo "  $runs/adassl_v/eval/report.md       AdaSSL-V (plots and frame strips beside it)"
+echo "  $runs/adassl_v/eval/decoded-00.gif    a decoded rollout: truth, prior mean, K samples, posterior, copy-last"

@@ -61,8 +61,11 @@ def test_ctrl_c_during_the_demo_stops_it_unevaluated_and_the_next_run_resumes(di
     for latent in ("none", "adassl_v"):
         metrics = json.loads((runs / latent / "eval" / "metrics.json").read_text())
         assert metrics["finished"] is True and metrics["checkpoint_step"] == step + 3, latent
+        assert metrics["decoded"]["decoder"]["checkpoint_step"] == step + 3, latent  # the demo decodes rollouts
+        assert (runs / latent / "eval" / "decoded-00.gif").is_file()
     compare = json.loads((runs / "compare" / "compare.json").read_text())
-    assert compare["warnings"] == []
+    assert compare["warnings"] == [] and {r["units"] for r in compare["headline"]["rows"]} == {"pixels"}
+    assert "PSNR dB unkicked" in out  # the demo's last lines: the headline table
 
     demo = _demo(digits_shards, runs, f"train.steps={step + 3}")
     out, _ = demo.communicate(timeout=300)

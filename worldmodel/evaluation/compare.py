@@ -95,7 +95,9 @@ def headline(labels: list[str], all_metrics: list[dict]) -> dict:
     Error over copy-last is the pixel MSE over copy-last's pixel MSE where the run has pixel metrics (evaluate.py
     --pixels), else its latent L1 over its own copy-last L1 (marked `latent`). Returns {"splits", "steps",
     "rows": [{"run", "mode", "step", "units", "psnr": {split: [..]}, "over_copy_last": {split: [..]},
-    "kick_auc"}]}; a list holds one value per headline step, None where it does not apply.
+    "position_error": [..], "kick_auc"}]}; a list holds one value per headline step, None where it does not apply.
+    position_error: the RMSE of the position columns of the state (pixels in the built-in worlds) read from the
+    predicted latents by a probe fitted on the run's encoded true frames (for decoder_limit: on the true frames).
     """
     splits = ["no_event", "event"] if any("event" in m["modes"].get("copy_last", {}) for m in all_metrics) else ["all"]
     horizon = max(m["horizon"] for m in all_metrics)
@@ -129,6 +131,11 @@ def _headline_row(label: str, m: dict, mode: str, splits: list[str], steps: list
     if mode == "copy_last":
         over = {s: None for s in splits}
     kick_auc = ((m.get("latent_action") or {}).get("detector") or {}).get("event_auc")
+    position = (m.get("probes") or {}).get("position_error") or {}
+    if mode == "decoder_limit":
+        position_error = None if "encoded" not in position else [position["encoded"]] * len(steps)
+    else:
+        position_error = pick(position.get("predicted", {}).get(mode))
     return {
         "run": label,
         "mode": mode,
@@ -136,7 +143,8 @@ def _headline_row(label: str, m: dict, mode: str, splits: list[str], steps: list
         "units": units,
         "psnr": psnr,
         "over_copy_last": over,
-        "kick_auc": kick_auc if mode not in ("copy_last", "decoder_limit") else None,
+        "position_error": position_error,
+        "kick_auc": kick_auc if mode in ("prior_mean", "action") else None,  # one per run: on its forecast row
     }
 
 
@@ -154,7 +162,7 @@ def render_headline(head: dict) -> str:
     header = ["run", "mode", "step"]
     header += [f"PSNR dB {SPLIT_NAMES[s]} ({where})" for s in head["splits"]]
     header += [f"err ÷ copy-last {SPLIT_NAMES[s]} ({where})" for s in head["splits"]]
-    header.append("KL kick AUC")
+    header += [f"position error ({where})", "KL kick AUC"]
 
     def cells(values: list | None, digits: int) -> str:
         return "—" if values is None else " / ".join(fmt(v, digits) for v in values)
@@ -169,6 +177,7 @@ def render_headline(head: dict) -> str:
                 r["step"],
                 *[cells(r["psnr"][s], 1) for s in head["splits"]],
                 *[cells(r["over_copy_last"][s], 2) for s in head["splits"]],
+                cells(r["position_error"], 2),
                 fmt(r["kick_auc"], 3),
             ]
         )
@@ -286,7 +295,9 @@ def render_compare(result: dict, all_metrics: list[dict]) -> str:
         "PSNR of the frames decoded by each run's own pixel decoder (`evaluate.py --pixels`) against the true frames; "
         "err ÷ copy-last: pixel MSE over copy-last's (the last context frame's real pixels), so below 1 beats "
         "copy-last, or the run's latent L1 over its own copy-last where it has no pixel metrics. `decoder_limit`: "
-        "the decoder on the true latents (the decoder's share of the error); KL kick AUC: the AdaSSL KL as a "
+        "the decoder on the true latents (the decoder's share of the error); position error: RMSE of the positions "
+        "in the state (pixels) read from the predicted latents by a probe fitted on the run's encoded true frames "
+        "(all steps; on `decoder_limit` rows: from the encoded true frames); KL kick AUC: the AdaSSL KL as a "
         "detector of kicked transitions.",
         "",
     ]

@@ -16,10 +16,22 @@ frame and z_{h-1} for h > 1 is the model's own previous prediction.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 from einops import rearrange
 
-from worldmodel.evaluation.probes import auc, logistic_accuracy, logistic_auc, nan_to_none, ridge_r2
+from worldmodel.evaluation.probes import (
+    auc,
+    fit_ridge,
+    logistic_accuracy,
+    logistic_auc,
+    nan_to_none,
+    r2_score,
+    ridge_r2,
+)
+
+POSITION_NAME = re.compile(r"^[xy]\d*$")  # state columns that are positions (x0, y0, x1, ...: pixels in both worlds)
 
 
 def _pairs(pooled: np.ndarray) -> np.ndarray:
@@ -41,35 +53,51 @@ def state_probes(
     test: np.ndarray,
     ridge: float,
 ) -> dict:
-    """R² of ridge probes from pooled latents to ground-truth state, on held-out clips.
+    """R² of ridge probes from pooled latents to ground-truth state, on held-out clips, and the position error.
 
     target_pooled: [C, T, D] target latents of the true frames; predicted_pooled: {mode: [C, H, D]};
     state: [C, T, S]; fit, test: clip indices. Returns {"encoded": {name: r2}, "encoded_single_frame":
-    {name: r2}, "predicted": {mode: {name: [H]}}}; an R² is None where the test state is constant.
+    {name: r2}, "predicted": {mode: {name: [H]}}, "position_error": {...} or absent}; an R² is None where the
+    test state is constant. position_error (state columns named x, y, x0, y0, ...: positions, in pixels for the
+    built-in worlds): {"names": [...], "encoded": RMSE of the pair probe on true frames, "predicted": {mode: [H]}},
+    the root mean squared error over those columns and the test clips, in state units: a yardstick every model
+    shares, since each is read by a probe fitted on its own encoded true frames.
     """
     single = ridge_r2(
         _rows(target_pooled[fit]), _rows(state[fit]), _rows(target_pooled[test]), _rows(state[test]), ridge
     )
     pairs = _pairs(target_pooled)
-    pair_fit_x, pair_fit_y = _rows(pairs[fit]), _rows(state[fit, 1:])
-    encoded = ridge_r2(pair_fit_x, pair_fit_y, _rows(pairs[test]), _rows(state[test, 1:]), ridge)
+    probe = fit_ridge(_rows(pairs[fit]), _rows(state[fit, 1:]), ridge)
+    test_true = _rows(state[test, 1:])
+    encoded_pred = probe.predict(_rows(pairs[test]))
+    encoded = r2_score(test_true, encoded_pred)
+    positions = [i for i, name in enumerate(state_names) if POSITION_NAME.match(name)]
+
+    def position_rmse(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+        return float(np.sqrt(((y_true[:, positions] - y_pred[:, positions]) ** 2).mean()))
 
     predicted: dict[str, dict[str, list]] = {}
+    predicted_error: dict[str, list[float]] = {}
     for mode, pred in predicted_pooled.items():
         horizon = pred.shape[1]
         seq = np.concatenate([target_pooled[:, num_context - 1 : num_context], pred], axis=1)  # [C, 1 + H, D]
-        per_step = np.stack(
-            [
-                ridge_r2(pair_fit_x, pair_fit_y, _pairs(seq[test])[:, h], state[test, num_context + h], ridge)
-                for h in range(horizon)
-            ]
-        )  # [H, S]
+        steps = [(state[test, num_context + h], probe.predict(_pairs(seq[test])[:, h])) for h in range(horizon)]
+        per_step = np.stack([r2_score(y, y_hat) for y, y_hat in steps])  # [H, S]
         predicted[mode] = {name: nan_to_none(per_step[:, i]) for i, name in enumerate(state_names)}
-    return {
+        if positions:
+            predicted_error[mode] = [position_rmse(y, y_hat) for y, y_hat in steps]
+    out = {
         "encoded": dict(zip(state_names, nan_to_none(encoded), strict=True)),
         "encoded_single_frame": dict(zip(state_names, nan_to_none(single), strict=True)),
         "predicted": predicted,
     }
+    if positions:
+        out["position_error"] = {
+            "names": [state_names[i] for i in positions],
+            "encoded": position_rmse(test_true, encoded_pred),
+            "predicted": predicted_error,
+        }
+    return out
 
 
 def label_probes(
