@@ -65,10 +65,11 @@ PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     (r"\bL4\b", 121.0),
     (r"\bA10\b", 125.0),
 )
-# Frames/s one CPU core decodes through the shard pipeline (decord, H.264 re-encoded by write_shards with its
-# default GOP, 16-frame clips, 2 clips per video), by image size: measured with `python -m data_pipeline.bench_loaders`
-# on a 2-vCPU VM (docs/architecture.md, "GPU path"). Another CPU or codec differs: pass --decode-fps-per-core.
-DECODE_FPS_PER_CORE: dict[int, float] = {}
+# Frames/s one CPU core delivers through the shard pipeline, by image size: decord, real videos re-encoded to that
+# size by write_shards (H.264, GOP 8), 16-frame clips, 2 clips per video as the GPU configs read them; the mean of
+# `data_pipeline.bench_loaders` and `data_pipeline.bench` with 1 and 2 workers on a 2-vCPU AMD EPYC VM, rounded down
+# (docs/architecture.md, "GPU path"). Another CPU, codec or bitrate differs: pass --decode-fps-per-core.
+DECODE_FPS_PER_CORE: dict[int, float] = {64: 4700.0, 224: 1100.0}
 
 
 def peak_tflops(device_name: str) -> float | None:

@@ -1,8 +1,10 @@
 """Throughput of the pipeline against the decoder alone, on the same kind of clips.
 
     python -m data_pipeline.bench --shards 'data/moving_digits/train/shard-*.tar' [--workers 0 1 2] [--batches N]
+        [--image-size 64] [--num-context 4] [--num-target 4] [--frame-step 1] [--batch-size 16] [--clips-per-video 1]
 
-Prints one JSON line per worker setting:
+Frames are decoded at --image-size (0: as stored) into clips of --num-context + --num-target frames. Prints one JSON
+line per worker setting:
     decoder_fps        frames/s of the decoder alone, one process, making the same decoder calls as the pipeline did
                        for the timed clips (same videos, same frames), from video bytes already in memory: the limit
                        for one process
@@ -11,6 +13,8 @@ Prints one JSON line per worker setting:
     ratio              pipeline_fps / decoder_fps
     *_per_cpu_s, cpu_ratio   the same per CPU-second (main process + workers): the pipeline's overhead, robust to
                        other load on the machine (wall-clock figures are not)
+    fps_per_core       pipeline_fps_per_cpu_s: the frames/s one CPU core delivers through the pipeline, what sizes
+                       the decode workers a GPU needs (benchmarks/step_speed.py, decode_workers_needed)
 The first batch of each pipeline run is not timed (worker start-up).
 """
 
@@ -108,8 +112,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=DataConfig.batch_size)
     parser.add_argument("--decoder", default=DataConfig.decoder)
     parser.add_argument("--clips-per-video", type=int, default=DataConfig.clips_per_video)
+    parser.add_argument("--image-size", type=int, default=DataConfig.image_size, help="decoded frame size (0: stored)")
+    parser.add_argument("--num-context", type=int, default=DataConfig.num_context)
+    parser.add_argument("--num-target", type=int, default=DataConfig.num_target)
+    parser.add_argument("--frame-step", type=int, default=DataConfig.frame_step)
     args = parser.parse_args(argv)
-    cfg = DataConfig(batch_size=args.batch_size, decoder=args.decoder, clips_per_video=args.clips_per_video)
+    cfg = DataConfig(
+        batch_size=args.batch_size,
+        decoder=args.decoder,
+        clips_per_video=args.clips_per_video,
+        image_size=args.image_size,
+        num_context=args.num_context,
+        num_target=args.num_target,
+        frame_step=args.frame_step,
+    )
     urls = expand_shards(args.shards)
     for workers in args.workers:
         clips_s, clips_cpu_s, clips = pipeline_rate(replace(cfg, num_workers=workers), args.shards, args.batches)
@@ -121,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             "decoder": cfg.decoder,
             "clip_length": cfg.clip_length,
             "image_size": cfg.image_size,
+            "frame_step": cfg.frame_step,
             "batch_size": cfg.batch_size,
             "clips_per_video": cfg.clips_per_video,
             "decoder_fps": round(limit, 1),
@@ -130,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             "decoder_fps_per_cpu_s": round(limit_cpu, 1),
             "pipeline_fps_per_cpu_s": round(clips_cpu_s * cfg.clip_length, 1),
             "cpu_ratio": round(clips_cpu_s * cfg.clip_length / limit_cpu, 3),
+            "fps_per_core": round(clips_cpu_s * cfg.clip_length, 1),
         }
         print(json.dumps(record), flush=True)
     return 0
