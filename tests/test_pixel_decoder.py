@@ -90,7 +90,7 @@ def test_pixel_metrics_equal_direct_computation():
     torch.testing.assert_close(same["psnr"], torch.full((2, 3), 60.0))
     a, b = torch.full((1, 16, 16, 3), 0.2), torch.full((1, 16, 16, 3), 0.6)
     expected = (2 * 0.2 * 0.6 + 0.01**2) / (0.2**2 + 0.6**2 + 0.01**2)
-    assert ssim(a, b).item() == pytest.approx(expected, rel=1e-5)
+    assert ssim(a, b).item() == pytest.approx(expected, abs=2e-4)  # float32 variances of constant frames
     assert psnr(torch.tensor(0.01)).item() == pytest.approx(20.0)
     # the accumulator averages per-frame values over clips, split by event
     acc = ErrorAccumulator(3, PIXEL_METRICS)
@@ -127,12 +127,16 @@ def test_decoder_learns_real_frames_of_the_default_data(digits_shards):
     )
     assert record["steps"] == 150 and math.isfinite(record["train_mse"])
     held_out = next(iter(make_eval_loader(cfg.data, cfg.data.val_shards, num_clips=4, batch_size=4)))["frames"]
-    truth = to_unit(held_out)
+    truth = to_unit(held_out)  # [4, T, 64, 64, 3]
     with torch.no_grad():
-        decoded_psnr = psnr(mse_per_frame(decoder(model.encode_target(held_out)), truth)).mean().item()
+        latents_out = model.encode_target(held_out)  # [4, T, 1, 64]
+        decoded_psnr = psnr(mse_per_frame(decoder(latents_out), truth)).mean().item()
+        # the same latents given to the wrong clips: the decoder reads the latent, not a memorised average
+        swapped_psnr = psnr(mse_per_frame(decoder(latents_out.roll(1, dims=0)), truth)).mean().item()
     mean_frame = to_unit(frames).mean(dim=0).expand_as(truth)
     constant_psnr = psnr(mse_per_frame(mean_frame, truth)).mean().item()
-    assert decoded_psnr > constant_psnr + 3.0, (decoded_psnr, constant_psnr)
+    assert decoded_psnr > constant_psnr + 2.5, (decoded_psnr, constant_psnr)
+    assert decoded_psnr > swapped_psnr + 2.0, (decoded_psnr, swapped_psnr)
 
 
 # ---- the evaluation path: process_batch, evaluate_run, compare --------------------------------------------------
@@ -156,7 +160,9 @@ def test_pixel_metrics_of_copy_last_and_decoder_limit_are_direct(two_runs, digit
     cfg, model, _, step = load_run(run, CPU)
     decoder, record = load_decoder(run, step, CPU)
     assert record["checkpoint_step"] == step and record["settings"]["steps"] == 30
-    collected = Collected(errors=ErrorAccumulator(2), decoder=decoder, pixels=ErrorAccumulator(2, PIXEL_METRICS))
+    collected = Collected(
+        errors=ErrorAccumulator(2), num_strips=2, decoder=decoder, pixels=ErrorAccumulator(2, PIXEL_METRICS)
+    )
     batch = next(iter(make_eval_loader(cfg.data, str(digits_shards / "val" / "*.tar"), num_clips=4, batch_size=4)))
     process_batch(
         model,
@@ -180,7 +186,9 @@ def test_pixel_metrics_of_copy_last_and_decoder_limit_are_direct(two_runs, digit
     # best-of-K picks, per clip, the sample with the lowest pixel MSE: never above the mean of the K
     best, mean = result["best_of_k"]["all"]["mse"], result["mean_of_k"]["all"]["mse"]
     assert sum(best) <= sum(mean) + 1e-9
-    assert set(collected.decoded_strips) >= {"decoded truth", "prior_mean", "sample 1", "posterior", "copy_last"}
+    strips = collected.decoded_strips
+    assert list(strips) == ["decoded truth", "prior_mean", "sample 1", "sample 2", "sample 3", "posterior", "copy_last"]
+    assert all(len(rows) == 1 and rows[0].shape == (2, 2, 64, 64, 3) for rows in strips.values())
 
 
 def test_evaluate_writes_pixel_metrics_strips_gifs_and_reuses_the_decoder(two_runs, digits_shards):
@@ -203,6 +211,7 @@ def test_evaluate_writes_pixel_metrics_strips_gifs_and_reuses_the_decoder(two_ru
     assert again["decoded"]["modes"]["decoder_limit"] == decoded["modes"]["decoder_limit"]
     evaluate_run(run, str(digits_shards / "val" / "*.tar"), progress=False)  # without --pixels
     assert not evaluated_final(run, pixels=True) and evaluated_final(run)
+    evaluate_run(run, str(digits_shards / "val" / "*.tar"), progress=False, pixels=True)  # as the module found it
 
 
 def test_compare_puts_two_latent_spaces_in_the_same_units(two_runs, tmp_path):
