@@ -8,14 +8,14 @@
 # 1), first one about the environment. A few minutes on an H100/H200, most of it compiling. Needs a python with
 # torch, timm, accelerate, einops, safetensors and pyyaml; decord, PyAV and webdataset are not needed.
 # Environment: PYTHON (default python3), CONFIGS (default: the 224-px config first, then the 64-px one), STEPS
-# (timed steps, default 15), WARMUP (default 3), RUN_TIMEOUT (seconds per run, default 200).
+# (timed steps, default 15), WARMUP (default 3), RUN_TIMEOUT (seconds per run, default 180).
 set -u
 cd "$(dirname "$0")/.." || exit 2
 PYTHON=${PYTHON:-python3}
 CONFIGS=${CONFIGS:-"configs/gpu_vits224.yaml configs/gpu_vits.yaml"}
 STEPS=${STEPS:-15}
 WARMUP=${WARMUP:-3}
-RUN_TIMEOUT=${RUN_TIMEOUT:-200}
+RUN_TIMEOUT=${RUN_TIMEOUT:-180}
 
 "$PYTHON" - <<'EOF'
 import json, platform
