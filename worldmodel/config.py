@@ -131,9 +131,9 @@ class PixelDecoderConfig:
     """The pixel decoder trained after the fact on the frozen target latents (evaluate.py --pixels;
     worldmodel/evaluation/pixel_decoder.py)."""
 
-    steps: int = 1000  # AdamW steps
+    steps: int = 800  # AdamW steps
     batch_size: int = 128  # frames per step
-    lr: float = 2.0e-3  # peak learning rate (5% warm-up, cosine decay)
+    lr: float = 2.5e-3  # peak learning rate (5% warm-up, cosine decay)
     width: int = 128  # channels of the first feature map, halved at every x2 upsampling stage (down to 16)
     train_frames: int = 12288  # training-shard frames held in memory with their latents (one clip per video)
 

@@ -51,11 +51,12 @@ from worldmodel.model import WorldModel
 from worldmodel.monitors import TARGET_HEALTH_KEYS, effective_rank, per_dim_std, target_health
 
 PIXELS_NOTE = (
-    "Frame strips: row 0 shows the context frames and the true future; every further row is one predicted future. "
-    "Predicted latents have no pixels: each is shown as the real eval-set frame whose target latent (the frame "
+    "Retrieval strips (strip-XX.png): row 0 shows the context frames and the true future; every further row is one "
+    "predicted future, each predicted latent shown as the real eval-set frame whose target latent (the frame "
     "embedding, or with granularity tokens the full token grid, not pooled) is nearest by mean squared difference, "
-    "the space of the rollout errors, to the predicted one (nearest-neighbour retrieval over all eval frames, the "
-    "clip's own frames included; no decoder)."
+    "the space of the rollout errors (nearest-neighbour retrieval over all eval frames, the clip's own frames "
+    "included). Decoded strips and GIFs (decoded-strip-XX.png, decoded-XX.gif, with --pixels) show the same "
+    "rollouts through the run's pixel decoder instead."
 )
 
 
