@@ -209,6 +209,12 @@ def test_evaluate_writes_pixel_metrics_strips_gifs_and_reuses_the_decoder(two_ru
     assert again["decoded"]["decoder"]["reused"] is True
     assert (run / "pixel_decoder" / "decoder.safetensors").read_bytes() == before
     assert again["decoded"]["modes"]["decoder_limit"] == decoded["modes"]["decoder_limit"]
+    meta_path = run / "pixel_decoder" / "decoder.json"
+    meta = json.loads(meta_path.read_text())
+    assert load_decoder(run, metrics["checkpoint_step"] + 1, CPU) is None  # another checkpoint: train again
+    meta_path.write_text(json.dumps({**meta, "architecture": 1}))
+    assert load_decoder(run, metrics["checkpoint_step"], CPU) is None  # another architecture: train again
+    meta_path.write_text(json.dumps(meta))
     evaluate_run(run, str(digits_shards / "val" / "*.tar"), progress=False)  # without --pixels
     assert not evaluated_final(run, pixels=True) and evaluated_final(run)
     evaluate_run(run, str(digits_shards / "val" / "*.tar"), progress=False, pixels=True)  # as the module found it

@@ -9,8 +9,10 @@ the world-model checkpoint step it was trained on; the next evaluation of the sa
 Architecture. The latent grid of one frame, [N, D], becomes a small feature map: with model.granularity=frame
 (N = 1) a linear layer to width x base x base (base = img_size / 8, at least 1), with granularity tokens the patch
 grid (side = sqrt(N)) through a 1x1 conv. Then upsampling stages (nearest x2, 3x3 conv, GroupNorm, SiLU, with a
-residual 3x3 conv) halve the width until the map is img_size wide, and a 3x3 conv gives the C channels through a
-sigmoid: pixels in [0, 1]. Loss: mean squared error on [0, 1] pixels (what PSNR measures).
+residual 3x3 conv) halve the width (down to 16) until the map is half of img_size wide, and the last x2 is a
+sub-pixel convolution (a 3x3 conv to 4C channels, then pixel shuffle: no convolution at full resolution, where it
+would cost the most), through a sigmoid: pixels in [0, 1]. Loss: mean squared error on [0, 1] pixels (what PSNR
+measures).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from tqdm import tqdm
 from worldmodel.evaluation import EvaluationError
 
 DECODER_DIR = "pixel_decoder"
+ARCHITECTURE = 2  # stored in decoder.json; a decoder of another architecture version is trained again, not loaded
 
 
 @dataclass
@@ -48,17 +51,15 @@ class PixelDecoderSpec:
 class _Up(nn.Module):
     """x2 nearest upsampling, then conv-norm-SiLU and a residual conv-norm-SiLU: [B, Ci, s, s] -> [B, Co, 2s, 2s]."""
 
-    def __init__(self, cin: int, cout: int, residual: bool = True):
+    def __init__(self, cin: int, cout: int):
         super().__init__()
         groups = 8 if cout % 8 == 0 else 1
         self.conv = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(groups, cout), nn.SiLU())
-        self.res = None
-        if residual:
-            self.res = nn.Sequential(nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(groups, cout), nn.SiLU())
+        self.res = nn.Sequential(nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(groups, cout), nn.SiLU())
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
-        return x if self.res is None else x + self.res(x)
+        return x + self.res(x)
 
 
 class PixelDecoder(nn.Module):
@@ -79,12 +80,14 @@ class PixelDecoder(nn.Module):
             )
         self.side = side
         stages, width, size = [], spec.width, side
-        while size < spec.img_size:
+        while size * 2 < spec.img_size:
             out = max(16, width // 2)
-            stages.append(_Up(width, out, residual=size * 2 < spec.img_size))  # none at full size: the costly one
+            stages.append(_Up(width, out))
             width, size = out, size * 2
         self.stages = nn.Sequential(*stages)
-        self.out = nn.Conv2d(width, spec.channels, 3, padding=1)
+        # the last x2 as a sub-pixel convolution: no conv at full resolution, where it would cost the most
+        self.shuffle = 2 if size * 2 <= spec.img_size else 1
+        self.out = nn.Conv2d(width, spec.channels * self.shuffle**2, 3, padding=1)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """tokens: [..., N, D] -> pixels float [..., img_size, img_size, C] in [0, 1]."""
@@ -94,10 +97,10 @@ class PixelDecoder(nn.Module):
             x = self.stem(x[:, 0]).reshape(-1, self.spec.width, self.side, self.side)
         else:
             x = self.stem(rearrange(x, "m (h w) d -> m d h w", h=self.side))
-        x = self.stages(x)
+        x = F.pixel_shuffle(self.out(self.stages(x)), self.shuffle)
         if x.shape[-1] != self.spec.img_size:
             x = F.interpolate(x, size=self.spec.img_size, mode="bilinear", align_corners=False)
-        x = torch.sigmoid(self.out(x))
+        x = torch.sigmoid(x)
         return rearrange(x, "m c h w -> m h w c").reshape(*lead, *x.shape[-2:], x.shape[1])
 
 
@@ -159,13 +162,13 @@ def decoder_dir(run_dir: str | Path) -> Path:
 
 def load_decoder(run_dir: str | Path, checkpoint_step: int, device: torch.device) -> tuple[PixelDecoder, dict] | None:
     """The run's pixel decoder and its record (decoder.json) if one was trained on the world model's checkpoint at
-    `checkpoint_step`; None otherwise (never trained, or trained on another checkpoint)."""
+    `checkpoint_step`; None otherwise (never trained, trained on another checkpoint or with another ARCHITECTURE)."""
     folder = decoder_dir(run_dir)
     meta_path = folder / "decoder.json"
     if not meta_path.is_file() or not (folder / "decoder.safetensors").is_file():
         return None
     meta = json.loads(meta_path.read_text())
-    if meta.get("checkpoint_step") != checkpoint_step:
+    if meta.get("checkpoint_step") != checkpoint_step or meta.get("architecture") != ARCHITECTURE:
         return None
     decoder = PixelDecoder(PixelDecoderSpec(**meta["spec"]))
     load_model(decoder, str(folder / "decoder.safetensors"), device=str(device))
@@ -311,6 +314,7 @@ def fit_or_load(
     )
     meta = {
         "checkpoint_step": checkpoint_step,
+        "architecture": ARCHITECTURE,
         "settings": settings,
         "shards": cfg.data.train_shards,
         "num_frames": len(frames),

@@ -1,11 +1,13 @@
 """`evaluate.py --run RUN_DIR --shards GLOB`: load a trained run, roll it out on held-out shards, write the results.
 
-Writes RUN_DIR/eval/metrics.json, RUN_DIR/eval/report.md and PNG figures beside them (errors.png, probes.png when
-the shards carry state, strip-XX.png per example). metrics.json, in short (full schema: docs/metrics_schema.md):
+Writes RUN_DIR/eval/metrics.json, RUN_DIR/eval/report.md and figures beside them (errors.png, probes.png when
+the shards carry state, strip-XX.png per example; with `pixels` also psnr.png, decoded-strip-XX.png and
+decoded-XX.gif). metrics.json, in short (full schema: docs/metrics_schema.md):
 
     {"run", "checkpoint", "checkpoint_step", "train_steps", "finished", "latent", "objective", "shards", "seed",
      "num_context", "horizon", "num_samples", "num_clips",
      "modes": {mode: {"all" | "event" | "no_event": {"l1": [H], "l2": [H], "cos": [H], "count": [H]}}},
+     "decoded": {"decoder": {...}, "modes": {mode: {split: {"mse", "psnr", "ssim", "count": [H]}}}} | null,
      "diversity": [H] | null,
      "probes": {"num_fit_clips", "num_test_clips", "encoded": {state: r2}, "encoded_single_frame": {state: r2},
                 "predicted": {mode: {state: [H]}}, "labels": {label: accuracy}},
