@@ -168,7 +168,6 @@ def test_pixel_metrics_of_copy_last_and_decoder_limit_are_direct(two_runs, digit
         model,
         batch,
         collected,
-        latent="adassl_v",
         num_context=4,
         horizon=2,
         num_samples=3,

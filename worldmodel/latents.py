@@ -15,11 +15,18 @@ Per transition t -> t+1:
 - `oracle`: r is a linear embedding of the transition's action.
 
 Regularisers are returned per transition, [B, T-1]; the model averages them over batch and transitions.
+
+One interface. Every kind of latent (`NoLatent` for `none`, `VariationalLatent`, `SparseLatent`, `OracleLatent`) is a
+`Latent`: it says which rollout modes it offers and which ones the evaluator reports, gives r for a training step
+(`train_r`) and for one rollout step (`step_r`), its regulariser, and its read-outs for the latent-action probe.
+`build_latent` picks the class by `model.latent`; WorldModel, the trainer and the evaluator hold no branch on the
+name, so a fifth latent is one more class here (and its name in the config's LATENTS).
 """
 
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -105,7 +112,124 @@ class Summaries(nn.Module):
         return self.target_proj(self.target_pool(target_tokens))
 
 
-class VariationalLatent(nn.Module):
+ROLLOUT_MODES = ("prior_mean", "prior_sample", "posterior", "zero", "action")
+
+
+class Latent(nn.Module):
+    """What the model, the trainer and the evaluator ask of a kind of latent r (see the module docstring).
+
+    Class attributes: `name` (model.latent); `modes`, the rollout modes `WorldModel.rollout` accepts; `eval_modes`,
+    (name in metrics.json, rollout mode) of the deterministic rollouts the evaluator reports; `aliases`, extra
+    metrics names filed with the numbers of another (so every run has a `prior_mean` row); `train_rollout_mode`,
+    the mode of the training rollout term; `conditions`, whether the predictor is conditioned on r; `inferred`,
+    whether r is inferred from the frames (needs the summaries); `sampled`, whether rollouts can draw K different
+    futures; `needs_actions`, whether training and rollouts need the batch's actions; `readouts`, what the
+    latent-action probe reads from `posterior_stats` ({"features": (headline, ...), "detector": name}) or None.
+    """
+
+    name: ClassVar[str]
+    modes: ClassVar[tuple[str, ...]]
+    eval_modes: ClassVar[tuple[tuple[str, str], ...]]
+    aliases: ClassVar[dict[str, str]] = {}
+    train_rollout_mode: ClassVar[str]
+    conditions: ClassVar[bool] = True
+    inferred: ClassVar[bool] = False
+    sampled: ClassVar[bool] = False
+    needs_actions: ClassVar[bool] = False
+    readouts: ClassVar[dict | None] = None
+    r_is: ClassVar[str] = "inferred from the transition"
+
+    @classmethod
+    def build(cls, summary_dim: int, latent_dim: int, action_dim: int) -> Latent:
+        """The module from the model config's widths."""
+        return cls(summary_dim, latent_dim)
+
+    def train_r(
+        self, features: Tensor, target: Tensor, action: Tensor | None, summaries: Summaries | None
+    ) -> tuple[Tensor | None, dict[str, Tensor], dict[str, Tensor]]:
+        """r [B, T-1, d_r] (or None) for a training step, its loss terms ({"reg": scalar, ...}) and monitors.
+
+        features: the predictor trunk's output for frames 0..T-2 [B, T-1, N, P]; target: target tokens [B, T, N, D];
+        action: [B, T-1, A] or None; summaries: the model's Summaries (inferred latents) or None.
+        """
+        raise NotImplementedError
+
+    def step_r(
+        self,
+        mode: str,
+        features: Tensor,
+        future: Tensor | None,
+        action: Tensor | None,
+        summaries: Summaries | None,
+        generator: torch.Generator | None,
+    ) -> Tensor | None:
+        """r [B', d_r] (or None) for the next rollout step, given the trunk features of the sequence so far
+        [B', L, N, P], the true next target tokens future [B', 1, N, D] (mode posterior) and the transition's action
+        [B', A] (mode action)."""
+        raise NotImplementedError
+
+    def posterior_stats(self, s: Tensor, s_plus: Tensor) -> dict[str, Tensor]:
+        """Per-transition statistics of the inferred r from summaries s, s+ [B, T-1, S] (inferred latents only)."""
+        raise ValueError(f"latent={self.name} has no inferred r; its r is {self.r_is}")
+
+
+def summaries_of(summaries: Summaries, features: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """s_t [B, T-1, S] from the trunk features of frames 0..T-2 and s+_{t+1} [B, T-1, S] from the target tokens of
+    frames 0..T-1 (detached here)."""
+    return summaries.context(features), summaries.target(target.detach())[:, 1:]
+
+
+class NoLatent(Latent):
+    """Plain JEPA (`none`): no r; the predictor is deterministic and every rollout mode gives the same future."""
+
+    name = "none"
+    modes = ROLLOUT_MODES  # accepted and ignored
+    eval_modes = (("prediction", "prior_mean"),)
+    aliases = {"prior_mean": "prediction"}
+    train_rollout_mode = "zero"
+    conditions = False
+    r_is = "absent"
+
+    @classmethod
+    def build(cls, summary_dim: int, latent_dim: int, action_dim: int) -> Latent:
+        return cls()
+
+    def train_r(self, features, target, action, summaries):
+        return None, {"reg": target.new_zeros(())}, {}
+
+    def step_r(self, mode, features, future, action, summaries, generator):
+        return None
+
+
+class _InferredLatent(Latent):
+    """Shared by AdaSSL-V and -S: r inferred from the summaries s (context) and s+ (target) of each transition."""
+
+    modes = ("prior_mean", "prior_sample", "posterior", "zero")
+    eval_modes = (("prior_mean", "prior_mean"), ("posterior", "posterior"), ("zero", "zero"))
+    train_rollout_mode = "posterior"
+    inferred = True
+    sampled = True
+
+    def train_r(self, features, target, action, summaries):
+        out = self(*summaries_of(summaries, features, target))
+        terms = {"reg": out["reg"].mean(), **self._terms(out)}
+        return out["r"], terms, self._monitors(out)
+
+    def step_r(self, mode, features, future, action, summaries, generator):
+        if mode == "zero":
+            return features.new_zeros(features.shape[0], self.latent_dim)
+        s = summaries.context(features[:, -1:])[:, -1]
+        s_plus = summaries.target(future.detach())[:, 0] if mode == "posterior" else None
+        return self.rollout_r(mode, s, s_plus, generator)
+
+    def _terms(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {}
+
+    def _monitors(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {}
+
+
+class VariationalLatent(_InferredLatent):
     """AdaSSL-V: posterior q(r | s, s+) and learned conditional prior p(r | s), diagonal Gaussians.
 
     Both heads' output layers start at zero weight, mean bias 0 and the same sigma bias (SIGMA_INIT), so q = p and
@@ -113,8 +237,12 @@ class VariationalLatent(nn.Module):
     a strong early push to collapse r).
     """
 
+    name = "adassl_v"
+    readouts = {"features": ("innovation", "mu_q"), "detector": "kl"}
+
     def __init__(self, summary_dim: int, latent_dim: int):
         super().__init__()
+        self.latent_dim = latent_dim
         self.posterior_net = mlp(2 * summary_dim, summary_dim, 2 * latent_dim)
         self.prior_net = mlp(summary_dim, summary_dim, 2 * latent_dim)
         raw_sigma_init = math.log(math.expm1(SIGMA_INIT))  # softplus^-1
@@ -153,6 +281,18 @@ class VariationalLatent(nn.Module):
             "innovation": (mu_q - mu_p) / sigma_p,
         }
 
+    def posterior_stats(self, s: Tensor, s_plus: Tensor) -> dict[str, Tensor]:
+        """mu_q, sigma_q, mu_p, sigma_p, innovation [B, T-1, d_r] and kl [B, T-1]."""
+        out = self(s, s_plus)
+        del out["r"], out["reg"]
+        return out
+
+    def _terms(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"kl": out["kl"].mean()}
+
+    def _monitors(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"sigma_q": out["sigma_q"].detach().mean(), "sigma_p": out["sigma_p"].detach().mean()}
+
     def rollout_r(self, mode: str, s: Tensor, s_plus: Tensor | None, generator: torch.Generator | None) -> Tensor:
         """r [B, d_r] for one rollout step: prior mean, prior sample, or posterior mean (needs s_plus)."""
         if mode == "posterior":
@@ -163,11 +303,15 @@ class VariationalLatent(nn.Module):
         return mu_p + sigma_p * torch.randn(mu_p.shape, device=mu_p.device, generator=generator)
 
 
-class SparseLatent(nn.Module):
+class SparseLatent(_InferredLatent):
     """AdaSSL-S: r = m * v with a straight-through Bernoulli mask m and values v from one MLP on [s, s+]."""
+
+    name = "adassl_s"
+    readouts = {"features": ("r", "mask_prob"), "detector": "expected_active"}
 
     def __init__(self, summary_dim: int, latent_dim: int):
         super().__init__()
+        self.latent_dim = latent_dim
         self.net = mlp(2 * summary_dim, summary_dim, 2 * latent_dim)
         self.register_buffer("rate", torch.full((latent_dim,), 0.5))
         self.register_buffer("value_mean", torch.zeros(latent_dim))
@@ -194,6 +338,16 @@ class SparseLatent(nn.Module):
             "expected_active": prob.sum(-1),
         }
 
+    def posterior_stats(self, s: Tensor, s_plus: Tensor) -> dict[str, Tensor]:
+        """mask_prob, values, mask (sampled in train mode, sigmoid > 0.5 in eval mode), r = mask * values, all
+        [B, T-1, d_r], and expected_active [B, T-1]."""
+        out = self(s, s_plus)
+        del out["reg"]
+        return out
+
+    def _monitors(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"active_rate": out["mask"].mean()}
+
     @torch.no_grad()
     def _update_stats(self, prob: Tensor, values: Tensor) -> None:
         flat_prob = rearrange(prob, "... d -> (...) d")
@@ -218,8 +372,19 @@ class SparseLatent(nn.Module):
         return mask * (self.value_mean + self.value_var.sqrt() * noise)
 
 
-class OracleLatent(nn.Module):
+class OracleLatent(Latent):
     """Oracle baseline: r = W a + b, a linear embedding of the transition's action a [..., A]."""
+
+    name = "oracle"
+    modes = ("action", "zero")
+    eval_modes = (("action", "action"), ("zero", "zero"))
+    train_rollout_mode = "action"
+    needs_actions = True
+    r_is = "the action"
+
+    @classmethod
+    def build(cls, summary_dim: int, latent_dim: int, action_dim: int) -> Latent:
+        return cls(action_dim, latent_dim)
 
     def __init__(self, action_dim: int, latent_dim: int):
         super().__init__()
@@ -229,6 +394,7 @@ class OracleLatent(nn.Module):
                 "'action' rows (the trainer takes it from the data)"
             )
         self.action_dim = action_dim
+        self.latent_dim = latent_dim
         self.embed = nn.Linear(action_dim, latent_dim)
 
     def forward(self, action: Tensor | None) -> Tensor:
@@ -238,3 +404,28 @@ class OracleLatent(nn.Module):
         if action.shape[-1] != self.action_dim:
             raise ValueError(f"action rows have width {action.shape[-1]}, but model.action_dim={self.action_dim}")
         return self.embed(action.float())
+
+    def train_r(self, features, target, action, summaries):
+        return self(action), {"reg": target.new_zeros(())}, {}
+
+    def step_r(self, mode, features, future, action, summaries, generator):
+        if mode == "zero":
+            return features.new_zeros(features.shape[0], self.latent_dim)
+        return self(action)
+
+
+LATENT_CLASSES: dict[str, type[Latent]] = {
+    cls.name: cls for cls in (NoLatent, VariationalLatent, SparseLatent, OracleLatent)
+}
+
+
+def latent_class(name: str) -> type[Latent]:
+    """The Latent class of `model.latent`; ValueError naming the valid ones."""
+    if name not in LATENT_CLASSES:
+        raise ValueError(f"model.latent={name!r} is not one of {', '.join(LATENT_CLASSES)}")
+    return LATENT_CLASSES[name]
+
+
+def build_latent(name: str, summary_dim: int, latent_dim: int, action_dim: int) -> Latent:
+    """The latent module of `model.latent` (NoLatent holds no parameters)."""
+    return latent_class(name).build(summary_dim, latent_dim, action_dim)

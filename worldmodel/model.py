@@ -29,21 +29,14 @@ import torch
 from einops import rearrange, reduce, repeat
 from torch import Tensor, nn
 
-from worldmodel.config import LATENTS, OBJECTIVES, ModelConfig
+from worldmodel.config import ModelConfig
 from worldmodel.encoder import FrameEncoder, TokenNorm, ema_update, make_target, output_shape, preprocess
-from worldmodel.latents import OracleLatent, SparseLatent, Summaries, VariationalLatent
+from worldmodel.latents import ROLLOUT_MODES, Summaries, build_latent, latent_class, summaries_of
 from worldmodel.monitors import effective_rank, per_dim_std, target_health
-from worldmodel.objectives import infonce_loss, jepa_loss
+from worldmodel.objectives import build_objective
 from worldmodel.predictor import Predictor, expand_cond
 
-ROLLOUT_MODES = ("prior_mean", "prior_sample", "posterior", "zero", "action")
-_MODES_BY_LATENT = {
-    "none": ROLLOUT_MODES,  # ignored: the predictor is deterministic
-    "adassl_v": ("prior_mean", "prior_sample", "posterior", "zero"),
-    "adassl_s": ("prior_mean", "prior_sample", "posterior", "zero"),
-    "oracle": ("action", "zero"),
-}
-_TRAIN_ROLLOUT_MODE = {"none": "zero", "adassl_v": "posterior", "adassl_s": "posterior", "oracle": "action"}
+__all__ = ["ROLLOUT_MODES", "WorldModel"]
 
 
 class WorldModel(nn.Module):
@@ -51,10 +44,8 @@ class WorldModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.latent not in LATENTS:
-            raise ValueError(f"model.latent={cfg.latent!r} is not one of {', '.join(LATENTS)}")
-        if cfg.objective not in OBJECTIVES:
-            raise ValueError(f"model.objective={cfg.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        kind = latent_class(cfg.latent)  # ValueError for an unknown name
+        self.objective = build_objective(cfg.objective, cfg.loss, cfg.temperature)
         self.cfg = cfg
         self.encoder = FrameEncoder(cfg)
         self.target_encoder = make_target(self.encoder)
@@ -69,19 +60,14 @@ class WorldModel(nn.Module):
             depth=cfg.pred_depth,
             cond_depth=cfg.pred_cond_depth,
             num_heads=cfg.pred_num_heads,
-            cond_dim=0 if cfg.latent == "none" else cfg.latent_dim,
+            cond_dim=cfg.latent_dim if kind.conditions else 0,
             conditioning=cfg.conditioning,
             motion=cfg.pred_motion,
             residual=cfg.prediction == "residual",
         )
-        self.summaries = None
-        self.latent: nn.Module | None = None
-        if cfg.latent in ("adassl_v", "adassl_s"):
-            self.summaries = Summaries(width, cfg.summary_dim, context_dim=cfg.pred_dim)
-            latent_cls = VariationalLatent if cfg.latent == "adassl_v" else SparseLatent
-            self.latent = latent_cls(cfg.summary_dim, cfg.latent_dim)
-        elif cfg.latent == "oracle":
-            self.latent = OracleLatent(cfg.action_dim, cfg.latent_dim)
+        # the summaries s, s+ (inferred latents only), then r's own module: the order fixes the initial weights
+        self.summaries = Summaries(width, cfg.summary_dim, context_dim=cfg.pred_dim) if kind.inferred else None
+        self.latent = build_latent(cfg.latent, cfg.summary_dim, cfg.latent_dim, cfg.action_dim)
 
     # ---- encoders -------------------------------------------------------------------------------------------
 
@@ -93,7 +79,7 @@ class WorldModel(nn.Module):
     def encode_target(self, frames: Tensor) -> Tensor:
         """frames: uint8 [B, T, H, W, C] -> normalised training targets [B, T, N, D] (no grad)."""
         x = preprocess(frames, self.cfg.img_size)
-        if self.cfg.objective == "jepa":
+        if self.objective.ema_target:
             return self.norm(self.target_encoder(x))
         return self.online_norm(self.encoder(x))
 
@@ -114,9 +100,7 @@ class WorldModel(nn.Module):
         self._require_inferred_latent("summaries_of")
         if features is None:
             features = self.predictor.trunk_features(tokens[:, :-1])
-        s = self.summaries.context(features)
-        s_plus = self.summaries.target(target_tokens.detach())[:, 1:]
-        return s, s_plus
+        return summaries_of(self.summaries, features, target_tokens)
 
     def infer_latents(self, tokens: Tensor, target_tokens: Tensor) -> dict[str, Tensor]:
         """Posterior statistics per transition for tokens [B, T, N, D] and target tokens [B, T, N, D].
@@ -125,12 +109,7 @@ class WorldModel(nn.Module):
         kl [B, T-1]. adassl_s: mask_prob (sigmoid of the logits), values, mask (hard; sampled in train mode,
         sigmoid > 0.5 in eval mode), r = mask * values, all [B, T-1, d_r], and expected_active [B, T-1].
         """
-        s, s_plus = self.summaries_of(tokens, target_tokens)
-        out = self.latent(s, s_plus)
-        if self.cfg.latent == "adassl_v":
-            out.pop("r")
-        out.pop("reg")
-        return out
+        return self.latent.posterior_stats(*self.summaries_of(tokens, target_tokens))
 
     def predict_next(self, tokens: Tensor, r: Tensor | None = None) -> Tensor:
         """Teacher-forced one-step predictions: tokens [B, T, N, D], r [B, T, d_r] or None -> [B, T, N, D].
@@ -154,7 +133,7 @@ class WorldModel(nn.Module):
             raise ValueError(f"a training clip needs at least 2 frames, got T={x.shape[1]}")
         raw = self.encoder(x)
         tokens = self.online_norm(raw)
-        if cfg.objective == "jepa":
+        if self.objective.ema_target:
             with torch.no_grad():
                 raw_target = self.target_encoder(x)
                 target = self.norm(raw_target)
@@ -162,15 +141,16 @@ class WorldModel(nn.Module):
             raw_target, target = raw, tokens
 
         features = self.predictor.trunk_features(tokens[:, :-1])  # [B, T-1, N, P]
-        r, latent_terms, latent_monitors = self._training_latents(tokens, target, action, features)
+        if self.latent.needs_actions:
+            self._check_actions(action, tokens.shape[0], tokens.shape[1] - 1, "action")
+        r, latent_terms, latent_monitors = self.latent.train_r(features, target, action, self.summaries)
         pred = self.predictor.from_features(features, r, tokens[:, :-1])
         terms: dict[str, Tensor] = {}
-        monitors: dict[str, Tensor] = {}
-        terms["pred"] = self._prediction_loss(pred, target[:, 1:], monitors)
+        terms["pred"], monitors = self.objective.loss(pred, target[:, 1:])
         terms.update(latent_terms)
-        if cfg.objective == "jepa":  # the copy-last loss on the same targets: `pred` must get below it to be useful
-            with torch.no_grad():
-                monitors["copy_last"] = jepa_loss(target[:, :-1], target[:, 1:], cfg.loss)
+        copy_last = self.objective.copy_last(target)  # the bar `pred` must get below to be useful
+        if copy_last is not None:
+            monitors["copy_last"] = copy_last
         loss = terms["pred"] + beta * terms["reg"]
         if cfg.rollout_steps > 0:
             terms["rollout"] = self._rollout_term(tokens, target, action)
@@ -185,35 +165,6 @@ class WorldModel(nn.Module):
             self.online_norm.update(raw)
         return {"loss": loss, "terms": terms, "monitors": monitors}
 
-    def _training_latents(
-        self, tokens: Tensor, target: Tensor, action: Tensor | None, features: Tensor
-    ) -> tuple[Tensor | None, dict[str, Tensor], dict[str, Tensor]]:
-        """r [B, T-1, d_r] (None for latent none), regulariser terms, and latent monitors."""
-        latent = self.cfg.latent
-        zero = tokens.new_zeros(())
-        if latent == "none":
-            return None, {"reg": zero}, {}
-        if latent == "oracle":
-            self._check_actions(action, tokens.shape[0], tokens.shape[1] - 1, "action")
-            return self.latent(action), {"reg": zero}, {}
-        s, s_plus = self.summaries_of(tokens, target, features)
-        out = self.latent(s, s_plus)
-        terms = {"reg": out["reg"].mean()}
-        if latent == "adassl_v":
-            terms["kl"] = out["kl"].mean()
-            monitors = {"sigma_q": out["sigma_q"].detach().mean(), "sigma_p": out["sigma_p"].detach().mean()}
-        else:
-            monitors = {"active_rate": out["mask"].mean()}
-        return out["r"], terms, monitors
-
-    def _prediction_loss(self, pred: Tensor, target: Tensor, monitors: dict[str, Tensor]) -> Tensor:
-        """pred, target: [B, T', N, D] -> the objective's scalar loss (adds infonce accuracy to `monitors`)."""
-        if self.cfg.objective == "jepa":
-            return jepa_loss(pred, target, self.cfg.loss)
-        loss, accuracy = infonce_loss(pred, target, self.cfg.temperature)
-        monitors["infonce_acc"] = accuracy.detach()
-        return loss
-
     def _rollout_term(self, tokens: Tensor, target: Tensor, action: Tensor | None) -> Tensor:
         """Loss of a rollout_steps-step rollout from the clip's first T - rollout_steps frames (same `rollout`)."""
         steps, num_frames = self.cfg.rollout_steps, tokens.shape[1]
@@ -227,11 +178,11 @@ class WorldModel(nn.Module):
         pred = self.rollout(
             tokens[:, :context],
             steps,
-            _TRAIN_ROLLOUT_MODE[self.cfg.latent],
+            self.latent.train_rollout_mode,
             future_tokens=target[:, context:],
             actions=future_actions,
         )[0]
-        return self._prediction_loss(pred, target[:, context:], {})
+        return self.objective.loss(pred, target[:, context:])[0]
 
     # ---- rollout -----------------------------------------------------------------------------------------------
 
@@ -262,11 +213,10 @@ class WorldModel(nn.Module):
 
         Returns predicted tokens [K, B, H, N, D].
         """
-        latent = self.cfg.latent
-        if mode not in _MODES_BY_LATENT[latent]:
+        if mode not in self.latent.modes:
             raise ValueError(
-                f"rollout mode {mode!r} is not available for latent={latent}; use one of "
-                f"{', '.join(_MODES_BY_LATENT[latent])}"
+                f"rollout mode {mode!r} is not available for latent={self.cfg.latent}; use one of "
+                f"{', '.join(self.latent.modes)}"
             )
         b, num_context, n, d = context_tokens.shape
         if horizon < 1 or k < 1:
@@ -276,7 +226,8 @@ class WorldModel(nn.Module):
                 f"a rollout of {horizon} steps from {num_context} context frames feeds {num_context + horizon - 1} "
                 f"frames to the predictor, more than model.max_frames={self.cfg.max_frames}"
             )
-        if latent == "none":
+        sampled = self.latent.sampled  # else r does not depend on noise: the K futures are copies of one
+        if not self.latent.conditions:
             mode = "zero"
         if mode == "posterior" and (future_tokens is None or future_tokens.shape != (b, horizon, n, d)):
             shape = None if future_tokens is None else tuple(future_tokens.shape)
@@ -284,14 +235,21 @@ class WorldModel(nn.Module):
         if mode == "action":
             self._check_actions(actions, b, horizon, "actions")
 
-        copies = 1 if latent == "none" else k
+        copies = k if sampled else 1
         seq = repeat(context_tokens, "b t n d -> (k b) t n d", k=copies)
         future = None if future_tokens is None else repeat(future_tokens, "b h n d -> (k b) h n d", k=copies)
         acts = None if actions is None else repeat(actions, "b h a -> (k b) h a", k=copies)
         predictions = []
         for h in range(horizon):
             features = self.predictor.trunk_features(seq)  # the predictor's and the AdaSSL prior's reading of seq
-            r = self._rollout_latent(mode, seq, features, h, future, acts, generator)
+            r = self.latent.step_r(
+                mode,
+                features,
+                None if future is None else future[:, h : h + 1],
+                None if acts is None else acts[:, h],
+                self.summaries,
+                generator,
+            )
             cond = None if r is None else expand_cond(r.to(seq.dtype), seq.shape[1])
             next_tokens = self.predictor.from_features(features, cond, seq)[:, -1].to(seq.dtype)
             predictions.append(next_tokens)
@@ -299,35 +257,13 @@ class WorldModel(nn.Module):
         out = rearrange(torch.stack(predictions, dim=1), "(k b) h n d -> k b h n d", k=copies)
         return out.expand(k, -1, -1, -1, -1) if copies != k else out
 
-    def _rollout_latent(
-        self,
-        mode: str,
-        seq: Tensor,
-        features: Tensor,
-        h: int,
-        future: Tensor | None,
-        actions: Tensor | None,
-        generator: torch.Generator | None,
-    ) -> Tensor | None:
-        """r [B', d_r] for rollout step h given the sequence so far seq [B', L, N, D] and its trunk features
-        [B', L, N, P] (what the AdaSSL prior and posterior read); None for latent none."""
-        if self.cfg.latent == "none":
-            return None
-        if mode == "zero":
-            return seq.new_zeros(seq.shape[0], self.cfg.latent_dim)
-        if mode == "action":
-            return self.latent(actions[:, h])
-        s = self.summaries.context(features[:, -1:])[:, -1]
-        s_plus = self.summaries.target(future[:, h : h + 1].detach())[:, 0] if mode == "posterior" else None
-        return self.latent.rollout_r(mode, s, s_plus, generator)
-
     # ---- checks ------------------------------------------------------------------------------------------------
 
     def _require_inferred_latent(self, what: str) -> None:
-        if self.cfg.latent not in ("adassl_v", "adassl_s"):
+        if not self.latent.inferred:
             raise ValueError(
                 f"{what} needs an inferred latent (model.latent adassl_v or adassl_s); this model has "
-                f"latent={self.cfg.latent}, whose r is {'absent' if self.cfg.latent == 'none' else 'the action'}"
+                f"latent={self.cfg.latent}, whose r is {self.latent.r_is}"
             )
 
     def _check_actions(self, actions: Tensor | None, b: int, steps: int, name: str) -> None:

@@ -35,6 +35,7 @@ from torch import nn
 from data_pipeline.stream import make_train_loader
 from worldmodel import checkpoint as ckpt
 from worldmodel.config import ExperimentConfig, save_config
+from worldmodel.latents import latent_class
 from worldmodel.metrics_log import MetricsLog
 from worldmodel.model import WorldModel
 from worldmodel.monitors import HealthWatch
@@ -160,13 +161,13 @@ def _resume_dir(resume: str | None, run_dir: Path) -> Path | None:
 
 
 def _infer_action_dim(cfg: ExperimentConfig, batch: dict) -> None:
-    """Oracle runs with model.action_dim=0 take the action width from the data."""
-    if cfg.model.latent != "oracle" or cfg.model.action_dim:
+    """Latents that need actions (oracle) with model.action_dim=0 take the action width from the data."""
+    if not latent_class(cfg.model.latent).needs_actions or cfg.model.action_dim:
         return
     if "action" not in batch:
         raise ValueError(
-            f"model.latent=oracle needs per-transition actions, but the shards {cfg.data.train_shards} have no "
-            "'action' in their JSON; use another latent or data with actions"
+            f"model.latent={cfg.model.latent} needs per-transition actions, but the shards {cfg.data.train_shards} "
+            "have no 'action' in their JSON; use another latent or data with actions"
         )
     cfg.model.action_dim = int(batch["action"].shape[-1])
 
@@ -335,6 +336,7 @@ def _train(cfg: ExperimentConfig, resume: str | None, stop: StopRequest) -> bool
     window = _Window()
     health = HealthWatch(dim=accelerator.unwrap_model(model).norm.center.numel())
     accum, device = cfg.optim.grad_accum_steps, accelerator.device
+    needs_actions = latent_class(cfg.model.latent).needs_actions
     clips_per_step = cfg.data.batch_size * accum * world_size
     step = start_step
     try:
@@ -352,7 +354,7 @@ def _train(cfg: ExperimentConfig, resume: str | None, stop: StopRequest) -> bool
             step_sums: dict[str, torch.Tensor] = {}
             for _ in range(accum):
                 epoch, batch = window.next_batch(batches)
-                action = batch["action"].to(device) if cfg.model.latent == "oracle" else None
+                action = batch["action"].to(device) if needs_actions else None
                 with accelerator.accumulate(model):
                     out = model(batch["frames"].to(device, non_blocking=True), action=action, beta=beta)
                     loss = out["loss"]

@@ -26,20 +26,8 @@ from worldmodel.evaluation.rollout_metrics import (
     step_events,
 )
 
-# rollout modes per latent kind: (name in metrics.json, mode passed to model.rollout)
-DETERMINISTIC_MODES = {
-    "none": (("prediction", "prior_mean"),),
-    "adassl_v": (("prior_mean", "prior_mean"), ("posterior", "posterior"), ("zero", "zero")),
-    "adassl_s": (("prior_mean", "prior_mean"), ("posterior", "posterior"), ("zero", "zero")),
-    "oracle": (("action", "action"), ("zero", "zero")),
-}
-SAMPLED_LATENTS = ("adassl_v", "adassl_s")
-# what the latent-action probe reads from model.infer_latents: per-transition features (headline first) and the
-# score used directly as an event detector
-LATENT_READOUTS = {
-    "adassl_v": {"features": ("innovation", "mu_q"), "detector": "kl"},
-    "adassl_s": {"features": ("r", "mask_prob"), "detector": "expected_active"},
-}
+# Which rollouts a model gets, whether it draws K futures, and what the latent-action probe reads all come from its
+# latent module (worldmodel/latents.py: `eval_modes`, `aliases`, `sampled`, `readouts`).
 # transitions t -> t+1 with t < MIN_CONTEXT_FRAMES - 1 are left out of the latent-action statistics: from frame 0
 # alone neither the predictor nor the prior can know the velocity, so r carries it whether or not there was a kick
 MIN_CONTEXT_FRAMES = 2
@@ -93,7 +81,7 @@ class Collected:
     labels: list[np.ndarray] = field(default_factory=list)
     action: list[np.ndarray] = field(default_factory=list)
     events: list[np.ndarray] = field(default_factory=list)
-    latents: dict[str, list[np.ndarray]] = field(default_factory=dict)  # LATENT_READOUTS keys, per transition
+    latents: dict[str, list[np.ndarray]] = field(default_factory=dict)  # the latent's `readouts` keys, per transition
     names: dict[str, list[str]] = field(default_factory=dict)  # state_names, label_names, action_names
     decoder: PixelDecoder | None = None  # when set, rollouts are also decoded and scored in pixel space
     pixels: ErrorAccumulator | None = None  # pixel errors (PIXEL_METRICS) per mode, when `decoder` is set
@@ -119,14 +107,14 @@ def process_batch(
     batch: dict,
     out: Collected,
     *,
-    latent: str,
     num_context: int,
     horizon: int,
     num_samples: int,
     device: torch.device,
     generator: torch.Generator | None = None,
 ) -> None:
-    """Roll out one batch in every mode of `latent` and add errors, pooled latents and token grids to `out`.
+    """Roll out one batch in every evaluated mode of the model's latent and add errors, pooled latents and token
+    grids to `out`.
 
     batch: the pipeline's dict (frames uint8 [B, T, H, W, C], optional state [B, T, S], action [B, T-1, A],
     events [B, T-1], labels [B, L]). Errors are against model.encode_target of the true future frames; `generator`
@@ -141,16 +129,17 @@ def process_batch(
     num_strip = max(0, min(len(frames), out.num_strips - sum(len(f) for f in out.frames)))  # strip clips here
     step_event = step_events(events, num_context, horizon) if events is not None else None
 
+    latent = model.latent
     preds = {"copy_last": copy_last(target[:, :num_context], horizon)}
-    for name, mode in DETERMINISTIC_MODES[latent]:
+    for name, mode in latent.eval_modes:
         kwargs = {}
         if mode == "posterior":
             kwargs["future_tokens"] = future
         if mode == "action":
             kwargs["actions"] = batch["action"][:, num_context - 1 : num_context - 1 + horizon].to(device)
         preds[name] = model.rollout(context, horizon, mode, **kwargs)[0]
-    if latent == "none":
-        preds["prior_mean"] = preds["prediction"]  # same numbers under the name other runs use
+    for alias, name in latent.aliases.items():
+        preds[alias] = preds[name]  # the same numbers under the name other runs use
     for name, pred in preds.items():
         out.errors.add(name, step_errors(pred, future), step_event)
         out.predicted_pooled.setdefault(name, []).append(_np(grid_pool(pred, out.probe_cells)))
@@ -158,7 +147,7 @@ def process_batch(
             out.strip_tokens.setdefault(name, []).append(_np16(pred[:num_strip]))
 
     samples = None
-    if latent in SAMPLED_LATENTS:
+    if latent.sampled:
         samples = model.rollout(context, horizon, "prior_sample", k=num_samples, generator=generator)  # [K, B, H, N, D]
         by_mode, best = sample_errors(samples, future)
         for name, errors in by_mode.items():
@@ -174,9 +163,9 @@ def process_batch(
     if out.decoder is not None:
         _score_pixels(out, preds, samples, future, frames, num_context, step_event, num_strip)
 
-    if latent in LATENT_READOUTS:
+    if latent.readouts:
         inferred = model.infer_latents(online, target)
-        readout = LATENT_READOUTS[latent]
+        readout = latent.readouts
         for key in (*readout["features"], readout["detector"]):
             out.latents.setdefault(key, []).append(_np(inferred[key]))
 
@@ -218,9 +207,12 @@ def _score_pixels(
         "copy_last": to_unit(frames[:, num_context - 1 : num_context]).expand_as(truth),
         "decoder_limit": decoder(future),
     }
+    by_tensor: dict[int, torch.Tensor] = {}  # an alias (prior_mean of a `none` run) is the same tensor: decode once
     for name, pred in preds.items():
-        if name != "copy_last" and name not in decoded:
-            decoded[name] = decoded["prediction"] if name == "prior_mean" and "prediction" in preds else decoder(pred)
+        if name != "copy_last":
+            if id(pred) not in by_tensor:
+                by_tensor[id(pred)] = decoder(pred)
+            decoded[name] = by_tensor[id(pred)]
     for name, pixels in decoded.items():
         out.pixels.add(name, pixel_errors(pixels, truth), step_event)
     # strip rows, in reading order: decoded truth, the deterministic rollout, K samples, posterior, copy-last

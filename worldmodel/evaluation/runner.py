@@ -37,7 +37,6 @@ from worldmodel.checkpoint import latest_checkpoint, load_model_state, read_fini
 from worldmodel.config import ExperimentConfig, load_config
 from worldmodel.evaluation import EvaluationError
 from worldmodel.evaluation.collect import (
-    LATENT_READOUTS,
     MIN_CONTEXT_FRAMES,
     STRIP_MODES,
     Collected,
@@ -154,7 +153,6 @@ def evaluate_run(
             model,
             batch,
             collected,
-            latent=cfg.model.latent,
             num_context=num_context,
             horizon=horizon,
             num_samples=num_samples,
@@ -187,7 +185,7 @@ def evaluate_run(
         metrics["notes"].append("the shards have no `events` field: errors are reported for all steps only")
     if metrics["diversity"] is None:
         metrics["notes"].append(f"latent={cfg.model.latent} has no sampled futures: diversity and best/mean-of-K n/a")
-    metrics["probes"], metrics["latent_action"] = run_probes(collected, cfg, metrics, seed)
+    metrics["probes"], metrics["latent_action"] = run_probes(collected, cfg, metrics, seed, model.latent.readouts)
     metrics["collapse"] = collapse_stats(collected)
     metrics["training_health"] = training_health(run_dir / "metrics.jsonl")
     out_dir = run_dir / "eval"
@@ -208,8 +206,13 @@ def _present(collected: Collected, num_clips: int) -> set[str]:
     }
 
 
-def run_probes(collected: Collected, cfg: ExperimentConfig, metrics: dict, seed: int) -> tuple[dict, dict | None]:
-    """State, label and latent-action probes; fields the shards lack are skipped with a note in metrics["notes"]."""
+def run_probes(
+    collected: Collected, cfg: ExperimentConfig, metrics: dict, seed: int, readout: dict | None
+) -> tuple[dict, dict | None]:
+    """State, label and latent-action probes; fields the shards lack are skipped with a note in metrics["notes"].
+
+    readout: what the latent-action probe reads (the model's `latent.readouts`), or None for latents without one.
+    """
     notes = metrics["notes"]
     present = _present(collected, metrics["num_clips"])
     if metrics["num_clips"] < 4:
@@ -243,9 +246,8 @@ def run_probes(collected: Collected, cfg: ExperimentConfig, metrics: dict, seed:
     else:
         notes.append("the shards have no `labels` field: label probes skipped")
 
-    if not collected.latents:
+    if not collected.latents or readout is None:
         return probes, None
-    readout = LATENT_READOUTS[cfg.model.latent]
     skip = MIN_CONTEXT_FRAMES - 1  # transitions without enough context to know the velocity (collect.py)
     latents = {key: np.concatenate(parts)[:, skip:] for key, parts in collected.latents.items()}
     latent_action, la_notes = latent_action_probes(
