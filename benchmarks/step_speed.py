@@ -52,6 +52,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from worldmodel.config import ConfigError, ExperimentConfig, load_config
+from worldmodel.latents import latent_class
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's specification sheets, TFLOP/s; first match wins.
 PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
@@ -122,7 +123,7 @@ def _synthetic_batches(cfg: ExperimentConfig, pin: bool) -> Iterator[dict]:
             generator=generator,
         )  # fmt: skip
         batch = {"frames": frames.pin_memory() if pin else frames}
-        if m.latent == "oracle":
+        if latent_class(m.latent).needs_actions:
             batch["action"] = torch.randn(d.batch_size, d.clip_length - 1, m.action_dim, generator=generator)
         pool.append(batch)
     i = 0
@@ -142,8 +143,10 @@ def _pipeline_batches(cfg: ExperimentConfig) -> Iterator[dict]:
 
 
 def _check_synthetic_oracle(cfg: ExperimentConfig) -> None:
-    if cfg.model.latent == "oracle" and not cfg.model.action_dim:
-        raise ConfigError("--synthetic with model.latent=oracle needs model.action_dim (the data cannot tell it)")
+    if latent_class(cfg.model.latent).needs_actions and not cfg.model.action_dim:
+        raise ConfigError(
+            f"--synthetic with model.latent={cfg.model.latent} needs model.action_dim (the data cannot tell it)"
+        )
 
 
 def measure(
@@ -185,7 +188,7 @@ def measure(
     else:
         batches = _pipeline_batches(cfg)
         first = next(batches)
-        if cfg.model.latent == "oracle" and not cfg.model.action_dim:
+        if latent_class(cfg.model.latent).needs_actions and not cfg.model.action_dim:
             cfg.model.action_dim = int(first["action"].shape[-1])
         batches = _chain(first, batches)
 
@@ -203,10 +206,10 @@ def measure(
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     accum = cfg.optim.grad_accum_steps
     beta, momentum = cfg.model.beta, cfg.model.ema_start
-    oracle = cfg.model.latent == "oracle"
+    needs_actions = latent_class(cfg.model.latent).needs_actions
 
     def forward_backward(batch: dict) -> None:
-        action = batch["action"].to(device, non_blocking=True) if oracle else None
+        action = batch["action"].to(device, non_blocking=True) if needs_actions else None
         with accelerator.accumulate(model):
             out = model(batch["frames"].to(device, non_blocking=True), action=action, beta=beta)
             accelerator.backward(out["loss"])
@@ -312,7 +315,7 @@ def measure(
         "peak_memory_gb": round(memory_gb, 3),
         "peak_memory_kind": memory_kind,
         "decode_fps_per_core": decode_fps_per_core,
-        "decode_workers_needed": math.ceil(frames_s / decode_fps_per_core) if decode_fps_per_core else None,
+        "decode_workers_needed": math.ceil(round(frames_s, 1) / decode_fps_per_core) if decode_fps_per_core else None,
     }
 
 
