@@ -111,14 +111,6 @@ class WorldModel(nn.Module):
         """
         return self.latent.posterior_stats(*self.summaries_of(tokens, target_tokens))
 
-    def predict_next(self, tokens: Tensor, r: Tensor | None = None) -> Tensor:
-        """Teacher-forced one-step predictions: tokens [B, T, N, D], r [B, T, d_r] or None -> [B, T, N, D].
-
-        Position t predicts frame t+1's target embedding given frames <= t and r_t (the latent or embedded action of
-        transition t -> t+1).
-        """
-        return self.predictor(tokens, r)
-
     # ---- training forward -------------------------------------------------------------------------------------
 
     def forward(self, frames: Tensor, action: Tensor | None = None, beta: float = 0.0) -> dict:
