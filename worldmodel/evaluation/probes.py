@@ -1,16 +1,16 @@
 """Linear read-outs of what the latents keep: ridge probes (R²), logistic probes (accuracy) and event AUCs.
 
 Every probe is fitted on one split of the *clips* and scored on the other, so frames of one clip never sit on both
-sides. Features are standardised with the training split's mean and std; the ridge fit is closed form.
+sides. Features are standardised with the training split's mean and std; the probes are scikit-learn's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.metrics import r2_score as sk_r2_score
 from sklearn.metrics import roc_auc_score
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 
@@ -23,47 +23,27 @@ def split_clips(num_clips: int, seed: int, test_fraction: float = 0.5) -> tuple[
     return np.sort(order[num_test:]), np.sort(order[:num_test])
 
 
-@dataclass
-class RidgeProbe:
-    """A fitted linear map from standardised features to targets."""
+def fit_ridge(x: np.ndarray, y: np.ndarray, ridge: float) -> Pipeline:
+    """A ridge probe on standardised features: scikit-learn's StandardScaler then Ridge.
 
-    mean: np.ndarray  # [F]
-    std: np.ndarray  # [F]
-    weight: np.ndarray  # [F, S]
-    bias: np.ndarray  # [S]
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """x: [n, F] -> [n, S]."""
-        return ((x - self.mean) / self.std) @ self.weight + self.bias
-
-
-def fit_ridge(x: np.ndarray, y: np.ndarray, ridge: float) -> RidgeProbe:
-    """Closed-form ridge regression on standardised features.
-
-    x: [n, F] features; y: [n, S] targets; ridge: the L2 penalty (scaled by n so it does not depend on the number
-    of samples). Solves (Xs^T Xs + ridge * n * I) W = Xs^T (y - mean y) in float64.
+    x: [n, F] features; y: [n, S] targets; ridge: the L2 penalty, scaled by n (alpha = ridge * n) so that it does not
+    depend on the number of samples. Returns the fitted pipeline (`.predict(x [m, F]) -> [m, S]`), in float64.
     """
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
         raise ValueError(f"fit_ridge needs x [n, F] and y [n, S] with equal n, got {x.shape} and {y.shape}")
-    mean = x.mean(axis=0)
-    std = x.std(axis=0)
-    std = np.where(std > 1e-8, std, 1.0)  # constant features stay zero after centring
-    xs = (x - mean) / std
-    y_mean = y.mean(axis=0)
-    gram = xs.T @ xs + ridge * len(x) * np.eye(x.shape[1])
-    weight = np.linalg.solve(gram, xs.T @ (y - y_mean))
-    return RidgeProbe(mean=mean, std=std, weight=weight, bias=y_mean)
+    return make_pipeline(StandardScaler(), Ridge(alpha=ridge * len(x))).fit(x, y)
 
 
 def r2_score(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
-    """Coefficient of determination per column. y_true, y_pred: [n, S] -> [S]; NaN for a constant column."""
+    """Coefficient of determination per column (scikit-learn's). y_true, y_pred: [n, S] -> [S]; NaN for a column
+    that is constant in y_true (nothing to explain)."""
     y_true = np.asarray(y_true, dtype=np.float64)
-    residual = ((y_true - y_pred) ** 2).sum(axis=0)
-    total = ((y_true - y_true.mean(axis=0)) ** 2).sum(axis=0)
+    constant = y_true.var(axis=0) <= 1e-12 / max(1, len(y_true))
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(total > 1e-12, 1.0 - residual / np.maximum(total, 1e-12), np.nan)
+        r2 = sk_r2_score(y_true, np.asarray(y_pred, dtype=np.float64), multioutput="raw_values", force_finite=False)
+    return np.where(constant, np.nan, r2)
 
 
 def ridge_r2(x_fit: np.ndarray, y_fit: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, ridge: float) -> np.ndarray:
