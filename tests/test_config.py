@@ -43,7 +43,7 @@ def test_unknown_key_names_the_valid_keys():
     ("override", "message"),
     [
         ("train.steps=many", "train.steps must be an integer"),
-        ("train.debug_dump_state=1", "train.debug_dump_state must be true or false"),
+        ("train.compile=1", "train.compile must be true or false"),
         ("model.latent=vae", "model.latent='vae' is not one of none, adassl_v, adassl_s, oracle"),
         ("train.mixed_precision=fp8", "train.mixed_precision='fp8' is not one of"),
         ("model.granularity=pixels", "model.granularity=.pixels. is not one of frame, tokens"),

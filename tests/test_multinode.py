@@ -103,15 +103,15 @@ def test_two_nodes_split_the_shards_and_agree_on_the_parameters(digits_shards, t
     run_dir, keys_dir = tmp_path / "run", tmp_path / "keys"
     keys_dir.mkdir()
     tap = tmp_path / "train_tap.py"
-    tap.write_text(TAP.format(repo=str(REPO), train=str(REPO / "train.py")))
+    tap.write_text(TAP.format(repo=str(REPO), train=str(REPO / "tests" / "train_hooks.py")))  # train.py + hooks
     # 16 training videos in 4 shards, 8 per rank. A rank's stream cycles over its shards to fill a fixed-length
     # epoch, and its shuffle buffer reads ahead, so an epoch of 2 batches x 2 clips with a buffer of 2 reads at most
     # 6 of the rank's 8 samples: any key seen twice in one epoch would be a broken split.
     args = _tiny_args(
         run_dir, digits_shards, "data.batch_size=2", "data.epoch_batches=2", "data.shuffle_buffer=2",
-        "data.clips_per_video=1", "train.steps=4", "train.checkpoint_every=2", "train.debug_dump_state=true",
+        "data.clips_per_video=1", "train.steps=4", "train.checkpoint_every=2",
     )  # fmt: skip
-    nodes = _start_two_nodes(args, tmp_path, TRAIN_SCRIPT=str(tap), KEYS_DIR=str(keys_dir))
+    nodes = _start_two_nodes(args, tmp_path, TRAIN_SCRIPT=str(tap), KEYS_DIR=str(keys_dir), HOOK_DUMP_STATE="1")
     logs = _wait(nodes)
     for rank, (node, log) in enumerate(zip(nodes, logs, strict=True)):
         assert node.returncode == 0, f"node {rank} exited with {node.returncode}:\n{log[-4000:]}"

@@ -28,9 +28,12 @@ TWO_GLOO_RANKS = [
 ]  # fmt: skip
 
 
-def _args(run_dir: Path, shards: Path, *overrides: str, resume: str | None = None) -> list[str]:
+def _args(
+    run_dir: Path, shards: Path, *overrides: str, resume: str | None = None, script: str = "train.py"
+) -> list[str]:
+    """train.py's arguments (`script`: tests/train_hooks.py for train.py with the test hooks of HOOK_* variables)."""
     args = [
-        "train.py",
+        script,
         "--config",
         "configs/tiny.yaml",
         f"run_dir={run_dir}",
@@ -41,12 +44,15 @@ def _args(run_dir: Path, shards: Path, *overrides: str, resume: str | None = Non
     return args + (["--resume", resume] if resume else [])
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+HOOKS = "tests/train_hooks.py"
 
 
-def _run(cmd: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+def _env(**hooks: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", **hooks}
+
+
+def _run(cmd: list[str], timeout: float = 120, **hooks: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env=_env(**hooks), capture_output=True, text=True, timeout=timeout)
 
 
 def _python(*args: str) -> list[str]:
@@ -74,8 +80,8 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 90) -> None:
 def test_two_gloo_ranks_train_in_lockstep_and_end_identical(digits_shards, tmp_path):
     run = tmp_path / "run"
     result = _run(
-        TWO_GLOO_RANKS
-        + _args(run, digits_shards, "train.steps=4", "train.checkpoint_every=2", "train.debug_dump_state=true")
+        TWO_GLOO_RANKS + _args(run, digits_shards, "train.steps=4", "train.checkpoint_every=2", script=HOOKS),
+        HOOK_DUMP_STATE="1",
     )
     assert result.returncode == 0, result.stderr[-4000:]
 
@@ -117,8 +123,7 @@ def test_two_gloo_ranks_train_in_lockstep_and_end_identical(digits_shards, tmp_p
     assert load_config(run / "config.yaml") == load_config(
         ROOT / "configs/tiny.yaml",
         [f"run_dir={run}", f"data.train_shards={digits_shards}/train/shard-*.tar",
-         f"data.val_shards={digits_shards}/val/shard-*.tar", "train.steps=4", "train.checkpoint_every=2",
-         "train.debug_dump_state=true"],
+         f"data.val_shards={digits_shards}/val/shard-*.tar", "train.steps=4", "train.checkpoint_every=2"],
     )  # fmt: skip
     assert list((run / "tb").glob("events.out.tfevents.*"))
 
@@ -140,8 +145,9 @@ def test_sigkill_then_resume_auto_restores_the_checkpoint_and_finishes(digits_sh
     saved_opt = torch.load(saved / "optimizer.pt", weights_only=True)
 
     target = saved_step + 2
-    result = _run(_python(*_args(run, digits_shards, f"train.steps={target}", "train.debug_dump_state=true",
-                                 resume="auto")))  # fmt: skip
+    result = _run(
+        _python(*_args(run, digits_shards, f"train.steps={target}", resume="auto", script=HOOKS)), HOOK_DUMP_STATE="1"
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert f"resumed from {saved}" in result.stdout + result.stderr
 
@@ -168,7 +174,9 @@ def test_unknown_config_key_fails_fast_listing_valid_keys(tmp_path):
 
 def test_nan_on_one_rank_stops_both_and_keeps_the_last_good_checkpoint(digits_shards, tmp_path):
     run = tmp_path / "run"
-    result = _run(TWO_GLOO_RANKS + _args(run, digits_shards, "train.checkpoint_every=2", "train.debug_nan_at_step=3"))
+    result = _run(
+        TWO_GLOO_RANKS + _args(run, digits_shards, "train.checkpoint_every=2", script=HOOKS), HOOK_NAN_AT_STEP="3"
+    )
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert "non-finite loss at step 3" in output

@@ -24,6 +24,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -172,13 +173,6 @@ def _infer_action_dim(cfg: ExperimentConfig, batch: dict) -> None:
     cfg.model.action_dim = int(batch["action"].shape[-1])
 
 
-def _dump_state(run_dir: Path, tag: str, rank: int, model: nn.Module, optimizer) -> None:
-    """Test hook (train.debug_dump_state): this rank's model and optimizer state in RUN_DIR/debug/."""
-    (run_dir / "debug").mkdir(parents=True, exist_ok=True)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-    torch.save(state, run_dir / "debug" / f"{tag}-rank{rank}.pt")
-
-
 def _save(accelerator, cfg, step: int, epoch: int, model, optimizer, scheduler) -> Path:
     """Full-state checkpoint on the main process (RNG states gathered from every rank); all ranks wait for it.
 
@@ -274,7 +268,74 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> bool:
         stop.restore()
 
 
+@dataclass
+class _Run:
+    """What a training run holds between steps (built by `_setup`)."""
+
+    cfg: ExperimentConfig
+    accelerator: Accelerator
+    model: nn.Module  # as prepared by accelerate (DDP-wrapped with several processes)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    epochs: Iterator[tuple[int, dict]]  # the loader's generator (closed at the end)
+    batches: Iterator[tuple[int, dict]]  # (epoch, batch), the first batch put back in front
+    start_step: int
+    needs_actions: bool  # the latent embeds the batch's actions (oracle)
+
+    @property
+    def core(self) -> nn.Module:
+        """The unwrapped WorldModel."""
+        return self.accelerator.unwrap_model(self.model)
+
+
+@dataclass
+class _StepResult:
+    """One optimiser step's decisions and schedule values, the same on every rank."""
+
+    epoch: int
+    beta: float
+    momentum: float
+    lr: float
+    grad_norm: float
+    loss: float  # mean over ranks
+    stop: bool  # a stop signal reached some rank
+
+
 def _train(cfg: ExperimentConfig, resume: str | None, stop: StopRequest) -> bool:
+    run = _setup(cfg, resume)
+    if run is None:  # already at train.steps
+        return True
+    accelerator, run_dir = run.accelerator, Path(cfg.run_dir)
+    log = MetricsLog(
+        run_dir, enabled=accelerator.is_main_process, total_steps=cfg.train.steps, start_step=run.start_step
+    )
+    window = _Window()
+    health = HealthWatch(dim=run.core.norm.center.numel())
+    step = run.start_step
+    try:
+        while step < cfg.train.steps:
+            result = _step(run, step, window, stop)
+            step += 1
+            if _after_step(run, step, result, window, log, health):
+                break  # stopped by a signal, checkpoint saved
+    except TrainingDiverged as err:
+        log.write(str(err))
+        _finish(accelerator, log, run.epochs)
+        raise
+    finished = step >= cfg.train.steps
+    if finished and accelerator.is_main_process:  # the final checkpoint is on disk: every rank waited in _save
+        ckpt.mark_finished(run_dir, step, ckpt.checkpoint_dir(run_dir, step))
+        log.write(f"finished: step {step} of train.steps={cfg.train.steps}; marked in {run_dir / ckpt.FINISHED}")
+    epochs = run.epochs
+    del run
+    accelerator.free_memory()
+    _finish(accelerator, log, epochs)
+    return finished
+
+
+def _setup(cfg: ExperimentConfig, resume: str | None) -> _Run | None:
+    """Process group, resume decision, data, model, optimizer, schedule, checkpoint state and the run directory;
+    None (after marking the run finished) when the checkpoint to resume is already at train.steps."""
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
         gradient_accumulation_steps=cfg.optim.grad_accum_steps,
@@ -291,7 +352,7 @@ def _train(cfg: ExperimentConfig, resume: str | None, stop: StopRequest) -> bool
         if main and ckpt.read_finished(run_dir) is None:
             ckpt.mark_finished(run_dir, start_step, resume_from)
         accelerator.end_training()
-        return True
+        return None
     if main:
         ckpt.clear_finished(run_dir)  # continued to more steps: finished again only when it gets there
 
@@ -299,7 +360,6 @@ def _train(cfg: ExperimentConfig, resume: str | None, stop: StopRequest) -> bool
     epochs = _epochs(cfg, resumed["epoch"] + 1 if resumed else 0, rank, world_size)  # resume: fresh samples
     first = next(epochs)
     _infer_action_dim(cfg, first[1])
-    batches = itertools.chain([first], epochs)
     set_seed(cfg.seed)  # identical initial weights on every rank, however the loader used the global RNG
     model = WorldModel(cfg.model).to(accelerator.device)  # on its device first: fused AdamW checks where params are
     set_tf32(cfg.train, accelerator.device)
@@ -321,8 +381,6 @@ def _train(cfg: ExperimentConfig, resume: str | None, stop: StopRequest) -> bool
         if not state["rng_restored"]:  # the checkpoint was written by fewer processes
             set_seed(cfg.seed + 1_000_003 * rank + start_step)
         accelerator.print(f"resumed from {resume_from} (step {start_step}, epoch {state['epoch']})")
-        if cfg.train.debug_dump_state:
-            _dump_state(run_dir, "resumed", rank, accelerator.unwrap_model(model), optimizer)
     else:
         set_seed(cfg.seed + rank)  # per-rank noise (latent samples, dropout) from here on
     if cfg.train.compile:  # in place, after loading: parameter names and checkpoints stay as without it
@@ -331,92 +389,99 @@ def _train(cfg: ExperimentConfig, resume: str | None, stop: StopRequest) -> bool
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     accelerator.wait_for_everyone()
+    return _Run(
+        cfg=cfg,
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        epochs=epochs,
+        batches=itertools.chain([first], epochs),
+        start_step=start_step,
+        needs_actions=latent_class(cfg.model.latent).needs_actions,
+    )
 
-    log = MetricsLog(run_dir, enabled=main, total_steps=cfg.train.steps, start_step=start_step)
-    window = _Window()
-    health = HealthWatch(dim=accelerator.unwrap_model(model).norm.center.numel())
-    accum, device = cfg.optim.grad_accum_steps, accelerator.device
-    needs_actions = latent_class(cfg.model.latent).needs_actions
-    clips_per_step = cfg.data.batch_size * accum * world_size
-    step = start_step
-    try:
-        while step < cfg.train.steps:
-            beta = beta_at(
-                step,
-                beta=cfg.model.beta,
-                warmup_steps=cfg.model.beta_warmup_steps,
-                delay_steps=cfg.model.beta_delay_steps,
-            )
-            momentum = ema_momentum(step, total_steps=cfg.train.steps, start=cfg.model.ema_start, end=cfg.model.ema_end)
-            lr = scheduler.get_last_lr()[0]
 
-            # forward/backward over the micro-batches; DDP all-reduces gradients on the last one
-            step_sums: dict[str, torch.Tensor] = {}
-            for _ in range(accum):
-                epoch, batch = window.next_batch(batches)
-                action = batch["action"].to(device) if needs_actions else None
-                with accelerator.accumulate(model):
-                    out = model(batch["frames"].to(device, non_blocking=True), action=action, beta=beta)
-                    loss = out["loss"]
-                    if step + 1 == cfg.train.debug_nan_at_step and rank == 0:
-                        loss = loss * float("nan")  # test hook: a divergence on one rank only
-                    accelerator.backward(loss)
-                for name, value in {"loss": loss, **out["terms"], **out["monitors"]}.items():
-                    step_sums[name] = step_sums.get(name, 0.0) + value.detach().float() / accum
+def _step(run: _Run, step: int, window: _Window, stop: StopRequest) -> _StepResult:
+    """Optimiser step `step` + 1, as the method reads: the schedules (beta, EMA momentum, LR) at `step`; the loss
+    and its gradients over the micro-batches; one all-reduce so that every rank agrees on divergence and stop; then
+    gradient clipping, AdamW, the LR schedule and the EMA update of the target encoder."""
+    cfg, accelerator = run.cfg, run.accelerator
+    beta = beta_at(
+        step, beta=cfg.model.beta, warmup_steps=cfg.model.beta_warmup_steps, delay_steps=cfg.model.beta_delay_steps
+    )
+    momentum = ema_momentum(step, total_steps=cfg.train.steps, start=cfg.model.ema_start, end=cfg.model.ema_end)
+    lr = run.scheduler.get_last_lr()[0]
+    epoch, sums, term_names = _forward_backward(run, window, beta)
 
-            # one all-reduce so that every rank takes the same decision
-            nonfinite = (~torch.isfinite(step_sums["loss"])).float()
-            requested = torch.tensor(float(stop.requested), device=device)
-            bad, stop_now, loss_sum = accelerator.reduce(
-                torch.stack([nonfinite, requested, step_sums["loss"]]), "sum"
-            ).tolist()
-            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf))
-            if bad > 0 or (accelerator.scaler is None and not math.isfinite(grad_norm)):
-                terms = {k: v for k, v in step_sums.items() if k == "loss" or k in out["terms"]}
-                raise _diverged(accelerator, step + 1, epoch, terms, grad_norm, run_dir)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            accelerator.unwrap_model(model).update_target(momentum)
-            step += 1
-            window.add(step_sums)
+    nonfinite = (~torch.isfinite(sums["loss"])).float()
+    requested = torch.tensor(float(stop.requested), device=accelerator.device)
+    bad, stop_now, loss_sum = accelerator.reduce(torch.stack([nonfinite, requested, sums["loss"]]), "sum").tolist()
+    grad_norm = float(accelerator.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip or math.inf))
+    if bad > 0 or (accelerator.scaler is None and not math.isfinite(grad_norm)):
+        terms = {k: v for k, v in sums.items() if k == "loss" or k in term_names}
+        raise _diverged(accelerator, step + 1, epoch, terms, grad_norm, Path(cfg.run_dir))
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    run.core.update_target(momentum)
+    window.add(sums)
+    return _StepResult(epoch, beta, momentum, lr, grad_norm, loss_sum / accelerator.num_processes, stop_now > 0)
 
-            clips_per_s = clips_per_step * window.steps / window.elapsed
-            log.progress(
-                step, loss=loss_sum / world_size, clips_per_s=clips_per_s, data_wait=window.wait / window.elapsed
-            )
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                scalars = window.scalars(accelerator)
-                scalars.update(
-                    epoch=epoch, beta=beta, ema_momentum=momentum, lr=lr, grad_norm=grad_norm, clips_per_s=clips_per_s
-                )
-                log.log(step, scalars)
-                for warning in health.check(step, scalars):
-                    log.write(warning)
-                window.reset()
-            if stop_now > 0 and step < cfg.train.steps:  # at the last step the final save below serves
-                path = _save(accelerator, cfg, step, epoch, model, optimizer, scheduler)
-                log.write(
-                    f"stop requested (SIGTERM/Ctrl-C): saved {path} at step {step} of {cfg.train.steps}; exiting "
-                    f"unfinished (status {EXIT_STOPPED}); continue with --resume auto"
-                )
-                break
-            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-                _save(accelerator, cfg, step, epoch, model, optimizer, scheduler)
-    except TrainingDiverged as err:
-        log.write(str(err))
-        _finish(accelerator, log, epochs)
-        raise
-    finished = step >= cfg.train.steps
-    if finished and main:  # the final checkpoint is on disk: every rank waited for it in _save
-        ckpt.mark_finished(run_dir, step, ckpt.checkpoint_dir(run_dir, step))
-        log.write(f"finished: step {step} of train.steps={cfg.train.steps}; marked in {run_dir / ckpt.FINISHED}")
-    if cfg.train.debug_dump_state:
-        _dump_state(run_dir, "final", rank, accelerator.unwrap_model(model), optimizer)
-    del model, optimizer, scheduler
-    accelerator.free_memory()
-    _finish(accelerator, log, epochs)
-    return finished
+
+def _forward_backward(run: _Run, window: _Window, beta: float) -> tuple[int, dict[str, torch.Tensor], set[str]]:
+    """Forward and backward over `optim.grad_accum_steps` micro-batches (DDP all-reduces the gradients on the last).
+
+    Returns the epoch of the last batch, the loss, terms and monitors averaged over the micro-batches, and the names
+    of the loss terms.
+    """
+    accum, device = run.cfg.optim.grad_accum_steps, run.accelerator.device
+    sums: dict[str, torch.Tensor] = {}
+    for _ in range(accum):
+        epoch, batch = window.next_batch(run.batches)
+        action = batch["action"].to(device) if run.needs_actions else None
+        with run.accelerator.accumulate(run.model):
+            out = run.model(batch["frames"].to(device, non_blocking=True), action=action, beta=beta)
+            run.accelerator.backward(out["loss"])
+        for name, value in {"loss": out["loss"], **out["terms"], **out["monitors"]}.items():
+            sums[name] = sums.get(name, 0.0) + value.detach().float() / accum
+    return epoch, sums, set(out["terms"])
+
+
+def _after_step(
+    run: _Run, step: int, result: _StepResult, window: _Window, log: MetricsLog, health: HealthWatch
+) -> bool:
+    """Progress bar, the log line every train.log_every steps (with the health warnings), and checkpoints: every
+    train.checkpoint_every steps, at the end, and when a stop was requested. Returns True when the run stops here."""
+    cfg, accelerator = run.cfg, run.accelerator
+    clips_per_s = cfg.data.batch_size * cfg.optim.grad_accum_steps * accelerator.num_processes * window.steps
+    clips_per_s /= window.elapsed
+    log.progress(step, loss=result.loss, clips_per_s=clips_per_s, data_wait=window.wait / window.elapsed)
+    if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+        scalars = window.scalars(accelerator)
+        scalars.update(
+            epoch=result.epoch,
+            beta=result.beta,
+            ema_momentum=result.momentum,
+            lr=result.lr,
+            grad_norm=result.grad_norm,
+            clips_per_s=clips_per_s,
+        )
+        log.log(step, scalars)
+        for warning in health.check(step, scalars):
+            log.write(warning)
+        window.reset()
+    save = (run.model, run.optimizer, run.scheduler)
+    if result.stop and step < cfg.train.steps:  # at the last step the final save below serves
+        path = _save(accelerator, cfg, step, result.epoch, *save)
+        log.write(
+            f"stop requested (SIGTERM/Ctrl-C): saved {path} at step {step} of {cfg.train.steps}; exiting "
+            f"unfinished (status {EXIT_STOPPED}); continue with --resume auto"
+        )
+        return True
+    if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+        _save(accelerator, cfg, step, result.epoch, *save)
+    return False
 
 
 def _finish(accelerator: Accelerator, log: MetricsLog, epochs: Iterator) -> None:
