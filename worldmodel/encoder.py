@@ -27,7 +27,7 @@ from einops import rearrange
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from worldmodel.config import GRANULARITIES, TOKEN_NORMS, ModelConfig
+from worldmodel.model_config import GRANULARITIES, TOKEN_NORMS, ModelConfig
 
 
 def preprocess(frames: Tensor, img_size: int) -> Tensor:

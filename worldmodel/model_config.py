@@ -1,0 +1,67 @@
+"""The world model's own configuration: the `model:` section of an experiment config and its choices.
+
+This module is part of the model (encoder, predictor, latents, objectives, WorldModel) and imports nothing from the
+data pipeline or the orchestration (pyproject.toml [tool.importlinter] checks it). The experiment config that
+reads, overrides and validates the YAML is worldmodel/config.py; it re-exports the names defined here, so
+`from worldmodel.config import ModelConfig` keeps working.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LATENTS = ("none", "adassl_v", "adassl_s", "oracle")
+OBJECTIVES = ("jepa", "infonce")
+TOKEN_NORMS = ("center_layernorm", "standardize")  # model.target_norm (worldmodel/encoder.py TokenNorm)
+GRANULARITIES = ("frame", "tokens")  # model.granularity (worldmodel/encoder.py FrameEncoder)
+PREDICTIONS = ("absolute", "residual")  # model.prediction (worldmodel/predictor.py Predictor)
+
+
+@dataclass
+class ModelConfig:
+    """The world model: encoder, predictor, latent module and objective.
+
+    Loss normalisation (read `beta` against it): the JEPA prediction loss is a *mean* over batch, predicted
+    frames, patches and embedding dims; the AdaSSL-V regulariser is KL *summed* over the latent dims and averaged
+    over batch and transitions; AdaSSL-S's is the expected number of active dims, averaged likewise.
+    """
+
+    latent: str = "adassl_v"  # none | adassl_v | adassl_s | oracle
+    objective: str = "jepa"  # jepa | infonce
+    img_size: int = 64
+    patch_size: int = 8
+    in_chans: int = 3
+    embed_dim: int = 192  # encoder width
+    # What the model predicts and rolls out: "frame" = one embedding per frame, a head on the
+    # encoder's token grid (layer norm, flatten, linear to frame_dim); "tokens" = the patch token grid itself (for
+    # large images on GPUs). The frame embedding is also what the AdaSSL prior and posterior read.
+    granularity: str = "frame"  # frame | tokens
+    frame_dim: int = 64  # width of the frame embedding (granularity frame)
+    depth: int = 6  # encoder blocks
+    num_heads: int = 3
+    pred_dim: int = 192  # predictor width
+    pred_depth: int = 4
+    pred_num_heads: int = 3
+    pred_cond_depth: int = 2  # last predictor blocks: frame-local, conditioned on r; the rest is the causal trunk
+    max_frames: int = 16  # longest clip the predictor's frame embedding supports
+    conditioning: str = "adaln"  # adaln | token : how r (or an action) enters the predictor
+    # absolute: position t outputs frame t+1's target embedding; residual: its input at t plus a predicted change
+    prediction: str = "residual"  # residual | absolute
+    pred_motion: bool = True  # the predictor reads [x_t, x_t - x_{t-1}], so velocity is there from the first step
+    latent_dim: int = 8  # d_r
+    summary_dim: int = 128  # width of the pooled summaries s_t and s+_t
+    action_dim: int = 0  # oracle only: width of the action rows (0 = take it from the data at start-up)
+    beta: float = 0.01  # weight of the latent regulariser (see the normalisation above)
+    beta_warmup_steps: int = 500  # beta rises linearly from 0 over these steps (after the delay)
+    beta_delay_steps: int = 0  # beta is exactly 0 for these first steps (see schedules.beta_at: why)
+    # l1 | smooth_l1 (jepa objective). L1 learns the conditional median: where most transitions are deterministic,
+    # rare events (kicks) are predicted as "no event" and are hard to learn at all (README, still-digits diagnostic)
+    loss: str = "l1"
+    rollout_steps: int = 0  # >0 adds a term where the predictor consumes its own predictions this many steps
+    rollout_weight: float = 1.0
+    temperature: float = 0.1  # infonce
+    target_norm: str = "center_layernorm"  # center_layernorm | standardize (see encoder.TokenNorm)
+    center_momentum: float = 0.9
+    ema_start: float = 0.996  # EMA momentum of the target encoder, cosine schedule ema_start -> ema_end
+    ema_end: float = 1.0
+    init_weights: str = ""  # optional local file with encoder weights (no hub downloads)
