@@ -266,6 +266,7 @@ def test_dockerignore_keeps_the_source_and_drops_local_state():
         "adassl_worldmodel.egg-info/PKG-INFO",
         ".pytest_cache/v/x",
         ".ruff_cache/x",
+        ".import_linter_cache/x",
     ]:
         assert is_ignored(path, patterns), f".dockerignore should leave out {path}"
     needed = [
