@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -29,6 +29,18 @@ from worldmodel.model_config import (  # the model's own section, re-exported he
     TOKEN_NORMS,
     ModelConfig,
 )
+
+__all__ = [  # the model's names, re-exported so that `from worldmodel.config import ...` keeps working
+    "GRANULARITIES",
+    "LATENTS",
+    "OBJECTIVES",
+    "PREDICTIONS",
+    "TOKEN_NORMS",
+    "ConfigError",
+    "ExperimentConfig",
+    "ModelConfig",
+    "load_config",
+]
 
 
 class ConfigError(ValueError):
@@ -56,7 +68,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     keep_checkpoints: int = 3  # newest K complete checkpoints are kept
     log_every: int = 10
-    mixed_precision: str = "auto"  # auto (bf16 on GPU, no on CPU) | no | bf16 | fp16
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, no on CPU
     # speed options (worldmodel/train_setup.py; measured with benchmarks/step_speed.py, docs/architecture.md "GPU
     # path"); none of them changes what is computed beyond floating-point rounding
     compile: bool = False  # torch.compile the encoder, the EMA target encoder and the predictor, in place
@@ -105,20 +117,9 @@ class ExperimentConfig:
 
 
 def _check_choices(cfg: ExperimentConfig) -> None:
-    choices = {
-        "model.latent": (cfg.model.latent, LATENTS),
-        "model.objective": (cfg.model.objective, OBJECTIVES),
-        "model.conditioning": (cfg.model.conditioning, ("adaln", "token")),
-        "model.loss": (cfg.model.loss, ("l1", "smooth_l1")),
-        "model.target_norm": (cfg.model.target_norm, TOKEN_NORMS),
-        "model.granularity": (cfg.model.granularity, GRANULARITIES),
-        "model.prediction": (cfg.model.prediction, PREDICTIONS),
-        "train.mixed_precision": (cfg.train.mixed_precision, ("auto", "no", "bf16", "fp16")),
-        "data.decoder": (cfg.data.decoder, ("decord", "pyav")),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    # the model's and train's choices are Literal types, checked by _coerce; the data section's own
+    if cfg.data.decoder not in ("decord", "pyav"):
+        raise ConfigError(f"data.decoder={cfg.data.decoder!r} is not one of decord, pyav")
     positive = {
         "data.batch_size": cfg.data.batch_size,
         "data.num_context": cfg.data.num_context,
@@ -165,6 +166,11 @@ def _check_choices(cfg: ExperimentConfig) -> None:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert `value` to the annotated type `tp`, or raise a ConfigError naming `key`."""
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
+        return value
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:

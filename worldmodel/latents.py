@@ -20,7 +20,7 @@ One interface. Every kind of latent (`NoLatent` for `none`, `VariationalLatent`,
 `Latent`: it says which rollout modes it offers and which ones the evaluator reports, gives r for a training step
 (`train_r`) and for one rollout step (`step_r`), its regulariser, and its read-outs for the latent-action probe.
 `build_latent` picks the class by `model.latent`; WorldModel, the trainer and the evaluator hold no branch on the
-name, so a fifth latent is one more class here (and its name in the config's LATENTS).
+name, so a fifth latent is one more class here (and its name in model_config.Latent).
 """
 
 from __future__ import annotations

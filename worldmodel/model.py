@@ -29,9 +29,9 @@ import torch
 from einops import rearrange, reduce, repeat
 from torch import Tensor, nn
 
-from worldmodel.config import ModelConfig
 from worldmodel.encoder import FrameEncoder, TokenNorm, ema_update, make_target, output_shape, preprocess
 from worldmodel.latents import ROLLOUT_MODES, Summaries, build_latent, latent_class, summaries_of
+from worldmodel.model_config import ModelConfig
 from worldmodel.monitors import effective_rank, per_dim_std, target_health
 from worldmodel.objectives import build_objective
 from worldmodel.predictor import Predictor, expand_cond

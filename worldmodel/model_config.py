@@ -9,12 +9,24 @@ reads, overrides and validates the YAML is worldmodel/config.py; it re-exports t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
-LATENTS = ("none", "adassl_v", "adassl_s", "oracle")
-OBJECTIVES = ("jepa", "infonce")
-TOKEN_NORMS = ("center_layernorm", "standardize")  # model.target_norm (worldmodel/encoder.py TokenNorm)
-GRANULARITIES = ("frame", "tokens")  # model.granularity (worldmodel/encoder.py FrameEncoder)
-PREDICTIONS = ("absolute", "residual")  # model.prediction (worldmodel/predictor.py Predictor)
+# Every choice is defined once, as the Literal type of its key: worldmodel/config.py validates a value against it,
+# and the tuples below are read from it. A latent's or objective's behaviour lives in its class (latents.py,
+# objectives.py), registered under the same name (a test checks that the registries match these lists).
+Latent = Literal["none", "adassl_v", "adassl_s", "oracle"]
+Objective = Literal["jepa", "infonce"]
+TokenNormMode = Literal["center_layernorm", "standardize"]  # model.target_norm (worldmodel/encoder.py TokenNorm)
+Granularity = Literal["frame", "tokens"]  # model.granularity (worldmodel/encoder.py FrameEncoder)
+Prediction = Literal["absolute", "residual"]  # model.prediction (worldmodel/predictor.py Predictor)
+Conditioning = Literal["adaln", "token"]  # model.conditioning (worldmodel/predictor.py)
+Loss = Literal["l1", "smooth_l1"]  # model.loss (worldmodel/objectives.py jepa_loss)
+
+LATENTS: tuple[str, ...] = get_args(Latent)
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
+TOKEN_NORMS: tuple[str, ...] = get_args(TokenNormMode)
+GRANULARITIES: tuple[str, ...] = get_args(Granularity)
+PREDICTIONS: tuple[str, ...] = get_args(Prediction)
 
 
 @dataclass
@@ -26,8 +38,8 @@ class ModelConfig:
     over batch and transitions; AdaSSL-S's is the expected number of active dims, averaged likewise.
     """
 
-    latent: str = "adassl_v"  # none | adassl_v | adassl_s | oracle
-    objective: str = "jepa"  # jepa | infonce
+    latent: Latent = "adassl_v"
+    objective: Objective = "jepa"
     img_size: int = 64
     patch_size: int = 8
     in_chans: int = 3
@@ -35,7 +47,7 @@ class ModelConfig:
     # What the model predicts and rolls out: "frame" = one embedding per frame, a head on the
     # encoder's token grid (layer norm, flatten, linear to frame_dim); "tokens" = the patch token grid itself (for
     # large images on GPUs). The frame embedding is also what the AdaSSL prior and posterior read.
-    granularity: str = "frame"  # frame | tokens
+    granularity: Granularity = "frame"
     frame_dim: int = 64  # width of the frame embedding (granularity frame)
     depth: int = 6  # encoder blocks
     num_heads: int = 3
@@ -44,9 +56,9 @@ class ModelConfig:
     pred_num_heads: int = 3
     pred_cond_depth: int = 2  # last predictor blocks: frame-local, conditioned on r; the rest is the causal trunk
     max_frames: int = 16  # longest clip the predictor's frame embedding supports
-    conditioning: str = "adaln"  # adaln | token : how r (or an action) enters the predictor
+    conditioning: Conditioning = "adaln"  # how r (or an action) enters the predictor
     # absolute: position t outputs frame t+1's target embedding; residual: its input at t plus a predicted change
-    prediction: str = "residual"  # residual | absolute
+    prediction: Prediction = "residual"
     pred_motion: bool = True  # the predictor reads [x_t, x_t - x_{t-1}], so velocity is there from the first step
     latent_dim: int = 8  # d_r
     summary_dim: int = 128  # width of the pooled summaries s_t and s+_t
@@ -56,11 +68,11 @@ class ModelConfig:
     beta_delay_steps: int = 0  # beta is exactly 0 for these first steps (see schedules.beta_at: why)
     # l1 | smooth_l1 (jepa objective). L1 learns the conditional median: where most transitions are deterministic,
     # rare events (kicks) are predicted as "no event" and are hard to learn at all (README, still-digits diagnostic)
-    loss: str = "l1"
+    loss: Loss = "l1"
     rollout_steps: int = 0  # >0 adds a term where the predictor consumes its own predictions this many steps
     rollout_weight: float = 1.0
     temperature: float = 0.1  # infonce
-    target_norm: str = "center_layernorm"  # center_layernorm | standardize (see encoder.TokenNorm)
+    target_norm: TokenNormMode = "center_layernorm"  # see encoder.TokenNorm
     center_momentum: float = 0.9
     ema_start: float = 0.996  # EMA momentum of the target encoder, cosine schedule ema_start -> ema_end
     ema_end: float = 1.0
