@@ -53,6 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from worldmodel.config import ConfigError, ExperimentConfig, load_config
 from worldmodel.latents import latent_class
+from worldmodel.model_config import CHANNELS
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's specification sheets, TFLOP/s; first match wins.
 PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
@@ -119,7 +120,7 @@ def _synthetic_batches(cfg: ExperimentConfig, pin: bool) -> Iterator[dict]:
     pool = []
     for _ in range(2):
         frames = torch.randint(
-            0, 256, (d.batch_size, d.clip_length, m.img_size, m.img_size, m.in_chans), dtype=torch.uint8,
+            0, 256, (d.batch_size, d.clip_length, m.img_size, m.img_size, CHANNELS), dtype=torch.uint8,
             generator=generator,
         )  # fmt: skip
         batch = {"frames": frames.pin_memory() if pin else frames}

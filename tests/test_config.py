@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from worldmodel.config import ConfigError, load_config, save_config
+from worldmodel.config import ConfigError, config_from_dict, load_config, save_config
 from worldmodel.trainer import resolve_mixed_precision
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -66,3 +66,13 @@ def test_resolved_config_round_trips(tmp_path):
 def test_mixed_precision_auto_is_bf16_only_with_cuda():
     assert resolve_mixed_precision("auto") == ("bf16" if torch.cuda.is_available() else "no")
     assert resolve_mixed_precision("fp16") == "fp16"
+
+
+def test_a_run_config_written_before_removed_keys_still_loads():
+    """model.in_chans and the train.debug_* test hooks were removed: their old values load, others are errors."""
+    cfg = config_from_dict(
+        {"model": {"in_chans": 3}, "train": {"debug_nan_at_step": 0, "debug_dump_state": False, "steps": 5}}
+    )
+    assert cfg.train.steps == 5 and not hasattr(cfg.model, "in_chans")
+    with pytest.raises(ConfigError, match="model.in_chans=1: the key was removed"):
+        config_from_dict({"model": {"in_chans": 1}})

@@ -27,7 +27,7 @@ from einops import rearrange
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from worldmodel.model_config import GRANULARITIES, TOKEN_NORMS, ModelConfig
+from worldmodel.model_config import CHANNELS, GRANULARITIES, TOKEN_NORMS, ModelConfig
 
 
 def preprocess(frames: Tensor, img_size: int) -> Tensor:
@@ -50,7 +50,7 @@ def build_vit(cfg: ModelConfig) -> VisionTransformer:
     vit = VisionTransformer(
         img_size=cfg.img_size,
         patch_size=cfg.patch_size,
-        in_chans=cfg.in_chans,
+        in_chans=CHANNELS,
         num_classes=0,
         global_pool="",
         embed_dim=cfg.embed_dim,

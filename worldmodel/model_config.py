@@ -22,6 +22,7 @@ Prediction = Literal["absolute", "residual"]  # model.prediction (worldmodel/pre
 Conditioning = Literal["adaln", "token"]  # model.conditioning (worldmodel/predictor.py)
 Loss = Literal["l1", "smooth_l1"]  # model.loss (worldmodel/objectives.py jepa_loss)
 
+CHANNELS = 3  # frames are RGB: the decoders and the shard writer always give three channels
 LATENTS: tuple[str, ...] = get_args(Latent)
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
 TOKEN_NORMS: tuple[str, ...] = get_args(TokenNormMode)
@@ -42,7 +43,6 @@ class ModelConfig:
     objective: Objective = "jepa"
     img_size: int = 64
     patch_size: int = 8
-    in_chans: int = 3
     embed_dim: int = 192  # encoder width
     # What the model predicts and rolls out: "frame" = one embedding per frame, a head on the
     # encoder's token grid (layer norm, flatten, linear to frame_dim); "tokens" = the patch token grid itself (for
