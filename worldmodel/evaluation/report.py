@@ -34,6 +34,11 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _mode_help(modes: dict, meanings: dict[str, str]) -> list[str]:
+    """The "| mode | meaning |" table of the modes present, and a blank line."""
+    return ["| mode | meaning |", "|---|---|", *[f"| `{m}` | {meanings.get(m, '')} |" for m in modes], ""]
+
+
 def _error_section(metrics: dict) -> list[str]:
     horizon = metrics["horizon"]
     steps = [f"h={h}" for h in range(1, horizon + 1)]
@@ -46,10 +51,7 @@ def _error_section(metrics: dict) -> list[str]:
         "cosine distance over patches. A step counts as `event` when its predicted transition (the one producing "
         "that frame) is marked as an event in the sample metadata.",
         "",
-        "| mode | meaning |",
-        "|---|---|",
-        *[f"| `{m}` | {MODE_HELP.get(m, '')} |" for m in modes],
-        "",
+        *_mode_help(modes, MODE_HELP),
     ]
     for split in ("all", "event", "no_event"):
         rows = [[f"`{m}`", *e[split]["l1"]] for m, e in modes.items() if split in e]
@@ -217,10 +219,7 @@ def _decoded_section(metrics: dict) -> list[str]:
         "averaged; capped at 60), SSIM, and pixel MSE over copy-last's. `decoder_limit` shows what part of the error "
         "is the decoder's.",
         "",
-        "| mode | meaning |",
-        "|---|---|",
-        *[f"| `{m}` | {DECODED_HELP.get(m) or MODE_HELP.get(m, '')} |" for m in modes],
-        "",
+        *_mode_help(modes, {**MODE_HELP, **DECODED_HELP}),
     ]
     for split in ("all", "no_event", "event"):
         rows = [[f"`{m}`", *e[split]["psnr"]] for m, e in modes.items() if split in e]
