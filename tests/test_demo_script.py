@@ -10,7 +10,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from worldmodel.checkpoint import latest_checkpoint, read_finished, read_state
+
+pytestmark = pytest.mark.slow  # the whole demo script, twice
 
 ROOT = Path(__file__).resolve().parents[1]
 

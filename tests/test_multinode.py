@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # two-node launches of real processes
+
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "docker" / "launch_multinode.sh"
 

@@ -32,6 +32,7 @@ SBATCH = REPO / "docker" / "slurm_train.sbatch"
 DAEMONS = ("slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sinfo")
 missing = [name for name in DAEMONS if shutil.which(name) is None and not Path("/usr/sbin", name).exists()]
 pytestmark = [
+    pytest.mark.slow,  # a real Slurm: minutes
     pytest.mark.skipif(bool(missing), reason=f"Slurm is not installed ({', '.join(missing)} missing)"),
     pytest.mark.skipif(os.geteuid() != 0, reason="slurmd must run as root to start the jobs' processes"),
 ]

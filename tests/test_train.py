@@ -77,6 +77,7 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 90) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # two gloo processes
 def test_two_gloo_ranks_train_in_lockstep_and_end_identical(digits_shards, tmp_path):
     run = tmp_path / "run"
     result = _run(
@@ -172,6 +173,7 @@ def test_unknown_config_key_fails_fast_listing_valid_keys(tmp_path):
     assert not (tmp_path / "config.yaml").exists()
 
 
+@pytest.mark.slow  # two gloo processes
 def test_nan_on_one_rank_stops_both_and_keeps_the_last_good_checkpoint(digits_shards, tmp_path):
     run = tmp_path / "run"
     result = _run(
@@ -194,6 +196,7 @@ def test_nan_on_one_rank_stops_both_and_keeps_the_last_good_checkpoint(digits_sh
     assert "already holds checkpoints (newest step-00000002); pass --resume auto" in again.stderr
 
 
+@pytest.mark.slow  # two gloo processes
 def test_sigterm_to_one_rank_checkpoints_both_at_the_step_boundary_and_exits_cleanly(digits_shards, tmp_path):
     run = tmp_path / "run"
     launcher = subprocess.Popen(
