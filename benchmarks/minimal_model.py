@@ -126,7 +126,6 @@ def main(argv: list[str] | None = None) -> int:
     val = load_clips(args.val_shards, 256, 8, size)
     cfg = ModelConfig(
         img_size=size, patch_size=args.patch, embed_dim=96, depth=4, num_heads=3, granularity=args.granularity,
-        in_chans=6 if args.input_diff else 3,
     )  # fmt: skip
 
     def inputs(frames: torch.Tensor) -> torch.Tensor:
@@ -136,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             return x
         diff = torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:] - x[:, :-1]], dim=1)
         return torch.cat([x, diff], dim=2)
-    encoder = FrameEncoder(cfg) if args.encoder == "vit" else SmallCNN(cfg.frame_dim)
+    channels = 6 if args.input_diff else 3
+    encoder = FrameEncoder(cfg, in_chans=channels) if args.encoder == "vit" else SmallCNN(cfg.frame_dim)
     target_encoder = copy.deepcopy(encoder).requires_grad_(False)
     width = cfg.frame_dim if args.granularity == "frame" else cfg.embed_dim
     n = 1 if args.granularity == "frame" else (size // args.patch) ** 2

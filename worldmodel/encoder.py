@@ -44,13 +44,14 @@ def preprocess(frames: Tensor, img_size: int) -> Tensor:
     return rearrange(x * 2.0 - 1.0, "b t h w c -> b t c h w")
 
 
-def build_vit(cfg: ModelConfig) -> VisionTransformer:
+def build_vit(cfg: ModelConfig, in_chans: int = CHANNELS) -> VisionTransformer:
     """A timm ViT from the config (no class token, no head, no hub download); `cfg.init_weights` loads a local
-    state dict of the same architecture."""
+    state dict of the same architecture. `in_chans`: input channels (RGB frames: 3; benchmarks/minimal_model.py
+    feeds frame differences beside the frame, 6)."""
     vit = VisionTransformer(
         img_size=cfg.img_size,
         patch_size=cfg.patch_size,
-        in_chans=CHANNELS,
+        in_chans=in_chans,
         num_classes=0,
         global_pool="",
         embed_dim=cfg.embed_dim,
@@ -89,9 +90,9 @@ class FrameEncoder(nn.Module):
     D = frame_dim), layer norm -> flatten the token grid -> linear.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, in_chans: int = CHANNELS):
         super().__init__()
-        self.vit = build_vit(cfg)
+        self.vit = build_vit(cfg, in_chans)
         self.head = None
         output_shape(cfg)  # validates model.granularity
         if cfg.granularity == "frame":
