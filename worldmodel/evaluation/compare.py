@@ -21,7 +21,7 @@ from typing import Any
 
 from worldmodel.evaluation import EvaluationError
 from worldmodel.evaluation.plots import plot_errors
-from worldmodel.evaluation.report import SPLIT_NAMES, fmt, mse_over_copy_last, table
+from worldmodel.evaluation.report import SPLIT_NAMES, fmt, over_copy_last, table
 
 HEADLINE_STEPS = (1, 4, 8)  # horizon steps of the headline table (those within each run's horizon)
 HEADLINE_MODES = ("prior_mean", "action", "best_of_k", "posterior")  # the forecast, then what applies per latent
@@ -122,11 +122,11 @@ def _headline_row(label: str, m: dict, mode: str, splits: list[str], steps: list
     decoded = (m.get("decoded") or {}).get("modes")
     if decoded:
         psnr = {s: pick(decoded.get(mode, {}).get(s, {}).get("psnr")) for s in splits}
-        over = {s: pick(mse_over_copy_last(decoded, mode, s)) for s in splits}
+        over = {s: pick(over_copy_last(decoded, mode, s)) for s in splits}
         units = "pixels"
     else:
         psnr = {s: None for s in splits}
-        over = {s: pick(_latent_over_copy_last(m["modes"], mode, s)) for s in splits}
+        over = {s: pick(over_copy_last(m["modes"], mode, s, metric="l1")) for s in splits}
         units = "latent"
     if mode == "copy_last":
         over = {s: None for s in splits}
@@ -146,14 +146,6 @@ def _headline_row(label: str, m: dict, mode: str, splits: list[str], steps: list
         "position_error": position_error,
         "kick_auc": kick_auc if mode in ("prior_mean", "action") else None,  # one per run: on its forecast row
     }
-
-
-def _latent_over_copy_last(modes: dict, mode: str, split: str) -> list | None:
-    ours = modes.get(mode, {}).get(split, {}).get("l1")
-    base = modes.get("copy_last", {}).get(split, {}).get("l1")
-    if ours is None or base is None:
-        return None
-    return [None if a is None or not b else a / b for a, b in zip(ours, base, strict=True)]
 
 
 def render_headline(head: dict) -> str:

@@ -193,11 +193,11 @@ DECODED_HELP = {
 SPLIT_NAMES = {"all": "all", "no_event": "unkicked", "event": "kicked"}
 
 
-def mse_over_copy_last(modes: dict, mode: str, split: str) -> list[float | None] | None:
-    """Pixel MSE of `mode` over the copy-last pixel MSE per horizon step (from a metrics.json "decoded" modes
-    section), or None when either is missing."""
-    ours = modes.get(mode, {}).get(split, {}).get("mse")
-    base = modes.get("copy_last", {}).get(split, {}).get("mse")
+def over_copy_last(modes: dict, mode: str, split: str, metric: str = "mse") -> list[float | None] | None:
+    """`metric` of `mode` over copy-last's per horizon step (from a metrics.json "modes" or "decoded" modes
+    section: pixel "mse", or latent "l1"), or None when either is missing."""
+    ours = modes.get(mode, {}).get(split, {}).get(metric)
+    base = modes.get("copy_last", {}).get(split, {}).get(metric)
     if ours is None or base is None:
         return None
     return [None if a is None or not b else a / b for a, b in zip(ours, base, strict=True)]
@@ -226,7 +226,7 @@ def _decoded_section(metrics: dict) -> list[str]:
         if rows:
             out += [f"### PSNR (dB), {SPLIT_NAMES[split]} steps", "", table(["mode", *steps], rows), ""]
     for split in ("no_event", "event"):
-        rows = [[f"`{m}`", *(mse_over_copy_last(modes, m, split) or [])] for m in modes if m != "copy_last"]
+        rows = [[f"`{m}`", *(over_copy_last(modes, m, split) or [])] for m in modes if m != "copy_last"]
         rows = [r for r in rows if len(r) > 1]
         if rows:
             out += [f"### Pixel MSE over copy-last, {SPLIT_NAMES[split]} steps", "", table(["mode", *steps], rows), ""]

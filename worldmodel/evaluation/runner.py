@@ -349,7 +349,8 @@ def write_decoded(collected: Collected, metrics: dict, out_dir: Path) -> list[st
     frames = collected.stacked("frames")  # uint8 [C, T, h, w, c]
     rows = {label: np.concatenate(parts) for label, parts in collected.decoded_strips.items()}  # [S, H, h, w, c]
     num_context, horizon = metrics["num_context"], metrics["horizon"]
-    for clip in range(min(len(next(iter(rows.values()))), len(frames)) if rows else 0):
+    num_clips = min(len(rows["copy_last"]), len(frames)) if rows else 0  # every row holds the same strip clips
+    for clip in range(num_clips):
         context, truth = frames[clip, :num_context], frames[clip, num_context : num_context + horizon]
         clip_rows = {label: row[clip] for label, row in rows.items()}
         name = f"decoded-strip-{clip:02d}.png"
