@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 
@@ -65,6 +66,45 @@ def time_contrastive_loss(pred: torch.Tensor, tgt: torch.Tensor, temperature: fl
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
 
+def temporal_vc_penalty(z: torch.Tensor, floor: float = 1.0) -> torch.Tensor:
+    """z [B, T, N, D] -> VICReg's variance hinge and covariance penalty on the clip-centred embeddings
+    z_t - mean_t(z): what is constant within a clip (a static background) is removed before the statistics, so only
+    what changes from frame to frame can satisfy them, in as many decorrelated dims as it takes."""
+    c = (z - z.mean(1, keepdim=True)).flatten(0, 2)
+    c = c - c.mean(0)
+    std = (c.var(0) + 1e-4).sqrt()
+    cov = c.T @ c / (len(c) - 1)
+    off = cov - torch.diag(torch.diag(cov))
+    return F.relu(floor - std).mean() + off.pow(2).sum() / c.shape[-1]
+
+
+def foreground(x: torch.Tensor) -> torch.Tensor:
+    """x [B, T, C, H, W] -> x minus the clip's per-pixel median frame: zero on the static background, the moving
+    things where they are now (and their negative where they usually are)."""
+    return x - x.median(dim=1, keepdim=True).values
+
+
+class KeypointEncoder(nn.Module):
+    """The project's ViT with a spatial-softmax head (deep spatial autoencoders, Finn et al. 2016): per keypoint a
+    softmax over the patch grid of a learned score, and the frame embedding is the expected (x, y) of every keypoint
+    in [-1, 1]: float [B, T, C, H, W] -> [B, T, 1, 2 * keypoints]. Positions are linear in it by construction."""
+
+    def __init__(self, cfg: ModelConfig, keypoints: int):
+        super().__init__()
+        self.vit = FrameEncoder(dataclasses.replace(cfg, granularity="tokens")).vit
+        self.score = nn.Sequential(nn.LayerNorm(cfg.embed_dim), nn.Linear(cfg.embed_dim, keypoints))
+        side = cfg.img_size // cfg.patch_size
+        axis = torch.linspace(-1, 1, side)
+        grid = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), -1).reshape(-1, 2)  # [N, 2] (x, y)
+        self.register_buffer("grid", grid, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.vit.forward_features(x.flatten(0, 1))  # [(B T), N, embed_dim]
+        attention = self.score(tokens).softmax(1)  # [(B T), N, K]
+        coords = torch.einsum("bnk,nc->bkc", attention, self.grid).flatten(1)  # [(B T), 2K]
+        return coords.unflatten(0, x.shape[:2])[:, :, None]
+
+
 class SmallCNN(nn.Module):
     """Two strided convolutions and a linear map: float [B, T, 3, 32, 32] -> [B, T, 1, dim] (the no-ViT control)."""
 
@@ -96,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latent", choices=("none", "adassl_v"), default="none")
     p.add_argument("--beta", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--encoder", choices=("vit", "cnn"), default="vit")
+    p.add_argument("--encoder", choices=("vit", "cnn", "keypoints"), default="vit")
     p.add_argument("--patch", type=int, default=8)
     p.add_argument("--image-size", type=int, default=32, help="frames decoded at this size (ViT encoder only)")
     p.add_argument("--ema", type=float, default=0.996)
@@ -117,6 +157,20 @@ def main(argv: list[str] | None = None) -> int:
         help="weight of an auxiliary MLP decoder loss: decode(z_t) - decode(z_{t-1}) must match the pixel change "
         "x_t - x_{t-1} (the static background cancels; only what moves is reconstructed)",
     )  # fmt: skip
+    p.add_argument(
+        "--recon-target", choices=("change", "frame", "foreground"), default="change",
+        help="what --recon-weight decodes: the pixel change between frames (from the change of z), the whole frame, "
+        "or the frame minus the clip's median frame (the moving things only)",
+    )  # fmt: skip
+    p.add_argument("--tvc-weight", type=float, default=0.0, help="weight of temporal_vc_penalty (online z)")
+    p.add_argument("--tvc-floor", type=float, default=1.0)
+    p.add_argument("--pred-weight", type=float, default=1.0, help="weight of the prediction loss (0: the extras alone)")
+    p.add_argument(
+        "--state-weight", type=float, default=0.0,
+        help="control, not a method: weight of a linear head regressing the true positions (standardised state "
+        "columns x0, y0, x1, y1) from the online frame embedding; with --pred-weight 0 it is the supervised upper "
+        "bound of the probes",
+    )  # fmt: skip
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
@@ -136,7 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         diff = torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:] - x[:, :-1]], dim=1)
         return torch.cat([x, diff], dim=2)
     channels = 6 if args.input_diff else 3
-    encoder = FrameEncoder(cfg, in_chans=channels) if args.encoder == "vit" else SmallCNN(cfg.frame_dim)
+    if args.encoder == "keypoints":
+        encoder = KeypointEncoder(cfg, cfg.frame_dim // 2)
+    else:
+        encoder = FrameEncoder(cfg, in_chans=channels) if args.encoder == "vit" else SmallCNN(cfg.frame_dim)
     target_encoder = copy.deepcopy(encoder).requires_grad_(False)
     width = cfg.frame_dim if args.granularity == "frame" else cfg.embed_dim
     n = 1 if args.granularity == "frame" else (size // args.patch) ** 2
@@ -148,7 +205,13 @@ def main(argv: list[str] | None = None) -> int:
         predictor = Predictor(width, n, 16, 96, 4, 2, 3, cond_dim=d_r, residual=args.prediction == "residual")
     latent = VariationalLatent(width, d_r) if d_r else None
     pixel_decoder = nn.Sequential(nn.Linear(width, 512), nn.GELU(), nn.Linear(512, 3 * size * size))
-    modules = nn.ModuleList([encoder, predictor, pixel_decoder] + ([latent] if latent else []))
+    state_head = nn.Linear(width, 4)
+    if args.state_weight:
+        if "state" not in train:
+            raise SystemExit("--state-weight needs shards with a `state` (the push world has one)")
+        positions = train["state"][..., [0, 1, 4, 5]]
+        pos_mean, pos_std = positions.flatten(0, 1).mean(0), positions.flatten(0, 1).std(0)
+    modules = nn.ModuleList([encoder, predictor, pixel_decoder, state_head] + ([latent] if latent else []))
     optim = torch.optim.AdamW(modules.parameters(), lr=args.lr, weight_decay=0.0)
 
     def predict(z: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
@@ -204,12 +267,22 @@ def main(argv: list[str] | None = None) -> int:
             extra = extra + args.tvar_weight * temporal_variance_penalty(z, args.tvar_floor)
         if args.tnce_weight:
             extra = extra + args.tnce_weight * time_contrastive_loss(pred, tgt[:, 1:])
+        if args.state_weight:
+            goal = (positions[idx] - pos_mean) / pos_std
+            extra = extra + args.state_weight * (state_head(z.mean(2)) - goal).pow(2).mean()
+        if args.tvc_weight:
+            extra = extra + args.tvc_weight * temporal_vc_penalty(z, args.tvc_floor)
         if args.recon_weight:
             decoded = pixel_decoder(z.mean(2)).unflatten(-1, (3, size, size))  # [B, T, 3, size, size]
-            change = (x[:, 1:, :3] - x[:, :-1, :3]).float()
-            extra = extra + args.recon_weight * (decoded[:, 1:] - decoded[:, :-1] - change).pow(2).mean()
+            if args.recon_target == "change":
+                change = (x[:, 1:, :3] - x[:, :-1, :3]).float()
+                recon = (decoded[:, 1:] - decoded[:, :-1] - change).pow(2).mean()
+            else:
+                goal = x[:, :, :3] if args.recon_target == "frame" else foreground(x[:, :, :3])
+                recon = (decoded - goal.float()).pow(2).mean()
+            extra = extra + args.recon_weight * recon
         optim.zero_grad()
-        (loss + beta * kl + args.vc_weight * vc + extra).backward()
+        (args.pred_weight * loss + beta * kl + args.vc_weight * vc + extra).backward()
         optim.step()
         ema_update(target_encoder, encoder, args.ema + (1 - args.ema) * step / args.steps)
         norm.update(raw_t)
@@ -235,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
             half = len(val["frames"]) // 2 * tgt.shape[1]
             r2 = ridge_r2(feats[:half], state[:half], feats[half:], state[half:], 1.0)
             out["probe_r2_per_state_column"] = [round(float(v), 3) for v in r2]
+            feats = z.mean(2).flatten(0, 1).numpy()  # the online encoder's (what the predictor reads)
+            r2 = ridge_r2(feats[:half], state[:half], feats[half:], state[half:], 1.0)
+            out["online_probe_r2_per_state_column"] = [round(float(v), 3) for v in r2]
 
         def ratio(pred: torch.Tensor) -> list[float]:
             l1 = (pred - tgt[:, t + 1]).abs().mean((1, 2))

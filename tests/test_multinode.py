@@ -102,6 +102,8 @@ def _wait(nodes: list[subprocess.Popen], timeout: float = 300) -> list[str]:
 
 
 def test_two_nodes_split_the_shards_and_agree_on_the_parameters(digits_shards, tmp_path):
+    """The one full 2-rank training run of the suite that ends normally (test_train's 2-rank runs are stopped by a
+    NaN or a SIGTERM through `accelerate launch`): the shard split, identical ranks, and what rank 0 writes."""
     run_dir, keys_dir = tmp_path / "run", tmp_path / "keys"
     keys_dir.mkdir()
     tap = tmp_path / "train_tap.py"
@@ -140,6 +142,35 @@ def test_two_nodes_split_the_shards_and_agree_on_the_parameters(digits_shards, t
     assert moments[0] and all(torch.equal(a, b) for a, b in zip(*moments, strict=True))
     state = json.loads((run_dir / "checkpoints" / "step-00000004" / "state.json").read_text())
     assert state["step"] == 4 and state["world_size"] == 2
+    _assert_run_written_once(run_dir, models[0], args)
+
+
+def _assert_run_written_once(run_dir: Path, rank0_model: dict, args: list[str]) -> None:
+    """What rank 0 alone writes for a 2-rank run of 4 steps with a checkpoint every 2: the final checkpoint equals
+    the model it trained (with every rank's RNG state and one scheduler step per optimiser step, not per rank), one
+    metrics record per step with the monitors, TensorBoard events and the resolved config."""
+    from safetensors.torch import load_file
+
+    from worldmodel.checkpoint import checkpoint_dir, latest_checkpoint, read_state
+    from worldmodel.config import load_config
+
+    final = latest_checkpoint(run_dir)
+    assert final == checkpoint_dir(run_dir, 4)
+    saved = load_file(final / "model.safetensors")
+    assert saved.keys() == rank0_model.keys() and all(torch.equal(saved[k], rank0_model[k]) for k in saved)
+    assert read_state(final)["epoch"] == 1  # 4 steps of 2-batch epochs: epochs 0 and 1
+    assert (final / "rng-rank0.pt").is_file() and (final / "rng-rank1.pt").is_file()
+    assert torch.load(final / "scheduler.pt", weights_only=True)["last_epoch"] == 4
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    monitors = ("loss", "pred", "reg", "kl", "beta", "ema_momentum", "lr", "grad_norm", "emb_std", "emb_eff_rank",
+                "target_var", "target_eff_rank", "drift", "data_wait", "clips_per_s", "skipped/total")  # fmt: skip
+    assert [key for key in monitors if key not in records[-1]] == []
+    assert records[0]["beta"] == 0.0 and records[-1]["beta"] > 0.0
+    config, overrides = Path(args[1]), args[2:]
+    assert load_config(run_dir / "config.yaml") == load_config(config, overrides)
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
 
 
 def _world_model(run_dir: Path):
