@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from worldmodel.config import ModelConfig
-from worldmodel.encoder import FrameEncoder, TokenNorm, ema_update, make_target, preprocess
+from worldmodel.encoder import FrameEncoder, SpatialSoftmaxHead, TokenNorm, ema_update, make_target, preprocess
 
 
 def tiny_cfg(**overrides) -> ModelConfig:
@@ -114,3 +114,26 @@ def test_token_norm_standardize_uses_running_mean_and_std_and_keeps_the_backgrou
     assert norm(tokens.mean(0, keepdim=True)).abs().max() < 1e-4
     with pytest.raises(ValueError, match="target_norm"):
         TokenNorm(4, "batchnorm", momentum=0.5)
+
+
+def test_keypoint_head_returns_the_expected_grid_position_of_each_keypoint():
+    """model.frame_head=keypoints: one patch that dominates a keypoint's score puts that keypoint at the patch's
+    (x = column, y = row) in [-1, 1]; a flat score puts it at the grid's centre; the encoder gives [B, T, 1, dim]."""
+    head = SpatialSoftmaxHead(embed_dim=8, side=4, dim=4)
+    with torch.no_grad():  # after the layer norm, keypoint 0 scores feature 0, keypoint 1 nothing (uniform)
+        head.score[1].weight.zero_()
+        head.score[1].bias.zero_()
+        head.score[1].weight[0, 0] = 60.0
+    tokens = torch.zeros(1, 16, 8)
+    tokens[0, :, 1] = 1.0  # every token alike but for feature 0 of the patch at row 1, column 3
+    tokens[0, 1 * 4 + 3, 0] = 5.0
+    coords = head(tokens)[0]
+    third = 1.0 / 3.0
+    assert torch.allclose(coords[:2], torch.tensor([1.0, -third]), atol=1e-3)  # column 3 -> x = 1, row 1 -> y = -1/3
+    assert torch.allclose(coords[2:], torch.zeros(2), atol=1e-6)
+
+    cfg = ModelConfig(img_size=32, patch_size=8, embed_dim=96, depth=1, num_heads=3, frame_head="keypoints")
+    out = FrameEncoder(cfg)(torch.rand(2, 3, 3, 32, 32) * 2 - 1)
+    assert out.shape == (2, 3, 1, cfg.frame_dim) and out.abs().max() <= 1.0
+    with pytest.raises(ValueError, match="even model.frame_dim"):
+        SpatialSoftmaxHead(embed_dim=8, side=4, dim=5)

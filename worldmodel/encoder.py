@@ -83,11 +83,32 @@ def output_shape(cfg: ModelConfig) -> tuple[int, int]:
     return (cfg.img_size // cfg.patch_size) ** 2, cfg.embed_dim
 
 
+class SpatialSoftmaxHead(nn.Module):
+    """Keypoints from a patch grid (the spatial softmax of deep spatial autoencoders, Finn et al. 2016): tokens
+    [M, side * side, D] (row-major patch grid) -> [M, dim], the expected (x, y) in [-1, 1] of dim / 2 keypoints,
+    each a softmax over the grid of a learned score (x = column, y = row; pairs x0, y0, x1, y1, ...)."""
+
+    def __init__(self, embed_dim: int, side: int, dim: int):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"model.frame_head=keypoints needs an even model.frame_dim (x, y per keypoint), got {dim}")
+        self.score = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, dim // 2))
+        axis = torch.linspace(-1.0, 1.0, side)
+        ys, xs = torch.meshgrid(axis, axis, indexing="ij")
+        self.register_buffer("grid", torch.stack([xs, ys], -1).reshape(-1, 2), persistent=False)  # [side * side, 2]
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """tokens [M, N, D] -> keypoint coordinates [M, dim]."""
+        attention = self.score(tokens).float().softmax(dim=1)  # [M, N, K], a distribution over the grid per keypoint
+        return torch.einsum("mnk,nc->mkc", attention, self.grid).flatten(1).to(tokens.dtype)
+
+
 class FrameEncoder(nn.Module):
     """A ViT applied to every frame independently: float [B, T, C, H, W] -> [B, T, N, D].
 
     granularity tokens: the patch tokens (N patches, D = embed_dim); frame: the frame head's embedding (N = 1,
-    D = frame_dim), layer norm -> flatten the token grid -> linear.
+    D = frame_dim): layer norm -> flatten the token grid -> linear, or with frame_head keypoints a
+    `SpatialSoftmaxHead`.
     """
 
     def __init__(self, cfg: ModelConfig, in_chans: int = CHANNELS):
@@ -95,7 +116,9 @@ class FrameEncoder(nn.Module):
         self.vit = build_vit(cfg, in_chans)
         self.head = None
         output_shape(cfg)  # validates model.granularity
-        if cfg.granularity == "frame":
+        if cfg.granularity == "frame" and cfg.frame_head == "keypoints":
+            self.head = SpatialSoftmaxHead(cfg.embed_dim, cfg.img_size // cfg.patch_size, cfg.frame_dim)
+        elif cfg.granularity == "frame":
             patches = (cfg.img_size // cfg.patch_size) ** 2
             self.head = nn.Sequential(
                 nn.LayerNorm(cfg.embed_dim), nn.Flatten(1), nn.Linear(patches * cfg.embed_dim, cfg.frame_dim)

@@ -18,6 +18,7 @@ Latent = Literal["none", "adassl_v", "adassl_s", "oracle"]
 Objective = Literal["jepa", "infonce"]
 TokenNormMode = Literal["center_layernorm", "standardize"]  # model.target_norm (worldmodel/encoder.py TokenNorm)
 Granularity = Literal["frame", "tokens"]  # model.granularity (worldmodel/encoder.py FrameEncoder)
+FrameHead = Literal["linear", "keypoints"]  # model.frame_head (worldmodel/encoder.py FrameEncoder)
 Prediction = Literal["absolute", "residual"]  # model.prediction (worldmodel/predictor.py Predictor)
 Conditioning = Literal["adaln", "token"]  # model.conditioning (worldmodel/predictor.py)
 Loss = Literal["l1", "smooth_l1"]  # model.loss (worldmodel/objectives.py jepa_loss)
@@ -49,6 +50,10 @@ class ModelConfig:
     # large images on GPUs). The frame embedding is also what the AdaSSL prior and posterior read.
     granularity: Granularity = "frame"
     frame_dim: int = 64  # width of the frame embedding (granularity frame)
+    # The frame head: "linear" (above) or "keypoints", a spatial softmax over the patch grid whose embedding is the
+    # expected (x, y) of frame_dim / 2 learned keypoints (positions linear by construction; for scenes where a small
+    # agent moves over a large static background, where the linear head keeps the background and loses the agent).
+    frame_head: FrameHead = "linear"
     depth: int = 6  # encoder blocks
     num_heads: int = 3
     pred_dim: int = 192  # predictor width
