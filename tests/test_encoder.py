@@ -137,3 +137,5 @@ def test_keypoint_head_returns_the_expected_grid_position_of_each_keypoint():
     assert out.shape == (2, 3, 1, cfg.frame_dim) and out.abs().max() <= 1.0
     with pytest.raises(ValueError, match="even model.frame_dim"):
         SpatialSoftmaxHead(embed_dim=8, side=4, dim=5)
+    with pytest.raises(ValueError, match="head for model.granularity=frame"):
+        FrameEncoder(ModelConfig(img_size=32, patch_size=8, granularity="tokens", frame_head="keypoints"))

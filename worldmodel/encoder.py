@@ -116,6 +116,11 @@ class FrameEncoder(nn.Module):
         self.vit = build_vit(cfg, in_chans)
         self.head = None
         output_shape(cfg)  # validates model.granularity
+        if cfg.granularity == "tokens" and cfg.frame_head != "linear":
+            raise ValueError(
+                f"model.frame_head={cfg.frame_head} is a head for model.granularity=frame; with granularity tokens "
+                "the patch tokens are the latents (set model.granularity=frame or drop model.frame_head)"
+            )
         if cfg.granularity == "frame" and cfg.frame_head == "keypoints":
             self.head = SpatialSoftmaxHead(cfg.embed_dim, cfg.img_size // cfg.patch_size, cfg.frame_dim)
         elif cfg.granularity == "frame":
