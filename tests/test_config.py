@@ -76,3 +76,22 @@ def test_a_run_config_written_before_removed_keys_still_loads():
     assert cfg.train.steps == 5 and not hasattr(cfg.model, "in_chans")
     with pytest.raises(ConfigError, match="model.in_chans=1: the key was removed"):
         config_from_dict({"model": {"in_chans": 1}})
+
+
+def test_push_config_points_at_the_push_world_and_its_keypoint_model_trains_a_step():
+    """configs/push.yaml: the demo recipe on the push world with the keypoint frame head; one backward step reaches
+    the keypoint scores (the head is not a dead end) and the loss is finite."""
+    from worldmodel.model import WorldModel
+
+    cfg = load_config(CONFIGS / "push.yaml", ["model.latent=none"])
+    assert cfg.data.train_shards == "data/push_world/train/shard-*.tar" and cfg.model.frame_head == "keypoints"
+    assert cfg.data.image_size == cfg.model.img_size
+    torch.manual_seed(0)
+    model = WorldModel(cfg.model)
+    size = cfg.model.img_size
+    frames = torch.randint(0, 256, (2, cfg.data.clip_length, size, size, 3), dtype=torch.uint8)
+    out = model(frames)
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    score = model.encoder.head.score[1].weight.grad
+    assert score is not None and score.abs().sum() > 0
