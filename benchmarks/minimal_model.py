@@ -84,27 +84,6 @@ def foreground(x: torch.Tensor) -> torch.Tensor:
     return x - x.median(dim=1, keepdim=True).values
 
 
-class KeypointEncoder(nn.Module):
-    """The project's ViT with a spatial-softmax head (deep spatial autoencoders, Finn et al. 2016): per keypoint a
-    softmax over the patch grid of a learned score, and the frame embedding is the expected (x, y) of every keypoint
-    in [-1, 1]: float [B, T, C, H, W] -> [B, T, 1, 2 * keypoints]. Positions are linear in it by construction."""
-
-    def __init__(self, cfg: ModelConfig, keypoints: int):
-        super().__init__()
-        self.vit = FrameEncoder(dataclasses.replace(cfg, granularity="tokens")).vit
-        self.score = nn.Sequential(nn.LayerNorm(cfg.embed_dim), nn.Linear(cfg.embed_dim, keypoints))
-        side = cfg.img_size // cfg.patch_size
-        axis = torch.linspace(-1, 1, side)
-        grid = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), -1).reshape(-1, 2)  # [N, 2] (x, y)
-        self.register_buffer("grid", grid, persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.vit.forward_features(x.flatten(0, 1))  # [(B T), N, embed_dim]
-        attention = self.score(tokens).softmax(1)  # [(B T), N, K]
-        coords = torch.einsum("bnk,nc->bkc", attention, self.grid).flatten(1)  # [(B T), 2K]
-        return coords.unflatten(0, x.shape[:2])[:, :, None]
-
-
 class SmallCNN(nn.Module):
     """Two strided convolutions and a linear map: float [B, T, 3, 32, 32] -> [B, T, 1, dim] (the no-ViT control)."""
 
@@ -190,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         diff = torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:] - x[:, :-1]], dim=1)
         return torch.cat([x, diff], dim=2)
     channels = 6 if args.input_diff else 3
-    if args.encoder == "keypoints":
-        encoder = KeypointEncoder(cfg, cfg.frame_dim // 2)
+    if args.encoder == "keypoints":  # the project's spatial-softmax frame head (model.frame_head=keypoints)
+        encoder = FrameEncoder(dataclasses.replace(cfg, frame_head="keypoints"), in_chans=channels)
     else:
         encoder = FrameEncoder(cfg, in_chans=channels) if args.encoder == "vit" else SmallCNN(cfg.frame_dim)
     target_encoder = copy.deepcopy(encoder).requires_grad_(False)

@@ -13,6 +13,8 @@ from benchmarks import minimal_model
     [
         ["--latent", "adassl_v", "--predictor", "project"],
         ["--encoder", "cnn", "--target", "self", "--prediction", "residual"],
+        ["--encoder", "keypoints", "--prediction", "residual", "--tvc-weight", "1", "--recon-weight", "1",
+         "--recon-target", "foreground"],  # fmt: skip
     ],
 )
 def test_minimal_model_reports_ratios_drift_and_rank(flags, digits_shards, capsys):
