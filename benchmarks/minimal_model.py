@@ -27,7 +27,7 @@ from torch import nn
 from data_pipeline.config import DataConfig
 from data_pipeline.stream import make_eval_loader
 from worldmodel.config import ModelConfig
-from worldmodel.encoder import FrameEncoder, TokenNorm, ema_update, preprocess
+from worldmodel.encoder import FrameEncoder, KeypointDecoder, TokenNorm, ema_update, preprocess
 from worldmodel.evaluation.probes import auc, ridge_r2
 from worldmodel.latents import VariationalLatent, gaussian_kl, mlp
 from worldmodel.monitors import target_health
@@ -137,10 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         "x_t - x_{t-1} (the static background cancels; only what moves is reconstructed)",
     )  # fmt: skip
     p.add_argument(
-        "--recon-target", choices=("change", "frame", "foreground"), default="change",
+        "--recon-target", choices=("change", "frame", "foreground", "keyframe"), default="change",
         help="what --recon-weight decodes: the pixel change between frames (from the change of z), the whole frame, "
-        "or the frame minus the clip's median frame (the moving things only)",
+        "or the frame minus the clip's median frame (the moving things only); keyframe: frame t from frame 0 and "
+        "Gaussian maps of frame t's keypoints (--encoder keypoints; the project's KeypointDecoder, model.recon_weight)",
     )  # fmt: skip
+    p.add_argument("--kp-sigma", type=float, default=0.1)
     p.add_argument("--tvc-weight", type=float, default=0.0, help="weight of temporal_vc_penalty (online z)")
     p.add_argument("--tvc-floor", type=float, default=1.0)
     p.add_argument("--pred-weight", type=float, default=1.0, help="weight of the prediction loss (0: the extras alone)")
@@ -185,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     latent = VariationalLatent(width, d_r) if d_r else None
     pixel_decoder = nn.Sequential(nn.Linear(width, 512), nn.GELU(), nn.Linear(512, 3 * size * size))
     state_head = nn.Linear(width, 4)
+    if args.recon_target == "keyframe":
+        if args.encoder != "keypoints":
+            raise SystemExit("--recon-target keyframe needs --encoder keypoints")
+        pixel_decoder = KeypointDecoder(width // 2, size, sigma=args.kp_sigma)
     if args.state_weight:
         if "state" not in train:
             raise SystemExit("--state-weight needs shards with a `state` (the push world has one)")
@@ -252,11 +258,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.tvc_weight:
             extra = extra + args.tvc_weight * temporal_vc_penalty(z, args.tvc_floor)
         if args.recon_weight:
-            decoded = pixel_decoder(z.mean(2)).unflatten(-1, (3, size, size))  # [B, T, 3, size, size]
-            if args.recon_target == "change":
+            if args.recon_target == "keyframe":  # the project's model.recon_weight term
+                recon = pixel_decoder.loss(raw, x[:, :, :3])
+            elif args.recon_target == "change":
+                decoded = pixel_decoder(z.mean(2)).unflatten(-1, (3, size, size))  # [B, T, 3, size, size]
                 change = (x[:, 1:, :3] - x[:, :-1, :3]).float()
                 recon = (decoded[:, 1:] - decoded[:, :-1] - change).pow(2).mean()
             else:
+                decoded = pixel_decoder(z.mean(2)).unflatten(-1, (3, size, size))
                 goal = x[:, :, :3] if args.recon_target == "frame" else foreground(x[:, :, :3])
                 recon = (decoded - goal.float()).pow(2).mean()
             extra = extra + args.recon_weight * recon

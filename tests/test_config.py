@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from worldmodel.config import ConfigError, config_from_dict, load_config, save_config
+from worldmodel.config import ConfigError, ModelConfig, config_from_dict, load_config, save_config
 from worldmodel.trainer import resolve_mixed_precision
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -79,8 +79,8 @@ def test_a_run_config_written_before_removed_keys_still_loads():
 
 
 def test_push_config_points_at_the_push_world_and_its_keypoint_model_trains_a_step():
-    """configs/push.yaml: the demo recipe on the push world with the keypoint frame head; one backward step reaches
-    the keypoint scores (the head is not a dead end) and the loss is finite."""
+    """configs/push.yaml: the demo recipe on the push world with the keypoint frame head and its conditional
+    reconstruction; one backward step reaches the keypoint scores (the head is not a dead end), the loss is finite."""
     from worldmodel.model import WorldModel
 
     cfg = load_config(CONFIGS / "push.yaml", ["model.latent=none"])
@@ -95,3 +95,16 @@ def test_push_config_points_at_the_push_world_and_its_keypoint_model_trains_a_st
     out["loss"].backward()
     score = model.encoder.head.score[1].weight.grad
     assert score is not None and score.abs().sum() > 0
+    assert cfg.model.recon_weight > 0 and torch.isfinite(out["terms"]["recon"])  # the conditional reconstruction
+
+
+def test_recon_weight_needs_the_keypoint_head_and_a_non_negative_weight():
+    """model.recon_weight rebuilds frames from keypoints: with the linear head, or a negative weight, the model
+    refuses to build with a message naming the key."""
+    from worldmodel.model import WorldModel
+
+    small = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 1, "num_heads": 3, "latent": "none"}
+    with pytest.raises(ValueError, match="needs model.frame_head=keypoints"):
+        WorldModel(ModelConfig(**small, recon_weight=1.0))
+    with pytest.raises(ValueError, match="recon_weight must be >= 0"):
+        WorldModel(ModelConfig(**small, frame_head="keypoints", recon_weight=-1.0))

@@ -5,7 +5,15 @@ import torch
 import torch.nn.functional as F
 
 from worldmodel.config import ModelConfig
-from worldmodel.encoder import FrameEncoder, SpatialSoftmaxHead, TokenNorm, ema_update, make_target, preprocess
+from worldmodel.encoder import (
+    FrameEncoder,
+    KeypointDecoder,
+    SpatialSoftmaxHead,
+    TokenNorm,
+    ema_update,
+    make_target,
+    preprocess,
+)
 
 
 def tiny_cfg(**overrides) -> ModelConfig:
@@ -139,3 +147,30 @@ def test_keypoint_head_returns_the_expected_grid_position_of_each_keypoint():
         SpatialSoftmaxHead(embed_dim=8, side=4, dim=5)
     with pytest.raises(ValueError, match="head for model.granularity=frame"):
         FrameEncoder(ModelConfig(img_size=32, patch_size=8, granularity="tokens", frame_head="keypoints"))
+
+
+def test_keypoint_decoder_draws_each_keypoint_where_it_is_and_its_loss_reaches_the_keypoint_scores():
+    """model.recon_weight: a keypoint's Gaussian map peaks at its (x = column, y = row) pixel; an untrained decoder
+    returns the reference plus a small change; the loss of rebuilding frames 1.. from frame 0 is finite and its
+    gradient reaches the encoder's keypoint scores (the signal that points the keypoints at what moves)."""
+    decoder = KeypointDecoder(keypoints=2, size=16, sigma=0.1)
+    axis = torch.linspace(-1, 1, 16)
+    keypoints = torch.stack([axis[[12, 3]], axis[[5, 9]]], dim=-1)[None]  # [1, 2, 2]: (x, y) = (12, 5), (3, 9)
+    maps = decoder.maps(keypoints)
+    assert maps.shape == (1, 2, 16, 16)
+    peaks = [divmod(int(m.argmax()), 16) for m in maps[0]]  # (row, column)
+    assert peaks == [(5, 12), (9, 3)]
+
+    cfg = ModelConfig(img_size=32, patch_size=8, embed_dim=96, depth=1, num_heads=3, frame_head="keypoints")
+    torch.manual_seed(0)
+    encoder = FrameEncoder(cfg)
+    decoder = KeypointDecoder(cfg.frame_dim // 2, 32)
+    x = torch.rand(2, 4, 3, 32, 32) * 2 - 1
+    rebuilt = decoder(encoder(x)[:, 1, 0].unflatten(-1, (-1, 2)), x[:, 0])
+    assert rebuilt.shape == (2, 3, 32, 32) and (rebuilt - x[:, 0]).abs().mean() < 0.5
+    loss = decoder.loss(encoder(x), x)
+    assert torch.isfinite(loss) and loss > 0
+    loss.backward()
+    assert encoder.head.score[1].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="recon_sigma must be > 0"):
+        KeypointDecoder(keypoints=2, size=16, sigma=0.0)

@@ -103,6 +103,51 @@ class SpatialSoftmaxHead(nn.Module):
         return torch.einsum("mnk,nc->mkc", attention, self.grid).flatten(1).to(tokens.dtype)
 
 
+class KeypointDecoder(nn.Module):
+    """Conditional reconstruction through the keypoints (Jakab et al. 2018, "Unsupervised learning of object
+    landmarks through conditional image generation"): frame t is rebuilt from a reference frame of the same clip and
+    frame t's keypoints, rendered as Gaussian maps; a small conv net draws on the reference.
+
+    The reference holds the static background, so the only thing the keypoints must carry is where the moving things
+    are now: a training signal that points the keypoints at the agent, which a JEPA loss alone does not (on the push
+    world its keypoints track no better after training than at initialisation; docs/results.md).
+    """
+
+    def __init__(self, keypoints: int, size: int, sigma: float = 0.1, width: int = 32, in_chans: int = CHANNELS):
+        super().__init__()
+        if sigma <= 0:
+            raise ValueError(f"model.recon_sigma must be > 0 (a Gaussian's width in [-1, 1] coordinates), got {sigma}")
+        self.sigma = sigma
+        self.register_buffer("axis", torch.linspace(-1.0, 1.0, size), persistent=False)  # pixel centres, [size]
+        layers, channels = [], keypoints + in_chans
+        for _ in range(3):
+            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.GELU()]
+            channels = width
+        self.net = nn.Sequential(*layers, nn.Conv2d(width, in_chans, 3, padding=1))
+
+    def maps(self, keypoints: Tensor) -> Tensor:
+        """keypoints [M, K, 2] (x, y in [-1, 1]) -> Gaussian maps [M, K, size, size] (row = y, column = x)."""
+        gx = torch.exp(-((self.axis - keypoints[..., 0, None]) ** 2) / (2 * self.sigma**2))  # [M, K, size]
+        gy = torch.exp(-((self.axis - keypoints[..., 1, None]) ** 2) / (2 * self.sigma**2))
+        return gy[..., :, None] * gx[..., None, :]
+
+    def forward(self, keypoints: Tensor, reference: Tensor) -> Tensor:
+        """keypoints [M, K, 2], reference frames float [M, C, size, size] -> rebuilt frames [M, C, size, size]."""
+        return reference + self.net(torch.cat([self.maps(keypoints.float()), reference.float()], dim=1))
+
+    def loss(self, embedding: Tensor, x: Tensor) -> Tensor:
+        """Mean squared error of rebuilding frames 1..T-1 of each clip from its frame 0 (the reference).
+
+        embedding: the keypoint head's output [B, T, 1, 2K] (x0, y0, x1, y1, ...); x: frames float [B, T, C, H, W]
+        (`preprocess`) -> scalar.
+        """
+        frames = x[:, 1:].float()  # [B, T-1, C, H, W]
+        reference = x[:, :1].float().expand_as(frames)
+        keypoints = embedding[:, 1:, 0].unflatten(-1, (-1, 2))  # [B, T-1, K, 2]
+        rebuilt = self(keypoints.flatten(0, 1), reference.flatten(0, 1))
+        return F.mse_loss(rebuilt, frames.flatten(0, 1))
+
+
 class FrameEncoder(nn.Module):
     """A ViT applied to every frame independently: float [B, T, C, H, W] -> [B, T, N, D].
 

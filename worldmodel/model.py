@@ -29,7 +29,15 @@ import torch
 from einops import rearrange, reduce, repeat
 from torch import Tensor, nn
 
-from worldmodel.encoder import FrameEncoder, TokenNorm, ema_update, make_target, output_shape, preprocess
+from worldmodel.encoder import (
+    FrameEncoder,
+    KeypointDecoder,
+    TokenNorm,
+    ema_update,
+    make_target,
+    output_shape,
+    preprocess,
+)
 from worldmodel.latents import ROLLOUT_MODES, Summaries, build_latent, latent_class, summaries_of
 from worldmodel.model_config import ModelConfig
 from worldmodel.monitors import effective_rank, per_dim_std, target_health
@@ -68,6 +76,16 @@ class WorldModel(nn.Module):
         # the summaries s, s+ (inferred latents only), then r's own module: the order fixes the initial weights
         self.summaries = Summaries(width, cfg.summary_dim, context_dim=cfg.pred_dim) if kind.inferred else None
         self.latent = build_latent(cfg.latent, cfg.summary_dim, cfg.latent_dim, cfg.action_dim)
+        self.decoder = None  # built last, so a model without it starts from the same weights as before it existed
+        if cfg.recon_weight > 0:
+            if cfg.granularity != "frame" or cfg.frame_head != "keypoints":
+                raise ValueError(
+                    f"model.recon_weight={cfg.recon_weight} rebuilds frames from keypoints; it needs "
+                    f"model.frame_head=keypoints and model.granularity=frame (got {cfg.frame_head}, {cfg.granularity})"
+                )
+            self.decoder = KeypointDecoder(cfg.frame_dim // 2, cfg.img_size, cfg.recon_sigma)
+        elif cfg.recon_weight < 0:
+            raise ValueError(f"model.recon_weight must be >= 0, got {cfg.recon_weight}")
 
     # ---- encoders -------------------------------------------------------------------------------------------
 
@@ -117,7 +135,7 @@ class WorldModel(nn.Module):
         """Training step. frames: uint8 [B, T, H, W, C]; action: float [B, T-1, A] (oracle); beta: regulariser weight.
 
         Returns {"loss": scalar, "terms": {name: scalar}, "monitors": {name: scalar}}; loss = pred + beta * reg
-        (+ rollout_weight * rollout when model.rollout_steps > 0).
+        (+ recon_weight * recon when model.recon_weight > 0, + rollout_weight * rollout when model.rollout_steps > 0).
         """
         cfg = self.cfg
         x = preprocess(frames, cfg.img_size)
@@ -144,6 +162,9 @@ class WorldModel(nn.Module):
         if copy_last is not None:
             monitors["copy_last"] = copy_last
         loss = terms["pred"] + beta * terms["reg"]
+        if self.decoder is not None:
+            terms["recon"] = self.decoder.loss(raw, x)  # the raw keypoints, before the online TokenNorm
+            loss = loss + cfg.recon_weight * terms["recon"]
         if cfg.rollout_steps > 0:
             terms["rollout"] = self._rollout_term(tokens, target, action)
             loss = loss + cfg.rollout_weight * terms["rollout"]

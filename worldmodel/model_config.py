@@ -54,6 +54,11 @@ class ModelConfig:
     # expected (x, y) of frame_dim / 2 learned keypoints (positions linear by construction; for scenes where a small
     # agent moves over a large static background, where the linear head keeps the background and loses the agent).
     frame_head: FrameHead = "linear"
+    # Conditional reconstruction through the keypoints (frame_head keypoints only; encoder.KeypointDecoder): frame t
+    # is rebuilt from the clip's first frame and Gaussian maps of frame t's keypoints, which points the keypoints at
+    # what moves. Its weight in the loss (0 = off) and the maps' width in [-1, 1] image coordinates.
+    recon_weight: float = 0.0
+    recon_sigma: float = 0.1
     depth: int = 6  # encoder blocks
     num_heads: int = 3
     pred_dim: int = 192  # predictor width
