@@ -53,6 +53,7 @@ class ModelConfig:
     # The frame head: "linear" (above) or "keypoints", a spatial softmax over the patch grid whose embedding is the
     # expected (x, y) of frame_dim / 2 learned keypoints (positions linear by construction; for scenes where a small
     # agent moves over a large static background, where the linear head keeps the background and loses the agent).
+    # A JEPA loss alone leaves the keypoints where initialisation put them: pair it with recon_weight below.
     frame_head: FrameHead = "linear"
     # Conditional reconstruction through the keypoints (frame_head keypoints only; encoder.KeypointDecoder): frame t
     # is rebuilt from the clip's first frame and Gaussian maps of frame t's keypoints, which points the keypoints at
