@@ -142,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         "or the frame minus the clip's median frame (the moving things only); keyframe: frame t from frame 0 and "
         "Gaussian maps of frame t's keypoints (--encoder keypoints; the project's KeypointDecoder, model.recon_weight)",
     )  # fmt: skip
-    p.add_argument("--kp-sigma", type=float, default=0.1)
+    p.add_argument(
+        "--kp-sigma", type=float, default=0.1, help="keyframe: width of the Gaussian maps (model.recon_sigma)"
+    )
     p.add_argument("--tvc-weight", type=float, default=0.0, help="weight of temporal_vc_penalty (online z)")
     p.add_argument("--tvc-floor", type=float, default=1.0)
     p.add_argument("--pred-weight", type=float, default=1.0, help="weight of the prediction loss (0: the extras alone)")

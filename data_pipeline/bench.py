@@ -50,11 +50,20 @@ def _load_videos(urls: list[str], keys: set[str]) -> dict[str, bytes]:
     return videos
 
 
+CPU_TICK = 0.01  # s: the resolution of the kernel's CPU-time counters (psutil reads them in clock ticks)
+
+
 def _cpu_seconds() -> float:
     """CPU time of this process and its live children (DataLoader workers)."""
     me = psutil.Process()
     times = [me.cpu_times(), *(child.cpu_times() for child in me.children(recursive=True))]
     return sum(t.user + t.system for t in times)
+
+
+def cpu_interval(begin: float) -> float:
+    """CPU seconds since `begin` (a `_cpu_seconds()` reading), at least one clock tick: a short run whose batches the
+    workers had ready can read 0, and a rate over it is then a lower bound rather than a division by zero."""
+    return max(_cpu_seconds() - begin, CPU_TICK)
 
 
 def decode_jobs(cfg: DataConfig, clips: list[tuple[str, int]]) -> list[tuple[str, list[int]]]:
@@ -86,7 +95,7 @@ def decoder_rate(cfg: DataConfig, urls: list[str], clips: list[tuple[str, int]])
     for key, indices in jobs:
         decoder.decode(videos[key], indices, size=cfg.image_size)
     frames = len(clips) * cfg.clip_length
-    return frames / (time.perf_counter() - begin), frames / (_cpu_seconds() - begin_cpu)
+    return frames / (time.perf_counter() - begin), frames / cpu_interval(begin_cpu)
 
 
 def pipeline_rate(cfg: DataConfig, shards: str, batches: int) -> tuple[float, float, list[tuple[str, int]]]:
@@ -99,7 +108,7 @@ def pipeline_rate(cfg: DataConfig, shards: str, batches: int) -> tuple[float, fl
     begin, begin_cpu = time.perf_counter(), _cpu_seconds()
     for batch in islice(iterator, batches):
         clips.extend(zip(batch["key"], batch["start"].tolist(), strict=True))
-    wall, cpu = time.perf_counter() - begin, _cpu_seconds() - begin_cpu  # read while the workers still live
+    wall, cpu = time.perf_counter() - begin, cpu_interval(begin_cpu)  # read while the workers still live
     del iterator
     return len(clips) / wall, len(clips) / cpu, clips
 

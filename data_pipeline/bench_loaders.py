@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from data_pipeline.bench import _cpu_seconds, pipeline_rate
+from data_pipeline.bench import _cpu_seconds, cpu_interval, pipeline_rate
 from data_pipeline.bench_writer import benchmark_videos
 from data_pipeline.config import DataConfig
 from data_pipeline.write_shards import write_shards
@@ -82,7 +82,7 @@ def perfile_rate(
     begin, begin_cpu = time.perf_counter(), _cpu_seconds()
     for batch in islice(iterator, batches):
         clips += batch.shape[0]
-    wall, cpu = time.perf_counter() - begin, _cpu_seconds() - begin_cpu  # read while the workers still live
+    wall, cpu = time.perf_counter() - begin, cpu_interval(begin_cpu)  # read while the workers still live
     del iterator
     return clips / wall, clips / cpu
 
