@@ -145,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--kp-sigma", type=float, default=0.1, help="keyframe: width of the Gaussian maps (model.recon_sigma)"
     )
+    p.add_argument(
+        "--kp-mask", type=float, default=0.0,
+        help="keyframe: fraction of the reference's patch-sized blocks blanked (model.recon_mask)",
+    )
     p.add_argument("--tvc-weight", type=float, default=0.0, help="weight of temporal_vc_penalty (online z)")
     p.add_argument("--tvc-floor", type=float, default=1.0)
     p.add_argument("--pred-weight", type=float, default=1.0, help="weight of the prediction loss (0: the extras alone)")
@@ -192,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.recon_target == "keyframe":
         if args.encoder != "keypoints":
             raise SystemExit("--recon-target keyframe needs --encoder keypoints")
-        pixel_decoder = KeypointDecoder(width // 2, size, sigma=args.kp_sigma)
+        pixel_decoder = KeypointDecoder(width // 2, size, sigma=args.kp_sigma, mask=args.kp_mask, block=args.patch)
     if args.state_weight:
         if "state" not in train:
             raise SystemExit("--state-weight needs shards with a `state` (the push world has one)")

@@ -174,3 +174,23 @@ def test_keypoint_decoder_draws_each_keypoint_where_it_is_and_its_loss_reaches_t
     assert encoder.head.score[1].weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="recon_sigma must be > 0"):
         KeypointDecoder(keypoints=2, size=16, sigma=0.0)
+
+
+def test_keypoint_decoder_blanks_whole_blocks_of_the_reference_at_the_asked_rate():
+    """model.recon_mask: each reference loses about that fraction of its block x block squares (set to 0, grey in
+    [-1, 1]), whole squares only, a different draw per frame; the rest of the reference is untouched; 0 blanks
+    nothing and a fraction outside [0, 1) is refused."""
+    torch.manual_seed(0)
+    reference = torch.rand(64, 3, 32, 32) + 0.5  # no pixel is 0 before blanking
+    blanked = KeypointDecoder(keypoints=2, size=32, mask=0.5, block=8).blank(reference)
+    zero = blanked == 0  # [64, 3, 32, 32]
+    squares = zero[:, 0].unflatten(1, (4, 8)).unflatten(3, (4, 8))  # [64, 4, 8, 4, 8]
+    per_square = squares.float().mean((2, 4))  # [64, 4, 4]: each square is all blanked or none of it
+    assert set(per_square.unique().tolist()) == {0.0, 1.0}
+    assert 0.4 < per_square.mean() < 0.6  # about half of 64 * 16 squares
+    assert (zero.all(1) == zero.any(1)).all()  # every channel of a pixel alike
+    assert not torch.equal(per_square[0], per_square[1])  # each frame its own draw
+    assert torch.equal(blanked[~zero], reference[~zero])
+    assert torch.equal(KeypointDecoder(keypoints=2, size=32).blank(reference), reference)
+    with pytest.raises(ValueError, match="recon_mask must be in"):
+        KeypointDecoder(keypoints=2, size=32, mask=1.0)

@@ -113,11 +113,22 @@ class KeypointDecoder(nn.Module):
     world its keypoints track no better after training than at initialisation; docs/results.md).
     """
 
-    def __init__(self, keypoints: int, size: int, sigma: float = 0.1, width: int = 32, in_chans: int = CHANNELS):
+    def __init__(
+        self,
+        keypoints: int,
+        size: int,
+        sigma: float = 0.1,
+        width: int = 32,
+        in_chans: int = CHANNELS,
+        mask: float = 0.0,
+        block: int = 8,
+    ):
         super().__init__()
         if sigma <= 0:
             raise ValueError(f"model.recon_sigma must be > 0 (a Gaussian's width in [-1, 1] coordinates), got {sigma}")
-        self.sigma = sigma
+        if not 0.0 <= mask < 1.0:
+            raise ValueError(f"model.recon_mask must be in [0, 1) (fraction of squares blanked), got {mask}")
+        self.sigma, self.mask, self.block = sigma, mask, block
         self.register_buffer("axis", torch.linspace(-1.0, 1.0, size), persistent=False)  # pixel centres, [size]
         layers, channels = [], keypoints + in_chans
         for _ in range(3):
@@ -135,8 +146,20 @@ class KeypointDecoder(nn.Module):
         """keypoints [M, K, 2], reference frames float [M, C, size, size] -> rebuilt frames [M, C, size, size]."""
         return reference + self.net(torch.cat([self.maps(keypoints.float()), reference.float()], dim=1))
 
+    def blank(self, reference: Tensor) -> Tensor:
+        """Reference frames [M, C, H, W] with a random `mask` fraction of their block x block squares set to 0 (grey),
+        each frame its own draw: what the reference cannot show, the keypoints must place (a still object too)."""
+        if self.mask == 0.0:
+            return reference
+        m, _, h, w = reference.shape
+        rows, cols = -(-h // self.block), -(-w // self.block)
+        keep = torch.rand(m, 1, rows, cols, device=reference.device) >= self.mask  # [M, 1, rows, cols]
+        keep = keep.repeat_interleave(self.block, 2).repeat_interleave(self.block, 3)[..., :h, :w]
+        return reference * keep
+
     def loss(self, embedding: Tensor, x: Tensor) -> Tensor:
-        """Mean squared error of rebuilding frames 1..T-1 of each clip from its frame 0 (the reference).
+        """Mean squared error of rebuilding frames 1..T-1 of each clip from its frame 0 (the reference), blanked in
+        part when `mask` > 0.
 
         embedding: the keypoint head's output [B, T, 1, 2K] (x0, y0, x1, y1, ...); x: frames float [B, T, C, H, W]
         (`preprocess`) -> scalar.
@@ -144,7 +167,7 @@ class KeypointDecoder(nn.Module):
         frames = x[:, 1:].float()  # [B, T-1, C, H, W]
         reference = x[:, :1].float().expand_as(frames)
         keypoints = embedding[:, 1:, 0].unflatten(-1, (-1, 2))  # [B, T-1, K, 2]
-        rebuilt = self(keypoints.flatten(0, 1), reference.flatten(0, 1))
+        rebuilt = self(keypoints.flatten(0, 1), self.blank(reference.flatten(0, 1)))
         return F.mse_loss(rebuilt, frames.flatten(0, 1))
 
 

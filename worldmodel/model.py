@@ -83,7 +83,9 @@ class WorldModel(nn.Module):
                     f"model.recon_weight={cfg.recon_weight} rebuilds frames from keypoints; it needs "
                     f"model.frame_head=keypoints and model.granularity=frame (got {cfg.frame_head}, {cfg.granularity})"
                 )
-            self.decoder = KeypointDecoder(cfg.frame_dim // 2, cfg.img_size, cfg.recon_sigma)
+            self.decoder = KeypointDecoder(
+                cfg.frame_dim // 2, cfg.img_size, cfg.recon_sigma, mask=cfg.recon_mask, block=cfg.patch_size
+            )
         elif cfg.recon_weight < 0:
             raise ValueError(f"model.recon_weight must be >= 0, got {cfg.recon_weight}")
 

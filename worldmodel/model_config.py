@@ -60,6 +60,9 @@ class ModelConfig:
     # what moves. Its weight in the loss (0 = off) and the maps' width in [-1, 1] image coordinates.
     recon_weight: float = 0.0
     recon_sigma: float = 0.1
+    # The fraction of the first frame's patch-sized squares blanked before the decoder sees it (a fresh draw for every
+    # rebuilt frame): what the reference cannot show, a still object too, the keypoints must place. 0 = none.
+    recon_mask: float = 0.0
     depth: int = 6  # encoder blocks
     num_heads: int = 3
     pred_dim: int = 192  # predictor width
