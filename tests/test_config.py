@@ -108,3 +108,5 @@ def test_recon_weight_needs_the_keypoint_head_and_a_non_negative_weight():
         WorldModel(ModelConfig(**small, recon_weight=1.0))
     with pytest.raises(ValueError, match="recon_weight must be >= 0"):
         WorldModel(ModelConfig(**small, frame_head="keypoints", recon_weight=-1.0))
+    with pytest.raises(ValueError, match="recon_mask=0.5 blanks the reconstruction's reference, which is off"):
+        WorldModel(ModelConfig(**small, frame_head="keypoints", recon_mask=0.5))

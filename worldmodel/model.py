@@ -88,6 +88,11 @@ class WorldModel(nn.Module):
             )
         elif cfg.recon_weight < 0:
             raise ValueError(f"model.recon_weight must be >= 0, got {cfg.recon_weight}")
+        elif cfg.recon_mask != 0:
+            raise ValueError(
+                f"model.recon_mask={cfg.recon_mask} blanks the reconstruction's reference, which is off: set "
+                "model.recon_weight > 0 (with model.frame_head=keypoints) or drop model.recon_mask"
+            )
 
     # ---- encoders -------------------------------------------------------------------------------------------
 
