@@ -9,11 +9,13 @@ is finished (train.py exits 75 when a signal stopped it, which stops the benchma
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+from data_pipeline.simulated import world_version
 from worldmodel.evaluation.runner import evaluated_final
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,10 +57,17 @@ def ensure_data(
 ) -> None:
     """Generate a built-in world's shards into data_dir/{train,val} unless they exist: `world` "digits" (stochastic
     moving digits; `still`: the diagnostic variant where digits rest and a kick is a one-frame jump) or "push"
-    (an agent pushing an object, `make_push_world`)."""
-    if (data_dir / "val" / "index.json").exists():
-        return
+    (an agent pushing an object, `make_push_world`). Existing data written by another version of the world's rules
+    is refused with a message rather than silently measured."""
     module = "data_pipeline.make_push_world" if world == "push" else "data_pipeline.make_moving_digits"
+    if (data_dir / "val" / "index.json").exists():
+        expected, found = importlib.import_module(module).VERSION, world_version(data_dir)
+        if found != expected:
+            raise SystemExit(
+                f"{data_dir} holds version {found} of {module}, but this code writes version {expected} (the world's "
+                f"rules changed). Delete {data_dir} to have it regenerated, or pass --data with another folder."
+            )
+        return
     run([
         sys.executable, "-m", module, "--output", str(data_dir),
         "--num-videos", str(num_videos), "--val-videos", str(val_videos), "--seed", str(seed),

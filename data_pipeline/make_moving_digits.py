@@ -40,6 +40,7 @@ from data_pipeline.write_shards import WriteSummary
 
 CANVAS = 64
 DIGIT_SIZE = 20
+VERSION = 1  # of the world's rules (data_pipeline/simulated.py world.json)
 MIN_SPEED, MAX_SPEED = 1.5, 3.5  # px/frame
 MIN_TURN = np.pi / 3  # a kick turns the velocity by at least 60 degrees
 MIN_JUMP, MAX_JUMP = 3.0, 6.0  # px: a kick's displacement in `still` videos
@@ -264,6 +265,7 @@ def make_moving_digits(
         kick_prob=kick_prob,
         digits=bank,
         still=still,
+        version=VERSION,
         subpixel=subpixel,
     )
 

@@ -14,9 +14,11 @@ Dynamics, per transition t -> t+1 (SUBSTEPS integration steps of 1/SUBSTEPS fram
 
     intent   with probability `intent_prob` the policy picks a new commanded velocity a (else it keeps a_t):
              towards the object (probability TOWARD_OBJECT), in a random direction, or standing still (STOP_PROB),
-             at a speed drawn from [MIN_SPEED, MAX_SPEED] px/frame
-    agent    v <- v + RESPONSE * (a - v) (a first-order response: the agent accelerates towards a),
-             p <- p + v; it stops at the walls
+             at a speed drawn from [MIN_SPEED, MAX_SPEED] px/frame, and at least MIN_CHANGE px/frame from a_t
+    agent    v <- v + RESPONSE * (a - v) (RESPONSE = 1: the agent takes its new velocity at once, so a change of
+             intent moves it off its straight path by ~1.8 px at the 32-px training resolution in the very next
+             frame, like a kick of the moving digits; a slower response spreads it sub-pixel over frames that no
+             encoder at 32 px resolves), p <- p + v; it stops at the walls
     object   p <- p + v, v <- FRICTION * v; reflected at the walls with RESTITUTION
     contact  where the discs overlap the object is moved out along the normal and takes the agent's normal
              velocity (the agent is much heavier than the object)
@@ -39,14 +41,16 @@ from scipy import ndimage
 from data_pipeline.simulated import FPS, report, world_parser, write_world
 from data_pipeline.write_shards import WriteSummary
 
+VERSION = 2  # of the world's rules (data_pipeline/simulated.py world.json); 2: RESPONSE 1, faster, MIN_CHANGE
 CANVAS = 64
 AGENT_R, OBJECT_R = 4.5, 6.0  # px
 AGENT_RGB = np.array([0.15, 0.35, 1.0], dtype=np.float32)
 OBJECT_RGB = np.array([1.0, 0.55, 0.1], dtype=np.float32)
-MIN_SPEED, MAX_SPEED = 1.0, 3.0  # px/frame of a commanded velocity
+MIN_SPEED, MAX_SPEED = 2.0, 4.0  # px/frame of a commanded velocity
+MIN_CHANGE = 2.0  # px/frame: a new intent's commanded velocity differs from the last one by at least this much
 TOWARD_OBJECT, STOP_PROB = 0.6, 0.1  # a new intent heads for the object / stands still with these probabilities
-RESPONSE = 0.5  # per frame: the agent closes half the gap to its commanded velocity
-FRICTION = 0.85  # per frame: the object's velocity factor
+RESPONSE = 1.0  # per frame: the fraction of the gap to its commanded velocity the agent closes (1: at once)
+FRICTION = 0.9  # per frame: the object's velocity factor
 RESTITUTION = 0.6  # the object's bounce off a wall
 SUBSTEPS = 4
 
@@ -87,8 +91,20 @@ def render(background: np.ndarray, agent: np.ndarray, obj: np.ndarray) -> np.nda
     return np.round(image * 255).astype(np.uint8)
 
 
-def _new_intent(rng: np.random.Generator, agent: np.ndarray, obj: np.ndarray) -> np.ndarray:
-    """A commanded velocity [2]: towards the object, in a random direction, or zero."""
+def _new_intent(
+    rng: np.random.Generator, agent: np.ndarray, obj: np.ndarray, last: np.ndarray | None = None
+) -> np.ndarray:
+    """A commanded velocity [2]: towards the object, in a random direction, or zero; at least MIN_CHANGE px/frame
+    away from `last` (the intent it replaces), so that every change of intent shows in the next frame (redrawn up to
+    ten times; the tenth draw is kept)."""
+    for _ in range(10):
+        action = _draw_intent(rng, agent, obj)
+        if last is None or float(np.hypot(*(action - last))) >= MIN_CHANGE:
+            break
+    return action
+
+
+def _draw_intent(rng: np.random.Generator, agent: np.ndarray, obj: np.ndarray) -> np.ndarray:
     draw = rng.random()
     if draw < STOP_PROB:
         return np.zeros(2)
@@ -166,7 +182,7 @@ def simulate(num_frames: int, rng: np.random.Generator, intent_prob: float = 0.1
     for _ in range(num_frames - 1):
         changed = rng.random() < intent_prob
         if changed:
-            action = _new_intent(rng, pa, po)
+            action = _new_intent(rng, pa, po, action)
         touching = _touching(pa, po)
         pa, va, po, vo = _step(pa, va, po, vo, action)
         states.append(np.concatenate([pa, va, po, vo]))
@@ -215,6 +231,7 @@ def make_push_world(
         progress=progress,
         num_frames=num_frames,
         intent_prob=intent_prob,
+        version=VERSION,
     )
 
 

@@ -3,12 +3,15 @@
 `write_world(output, simulate, ...)` calls `simulate(rng=..., **kwargs) -> (frames uint8 [T, H, W, 3], metadata)`
 once per video, encodes each video with H.264 (a short GOP for cheap random access, near-lossless) and writes
 OUTPUT/train/ and OUTPUT/val/ shards. Train uses the generator seeded [seed, 0], val [seed, 1]: the same seed gives
-the same frames and metadata.
+the same frames and metadata. OUTPUT/world.json names the generator, its VERSION (raised whenever the world's rules
+change, so data written by an older one is not mistaken for today's) and the seed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -57,10 +60,12 @@ def write_world(
     val_videos: int | None = None,
     samples_per_shard: int = 100,
     progress: bool = True,
+    version: int = 1,
     **simulate_kwargs,
 ) -> dict[str, WriteSummary]:
     """Generate `num_videos` training and `val_videos` (default num_videos // 10, at least 1) held-out videos with
-    `simulate` into OUTPUT/train/ and OUTPUT/val/; returns the write summary per split."""
+    `simulate` into OUTPUT/train/ and OUTPUT/val/, and OUTPUT/world.json ({"generator": simulate's module,
+    "version": version, "seed": seed}); returns the write summary per split."""
     counts = {"train": num_videos, "val": max(1, num_videos // 10) if val_videos is None else val_videos}
     summaries = {}
     for split_id, (split, count) in enumerate(counts.items()):
@@ -72,4 +77,15 @@ def write_world(
             total=count,
             progress=progress,
         )
+    module = sys.modules.get(simulate.__module__)  # run as `python -m`, the module is __main__; its spec names it
+    generator = getattr(getattr(module, "__spec__", None), "name", None) or simulate.__module__
+    stamp = {"generator": generator, "version": version, "seed": seed}
+    (Path(output) / "world.json").write_text(json.dumps(stamp) + "\n")
     return summaries
+
+
+def world_version(data_dir: str | Path) -> int:
+    """The VERSION of the generator that wrote DATA_DIR (its world.json); 1 where there is none (data written before
+    worlds were versioned)."""
+    stamp = Path(data_dir) / "world.json"
+    return int(json.loads(stamp.read_text())["version"]) if stamp.exists() else 1

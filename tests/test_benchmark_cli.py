@@ -1,7 +1,13 @@
-"""The benchmark scripts' command lines: key=value overrides may stand anywhere, even after a multi-value option."""
+"""The benchmark scripts' command lines (key=value overrides may stand anywhere, even after a multi-value option)
+and their data (a world written by another version of its rules is refused)."""
+
+import json
+
+import pytest
 
 from benchmarks import adassl_vs_jepa, beta_sweep
-from benchmarks.runs import parse_with_overrides
+from benchmarks.runs import ensure_data, parse_with_overrides
+from data_pipeline.make_push_world import VERSION
 
 
 def test_overrides_after_a_multi_value_option_are_not_read_as_its_values():
@@ -19,3 +25,14 @@ def test_beta_sweep_takes_overrides_after_its_betas_and_options_written_with_equ
     assert args.betas == [0.004, 0.008]
     assert str(args.out) == "runs/x"
     assert args.overrides == ["model.beta=1e-4", "model.rollout_steps=2"]
+
+
+def test_data_written_by_another_version_of_a_world_is_refused_not_measured(tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+        (tmp_path / split / "index.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"version 1 of data_pipeline.make_push_world.*Delete"):
+        ensure_data(tmp_path, num_videos=4, val_videos=1, world="push")  # no world.json: written before version 2
+    (tmp_path / "world.json").write_text(json.dumps({"generator": "data_pipeline.make_push_world", "version": VERSION}))
+    ensure_data(tmp_path, num_videos=4, val_videos=1, world="push")  # today's version: used as it is
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train", "val", "world.json"]

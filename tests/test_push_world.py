@@ -8,7 +8,15 @@ import tarfile
 import numpy as np
 
 from data_pipeline.decoders import get_decoder
-from data_pipeline.make_push_world import AGENT_RGB, OBJECT_R, OBJECT_RGB, make_push_world, simulate
+from data_pipeline.make_push_world import (
+    AGENT_RGB,
+    MIN_CHANGE,
+    OBJECT_R,
+    OBJECT_RGB,
+    VERSION,
+    make_push_world,
+    simulate,
+)
 
 
 def _centroid(frame: np.ndarray, rgb: np.ndarray) -> np.ndarray:
@@ -51,6 +59,23 @@ def test_the_agent_and_the_object_are_where_the_state_says():
                 assert np.abs(obj - state[t, 4:6]).max() < 0.3, (t, obj, state[t, 4:6])
 
 
+def test_a_change_of_intent_shows_in_the_next_frame():
+    """The agent leaves its straight path right after a change of intent (the event AdaSSL's latent must explain),
+    and hardly otherwise: the commanded velocity jumps by at least MIN_CHANGE and the agent follows at once."""
+    rng = np.random.default_rng(2)
+    jumps, off_path = [], {0: [], 1: []}
+    for _ in range(20):
+        _, meta = simulate(32, rng)
+        actions, changed = np.array(meta["action"]), np.array(meta["intent_changes"])
+        jumps += list(np.hypot(*(actions[1:] - actions[:-1]).T)[changed[1:] == 1])
+        pos = np.array(meta["state"])[:, :2]
+        deviation = np.hypot(*(pos[2:] - 2 * pos[1:-1] + pos[:-2]).T)  # from constant velocity, t -> t+1
+        for flag, d in zip(changed[1:], deviation, strict=True):
+            off_path[int(flag)].append(d)
+    assert len(jumps) > 20 and np.mean(np.array(jumps) >= MIN_CHANGE) > 0.95
+    assert np.mean(off_path[1]) > 2.0 and np.mean(off_path[0]) < 0.3, {k: np.mean(v) for k, v in off_path.items()}
+
+
 def test_the_agent_pushes_the_object():
     rng = np.random.default_rng(0)
     moved = 0
@@ -65,6 +90,8 @@ def test_shards_decode_to_the_simulated_positions(tmp_path):
     make_push_world(tmp_path, 2, seed=0, val_videos=1, num_frames=12, progress=False)
     index = json.loads((tmp_path / "train" / "index.json").read_text())
     assert index["total_samples"] == 2
+    stamp = json.loads((tmp_path / "world.json").read_text())
+    assert stamp == {"generator": "data_pipeline.make_push_world", "version": VERSION, "seed": 0}
     with tarfile.open(tmp_path / "train" / "shard-000000.tar") as tar:
         members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
     meta = json.loads(members["train_0000000.json"])
