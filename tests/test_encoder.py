@@ -149,6 +149,32 @@ def test_keypoint_head_returns_the_expected_grid_position_of_each_keypoint():
         FrameEncoder(ModelConfig(img_size=32, patch_size=8, granularity="tokens", frame_head="keypoints"))
 
 
+def test_keypoint_sub_cells_place_a_keypoint_inside_its_patch():
+    """model.keypoint_cells: each token scores cells x cells sub-cells of its patch, so a keypoint can sit anywhere
+    on the fine grid: the sub-cell (row 3, column 5) of the patch at row 1, column 2 is grid cell (11, 21) of 32,
+    pixel-aligned at cells = patch size; the encoder still gives [B, T, 1, dim]."""
+    head = SpatialSoftmaxHead(embed_dim=8, side=4, dim=4, cells=8)
+    with torch.no_grad():  # after the layer norm, only keypoint 0's sub-cell (3, 5) scores feature 0
+        head.score[1].weight.zero_()
+        head.score[1].bias.zero_()
+        head.score[1].weight[0 * 64 + 3 * 8 + 5, 0] = 60.0
+    tokens = torch.zeros(1, 16, 8)
+    tokens[0, :, 1] = 1.0
+    tokens[0, 1 * 4 + 2, 0] = 5.0
+    coords = head(tokens)[0]
+    axis = torch.linspace(-1.0, 1.0, 32)  # the decoder's pixel centres at 32 px
+    assert torch.allclose(coords[:2], torch.stack([axis[2 * 8 + 5], axis[1 * 8 + 3]]), atol=1e-3)
+    assert torch.allclose(coords[2:], torch.zeros(2), atol=1e-6)  # a flat score: the grid's centre
+
+    cfg = ModelConfig(
+        img_size=32, patch_size=8, embed_dim=96, depth=1, num_heads=3, frame_head="keypoints", keypoint_cells=4
+    )
+    out = FrameEncoder(cfg)(torch.rand(2, 3, 3, 32, 32) * 2 - 1)
+    assert out.shape == (2, 3, 1, cfg.frame_dim) and out.abs().max() <= 1.0
+    with pytest.raises(ValueError, match="keypoint_cells must be >= 1"):
+        SpatialSoftmaxHead(embed_dim=8, side=4, dim=4, cells=0)
+
+
 def test_keypoint_decoder_draws_each_keypoint_where_it_is_and_its_loss_reaches_the_keypoint_scores():
     """model.recon_weight: a keypoint's Gaussian map peaks at its (x = column, y = row) pixel; an untrained decoder
     returns the reference plus a small change; the loss of rebuilding frames 1.. from frame 0 is finite and its

@@ -86,20 +86,35 @@ def output_shape(cfg: ModelConfig) -> tuple[int, int]:
 class SpatialSoftmaxHead(nn.Module):
     """Keypoints from a patch grid (the spatial softmax of deep spatial autoencoders, Finn et al. 2016): tokens
     [M, side * side, D] (row-major patch grid) -> [M, dim], the expected (x, y) in [-1, 1] of dim / 2 keypoints,
-    each a softmax over the grid of a learned score (x = column, y = row; pairs x0, y0, x1, y1, ...)."""
+    each a softmax over a grid of learned scores (x = column, y = row; pairs x0, y0, x1, y1, ...).
 
-    def __init__(self, embed_dim: int, side: int, dim: int):
+    `cells` > 1 splits every patch into cells x cells sub-cells, each token scoring its own sub-cells (a linear map
+    to dim / 2 * cells^2 scores, laid out like a pixel shuffle), so the softmax runs over a (side * cells)^2 grid.
+    With one score per patch (cells = 1) an expected position moves in steps as a disc crosses a patch: on the push
+    world it tracked the agent (R² 0.97) but its frame-to-frame change was noise (a constant-velocity guess no
+    better than copying), so no predictor could extrapolate the motion (docs/results.md, "The push world").
+    """
+
+    def __init__(self, embed_dim: int, side: int, dim: int, cells: int = 1):
         super().__init__()
         if dim % 2:
             raise ValueError(f"model.frame_head=keypoints needs an even model.frame_dim (x, y per keypoint), got {dim}")
-        self.score = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, dim // 2))
-        axis = torch.linspace(-1.0, 1.0, side)
+        if cells < 1:
+            raise ValueError(f"model.keypoint_cells must be >= 1 (sub-cells per patch side), got {cells}")
+        self.side, self.cells, self.keypoints = side, cells, dim // 2
+        self.score = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, self.keypoints * cells * cells))
+        axis = torch.linspace(-1.0, 1.0, side * cells)
         ys, xs = torch.meshgrid(axis, axis, indexing="ij")
-        self.register_buffer("grid", torch.stack([xs, ys], -1).reshape(-1, 2), persistent=False)  # [side * side, 2]
+        self.register_buffer("grid", torch.stack([xs, ys], -1).reshape(-1, 2), persistent=False)  # [G * G, 2]
 
     def forward(self, tokens: Tensor) -> Tensor:
         """tokens [M, N, D] -> keypoint coordinates [M, dim]."""
-        attention = self.score(tokens).float().softmax(dim=1)  # [M, N, K], a distribution over the grid per keypoint
+        scores = self.score(tokens).float()  # [M, N, K * cells * cells]
+        if self.cells > 1:  # patch (i, j), sub-cell (u, v) -> grid cell (i * cells + u, j * cells + v)
+            scores = rearrange(
+                scores, "m (i j) (k u v) -> m (i u j v) k", i=self.side, k=self.keypoints, u=self.cells, v=self.cells
+            )
+        attention = scores.softmax(dim=1)  # [M, G * G, K], a distribution over the grid per keypoint
         return torch.einsum("mnk,nc->mkc", attention, self.grid).flatten(1).to(tokens.dtype)
 
 
@@ -190,7 +205,9 @@ class FrameEncoder(nn.Module):
                 "the patch tokens are the latents (set model.granularity=frame or drop model.frame_head)"
             )
         if cfg.granularity == "frame" and cfg.frame_head == "keypoints":
-            self.head = SpatialSoftmaxHead(cfg.embed_dim, cfg.img_size // cfg.patch_size, cfg.frame_dim)
+            self.head = SpatialSoftmaxHead(
+                cfg.embed_dim, cfg.img_size // cfg.patch_size, cfg.frame_dim, cells=cfg.keypoint_cells
+            )
         elif cfg.granularity == "frame":
             patches = (cfg.img_size // cfg.patch_size) ** 2
             self.head = nn.Sequential(

@@ -55,6 +55,9 @@ class ModelConfig:
     # agent moves over a large static background, where the linear head keeps the background and loses the agent).
     # A JEPA loss alone leaves the keypoints where initialisation put them: pair it with recon_weight below.
     frame_head: FrameHead = "linear"
+    # keypoints: each patch scores keypoint_cells x keypoint_cells sub-cells, so positions move smoothly inside a
+    # patch instead of in patch-sized steps (1 = one score per patch)
+    keypoint_cells: int = 1
     # Conditional reconstruction through the keypoints (frame_head keypoints only; encoder.KeypointDecoder): frame t
     # is rebuilt from the clip's first frame and Gaussian maps of frame t's keypoints, which points the keypoints at
     # what moves. Its weight in the loss (0 = off) and the maps' width in [-1, 1] image coordinates.
