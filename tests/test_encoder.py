@@ -150,20 +150,24 @@ def test_keypoint_head_returns_the_expected_grid_position_of_each_keypoint():
 
 
 def test_keypoint_sub_cells_place_a_keypoint_inside_its_patch():
-    """model.keypoint_cells: each token scores cells x cells sub-cells of its patch, so a keypoint can sit anywhere
-    on the fine grid: the sub-cell (row 3, column 5) of the patch at row 1, column 2 is grid cell (11, 21) of 32,
-    pixel-aligned at cells = patch size; the encoder still gives [B, T, 1, dim]."""
+    """model.keypoint_cells: the patch's softmax picks the patch, a softmax over its cells x cells sub-cells the
+    offset from the patch centre: sub-cell (row 3, column 5) of 8 in the patch at row 1, column 2 lies (0.1875,
+    -0.0625) patch spacings from its centre. Untrained sub-cell scores give no offset (the one-score head)."""
     head = SpatialSoftmaxHead(embed_dim=8, side=4, dim=4, cells=8)
-    with torch.no_grad():  # after the layer norm, only keypoint 0's sub-cell (3, 5) scores feature 0
-        head.score[1].weight.zero_()
-        head.score[1].bias.zero_()
-        head.score[1].weight[0 * 64 + 3 * 8 + 5, 0] = 60.0
     tokens = torch.zeros(1, 16, 8)
     tokens[0, :, 1] = 1.0
-    tokens[0, 1 * 4 + 2, 0] = 5.0
+    tokens[0, 1 * 4 + 2, 0] = 5.0  # every token alike but for feature 0 of the patch at row 1, column 2
+    with torch.no_grad():  # after the layer norm, keypoint 0 scores feature 0, keypoint 1 nothing (uniform)
+        head.score[1].weight.zero_()
+        head.score[1].bias.zero_()
+        head.score[1].weight[0, 0] = 60.0
+    centre = torch.tensor([1.0 / 3.0, -1.0 / 3.0])
+    assert torch.allclose(head(tokens)[0, :2], centre, atol=1e-3)  # sub-cells untrained: the patch centre
+    with torch.no_grad():
+        head.sub_score[1].weight[0 * 64 + 3 * 8 + 5, 0] = 60.0
     coords = head(tokens)[0]
-    axis = torch.linspace(-1.0, 1.0, 32)  # the decoder's pixel centres at 32 px
-    assert torch.allclose(coords[:2], torch.stack([axis[2 * 8 + 5], axis[1 * 8 + 3]]), atol=1e-3)
+    spacing = 2.0 / 3.0
+    assert torch.allclose(coords[:2], centre + torch.tensor([0.1875, -0.0625]) * spacing, atol=1e-3)
     assert torch.allclose(coords[2:], torch.zeros(2), atol=1e-6)  # a flat score: the grid's centre
 
     cfg = ModelConfig(

@@ -86,13 +86,16 @@ def output_shape(cfg: ModelConfig) -> tuple[int, int]:
 class SpatialSoftmaxHead(nn.Module):
     """Keypoints from a patch grid (the spatial softmax of deep spatial autoencoders, Finn et al. 2016): tokens
     [M, side * side, D] (row-major patch grid) -> [M, dim], the expected (x, y) in [-1, 1] of dim / 2 keypoints,
-    each a softmax over a grid of learned scores (x = column, y = row; pairs x0, y0, x1, y1, ...).
+    each a softmax over the grid of a learned score (x = column, y = row; pairs x0, y0, x1, y1, ...).
 
-    `cells` > 1 splits every patch into cells x cells sub-cells, each token scoring its own sub-cells (a linear map
-    to dim / 2 * cells^2 scores, laid out like a pixel shuffle), so the softmax runs over a (side * cells)^2 grid.
-    With one score per patch (cells = 1) an expected position moves in steps as a disc crosses a patch: on the push
-    world it tracked the agent (R² 0.97) but its frame-to-frame change was noise (a constant-velocity guess no
-    better than copying), so no predictor could extrapolate the motion (docs/results.md, "The push world").
+    `cells` > 1 adds where inside its patch each keypoint lies: every token also scores cells x cells sub-cells of
+    its own patch, and a softmax over them gives an offset from the patch centre (up to half the patch spacing), so
+    keypoint = sum over patches of p_patch * (centre + offset). The offsets start at zero (uniform sub-cell scores),
+    so at initialisation the head is the one-score-per-patch head. Without them an expected position moves in steps
+    as a disc crosses a patch: on the push world it tracked the agent (R² 0.97) but its frame-to-frame change was
+    noise (a constant-velocity guess no better than copying), so no predictor could extrapolate the motion
+    (docs/results.md, "The push world"). One softmax over the whole fine grid instead stays diffuse for hundreds
+    of steps (keypoints at the centre, tracking nothing).
     """
 
     def __init__(self, embed_dim: int, side: int, dim: int, cells: int = 1):
@@ -101,21 +104,33 @@ class SpatialSoftmaxHead(nn.Module):
             raise ValueError(f"model.frame_head=keypoints needs an even model.frame_dim (x, y per keypoint), got {dim}")
         if cells < 1:
             raise ValueError(f"model.keypoint_cells must be >= 1 (sub-cells per patch side), got {cells}")
-        self.side, self.cells, self.keypoints = side, cells, dim // 2
-        self.score = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, self.keypoints * cells * cells))
-        axis = torch.linspace(-1.0, 1.0, side * cells)
+        self.cells, self.keypoints = cells, dim // 2
+        self.score = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, self.keypoints))
+        axis = torch.linspace(-1.0, 1.0, side)
         ys, xs = torch.meshgrid(axis, axis, indexing="ij")
-        self.register_buffer("grid", torch.stack([xs, ys], -1).reshape(-1, 2), persistent=False)  # [G * G, 2]
+        self.register_buffer("grid", torch.stack([xs, ys], -1).reshape(-1, 2), persistent=False)  # [side * side, 2]
+        self.sub_score = None
+        if cells > 1:
+            self.sub_score = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, self.keypoints * cells**2))
+            nn.init.zeros_(self.sub_score[1].weight)
+            nn.init.zeros_(self.sub_score[1].bias)
+            spacing = 2.0 / max(side - 1, 1)  # between neighbouring patch centres
+            sub = (torch.arange(cells) + 0.5) / cells - 0.5  # sub-cell centres in (-1/2, 1/2)
+            sy, sx = torch.meshgrid(sub, sub, indexing="ij")
+            self.register_buffer("sub_grid", torch.stack([sx, sy], -1).reshape(-1, 2) * spacing, persistent=False)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """tokens [M, N, D] -> keypoint coordinates [M, dim]."""
-        scores = self.score(tokens).float()  # [M, N, K * cells * cells]
-        if self.cells > 1:  # patch (i, j), sub-cell (u, v) -> grid cell (i * cells + u, j * cells + v)
-            scores = rearrange(
-                scores, "m (i j) (k u v) -> m (i u j v) k", i=self.side, k=self.keypoints, u=self.cells, v=self.cells
-            )
-        attention = scores.softmax(dim=1)  # [M, G * G, K], a distribution over the grid per keypoint
-        return torch.einsum("mnk,nc->mkc", attention, self.grid).flatten(1).to(tokens.dtype)
+        attention = self.score(tokens).float().softmax(dim=1)  # [M, N, K], a distribution over the grid per keypoint
+        where = self.grid[None, :, None, :]  # [1, N, 1, 2]: the patch centres
+        if self.sub_score is not None:  # [M, N, K, cells^2] -> offsets [M, N, K, 2]
+            inside = self.sub_score(tokens).float().unflatten(-1, (self.keypoints, -1)).softmax(dim=-1)
+            where = where + inside @ self.sub_grid
+        return (
+            torch.einsum("mnk,mnkc->mkc", attention, where.expand(len(tokens), -1, self.keypoints, -1))
+            .flatten(1)
+            .to(tokens.dtype)
+        )
 
 
 class KeypointDecoder(nn.Module):
