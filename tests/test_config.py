@@ -79,8 +79,9 @@ def test_a_run_config_written_before_removed_keys_still_loads():
 
 
 def test_push_config_points_at_the_push_world_and_its_keypoint_model_trains_a_step():
-    """configs/push.yaml: the demo recipe on the push world with the keypoint frame head and its conditional
-    reconstruction; one backward step reaches the keypoint scores (the head is not a dead end), the loss is finite."""
+    """configs/push.yaml: the demo recipe on the push world with the keypoint frame head (sub-cells too) and its
+    conditional reconstruction; one backward step reaches both kinds of keypoint scores (the head is not a dead end,
+    the zero-initialised sub-cell scores included), the loss is finite."""
     from worldmodel.model import WorldModel
 
     cfg = load_config(CONFIGS / "push.yaml", ["model.latent=none"])
@@ -93,8 +94,9 @@ def test_push_config_points_at_the_push_world_and_its_keypoint_model_trains_a_st
     out = model(frames)
     assert torch.isfinite(out["loss"])
     out["loss"].backward()
-    score = model.encoder.head.score[1].weight.grad
-    assert score is not None and score.abs().sum() > 0
+    for scores in (model.encoder.head.score, model.encoder.head.sub_score):  # the patch and the sub-cell scores
+        grad = scores[1].weight.grad
+        assert grad is not None and grad.abs().sum() > 0
     assert cfg.model.recon_weight > 0 and torch.isfinite(out["terms"]["recon"])  # the conditional reconstruction
 
 
