@@ -177,6 +177,8 @@ def test_keypoint_sub_cells_place_a_keypoint_inside_its_patch():
     assert out.shape == (2, 3, 1, cfg.frame_dim) and out.abs().max() <= 1.0
     with pytest.raises(ValueError, match="keypoint_cells must be >= 1"):
         SpatialSoftmaxHead(embed_dim=8, side=4, dim=4, cells=0)
+    with pytest.raises(ValueError, match="keypoint_cells=4 splits the keypoint head"):  # no silent no-op
+        FrameEncoder(ModelConfig(img_size=32, patch_size=8, embed_dim=96, depth=1, num_heads=3, keypoint_cells=4))
 
 
 def test_keypoint_decoder_draws_each_keypoint_where_it_is_and_its_loss_reaches_the_keypoint_scores():

@@ -219,6 +219,12 @@ class FrameEncoder(nn.Module):
                 f"model.frame_head={cfg.frame_head} is a head for model.granularity=frame; with granularity tokens "
                 "the patch tokens are the latents (set model.granularity=frame or drop model.frame_head)"
             )
+        if cfg.keypoint_cells != 1 and (cfg.granularity != "frame" or cfg.frame_head != "keypoints"):
+            raise ValueError(
+                f"model.keypoint_cells={cfg.keypoint_cells} splits the keypoint head's patches; it needs "
+                f"model.frame_head=keypoints and model.granularity=frame (got {cfg.frame_head}, {cfg.granularity}): "
+                "set them or drop model.keypoint_cells"
+            )
         if cfg.granularity == "frame" and cfg.frame_head == "keypoints":
             self.head = SpatialSoftmaxHead(
                 cfg.embed_dim, cfg.img_size // cfg.patch_size, cfg.frame_dim, cells=cfg.keypoint_cells
