@@ -52,11 +52,14 @@ def test_square_videos_give_the_same_frames_in_every_mode(backend, digits_shards
 
 
 def test_videos_stored_at_widths_decord_cannot_copy_are_read_through_pyav():
-    """decord2 3.4.0 fails to copy out frames 32 px wide (and 16, 24, 48, 96, 144): `write_shards --size 32` writes
-    such videos, so the decord backend reads them with pyav."""
+    """decord2 3.4.0 failed on some machines to copy out frames 32 px wide (and 16, 24, 48, 96, 144; on the machine
+    of 2026-12-02 it copies them): `write_shards --size 32` writes such videos, so where decord raises, the decord
+    backend reads them with pyav. Either way the stored frames come out exactly as pyav decodes them. (Compared at
+    the stored size: after a resize the two backends differ by their resampling, which on random pixels is large.)"""
     frames = np.random.default_rng(0).integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
     video = encode_h264(frames, 10.0)
-    a, b = (get_decoder(name).decode(video, [1, 4], size=16, aspect="crop") for name in BACKENDS)
+    a, b = (get_decoder(name).decode(video, [1, 4]) for name in BACKENDS)
+    assert a.shape == (2, 32, 32, 3)
     np.testing.assert_array_equal(a, b)
 
 
