@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from data_pipeline.stream import make_eval_loader
+from worldmodel.evaluation.collect import pool
 from worldmodel.evaluation.probes import auc, fit_ridge, split_clips
 from worldmodel.evaluation.runner import load_run
 
@@ -70,7 +71,7 @@ def collect(run: str, shards: str | None, num_clips: int) -> tuple[dict[str, np.
     loader = make_eval_loader(cfg.data, shards or cfg.data.val_shards, num_clips=num_clips, seed=0)
     target, state, events, names = [], [], [], None
     for batch in loader:
-        target.append(model.encode_target(batch["frames"]).mean(2).numpy())
+        target.append(pool(model.encode_target(batch["frames"])).numpy())
         if "state" in batch:
             state.append(batch["state"].numpy())
             names = batch.get("state_names") or names

@@ -104,7 +104,7 @@ class SpatialSoftmaxHead(nn.Module):
             raise ValueError(f"model.frame_head=keypoints needs an even model.frame_dim (x, y per keypoint), got {dim}")
         if cells < 1:
             raise ValueError(f"model.keypoint_cells must be >= 1 (sub-cells per patch side), got {cells}")
-        self.cells, self.keypoints = cells, dim // 2
+        self.keypoints = dim // 2
         self.score = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, self.keypoints))
         axis = torch.linspace(-1.0, 1.0, side)
         ys, xs = torch.meshgrid(axis, axis, indexing="ij")
