@@ -112,3 +112,29 @@ def test_recon_weight_needs_the_keypoint_head_and_a_non_negative_weight():
         WorldModel(ModelConfig(**small, frame_head="keypoints", recon_weight=-1.0))
     with pytest.raises(ValueError, match="recon_mask=0.5 blanks the reconstruction's reference, which is off"):
         WorldModel(ModelConfig(**small, frame_head="keypoints", recon_mask=0.5))
+
+
+def test_pred_trains_encoder_false_leaves_the_encoder_to_the_reconstruction():
+    """model.pred_trains_encoder=false: the prediction loss reaches the predictor but not the encoder, the
+    reconstruction still reaches the encoder; without a reconstruction the model refuses to build."""
+    from worldmodel.model import WorldModel
+
+    small = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 1, "num_heads": 3, "latent": "none"}
+    with pytest.raises(ValueError, match="pred_trains_encoder=false leaves the encoder only the reconstruction"):
+        WorldModel(ModelConfig(**small, frame_head="keypoints", pred_trains_encoder=False))
+    frames = torch.randint(0, 256, (2, 4, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+    def grad_sums(pred_trains_encoder: bool, term: str) -> tuple[float, float]:
+        torch.manual_seed(0)
+        cfg = ModelConfig(**small, frame_head="keypoints", recon_weight=1.0, pred_trains_encoder=pred_trains_encoder)
+        model = WorldModel(cfg)
+        model(frames)["terms"][term].backward()
+        return tuple(
+            sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
+            for module in (model.encoder, model.predictor)
+        )
+
+    assert grad_sums(True, "pred")[0] > 0  # by default the prediction loss trains the encoder too
+    encoder, predictor = grad_sums(False, "pred")
+    assert encoder == 0 and predictor > 0
+    assert grad_sums(False, "recon")[0] > 0

@@ -93,6 +93,11 @@ class WorldModel(nn.Module):
                 f"model.recon_mask={cfg.recon_mask} blanks the reconstruction's reference, which is off: set "
                 "model.recon_weight > 0 (with model.frame_head=keypoints) or drop model.recon_mask"
             )
+        if not cfg.pred_trains_encoder and self.decoder is None:
+            raise ValueError(
+                "model.pred_trains_encoder=false leaves the encoder only the reconstruction to learn from, which is "
+                "off: set model.recon_weight > 0 (with model.frame_head=keypoints) or drop model.pred_trains_encoder"
+            )
 
     # ---- encoders -------------------------------------------------------------------------------------------
 
@@ -150,6 +155,8 @@ class WorldModel(nn.Module):
             raise ValueError(f"a training clip needs at least 2 frames, got T={x.shape[1]}")
         raw = self.encoder(x)
         tokens = self.online_norm(raw)
+        if not cfg.pred_trains_encoder:  # the encoder learns from the reconstruction alone (on `raw`, below)
+            tokens = tokens.detach()
         if self.objective.ema_target:
             with torch.no_grad():
                 raw_target = self.target_encoder(x)

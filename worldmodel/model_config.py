@@ -66,6 +66,10 @@ class ModelConfig:
     # The fraction of the first frame's patch-sized squares blanked before the decoder sees it (a fresh draw for every
     # rebuilt frame): what the reference cannot show, a still object too, the keypoints must place. 0 = none.
     recon_mask: float = 0.0
+    # False: the prediction loss trains the predictor (and latent) only, on detached encoder outputs, and the encoder
+    # learns from the reconstruction alone, as in world models on a frozen encoder; needs recon_weight > 0. On the
+    # push world the prediction loss pulls the keypoints toward what stays still (docs/results.md, third round).
+    pred_trains_encoder: bool = True
     depth: int = 6  # encoder blocks
     num_heads: int = 3
     pred_dim: int = 192  # predictor width
