@@ -110,8 +110,14 @@ def test_recon_weight_needs_the_keypoint_head_and_a_non_negative_weight():
         WorldModel(ModelConfig(**small, recon_weight=1.0))
     with pytest.raises(ValueError, match="recon_weight must be >= 0"):
         WorldModel(ModelConfig(**small, frame_head="keypoints", recon_weight=-1.0))
-    with pytest.raises(ValueError, match="recon_mask=0.5 blanks the reconstruction's reference, which is off"):
+    with pytest.raises(
+        ValueError, match="recon_mask=0.5 and model.recon_sigma_start=0.0 shape the reconstruction, which is off"
+    ):
         WorldModel(ModelConfig(**small, frame_head="keypoints", recon_mask=0.5))
+    with pytest.raises(ValueError, match="recon_sigma_start=0.3 shape the reconstruction, which is off"):
+        WorldModel(ModelConfig(**small, frame_head="keypoints", recon_sigma_start=0.3))
+    with pytest.raises(ValueError, match="must be >= 0"):
+        WorldModel(ModelConfig(**small, frame_head="keypoints", recon_weight=1.0, recon_sigma_start=-0.3))
 
 
 def test_pred_trains_encoder_false_leaves_the_encoder_to_the_reconstruction():

@@ -226,3 +226,27 @@ def test_keypoint_decoder_blanks_whole_blocks_of_the_reference_at_the_asked_rate
     assert torch.equal(KeypointDecoder(keypoints=2, size=32).blank(reference), reference)
     with pytest.raises(ValueError, match="recon_mask must be in"):
         KeypointDecoder(keypoints=2, size=32, mask=1.0)
+
+
+def test_a_wide_keypoint_map_reaches_a_thing_far_from_the_keypoint_and_the_narrow_one_does_not():
+    """model.recon_sigma_start: the gradient on a keypoint's position says something about a moving thing only
+    where the keypoint's Gaussian map overlaps it. A blob appears in the far corner of the rebuilt frame: with the
+    final width (0.1, 1.6 px at 32 px) the keypoint's gradient is the same with and without it; with the wide
+    start (0.5, 8 px) it differs, so a keypoint can be pulled toward a thing from across the frame."""
+    torch.manual_seed(0)
+    decoder = KeypointDecoder(keypoints=1, size=32, sigma=0.1)
+    reference = torch.zeros(1, 3, 32, 32)
+    with_blob = reference.clone()
+    with_blob[..., 24:28, 24:28] = 1.0  # bottom right; the keypoint sits top left at (-0.6, -0.6)
+
+    def grad(sigma: float, frame: torch.Tensor) -> torch.Tensor:
+        decoder.set_sigma(sigma)
+        keypoint = torch.full((1, 1, 2), -0.6, requires_grad=True)
+        torch.nn.functional.mse_loss(decoder(keypoint, reference), frame).backward()
+        return keypoint.grad
+
+    assert torch.equal(grad(0.1, with_blob), grad(0.1, reference))
+    assert (grad(0.5, with_blob) - grad(0.5, reference)).abs().max() > 1e-6
+    assert decoder.width.item() == 0.5
+    with pytest.raises(ValueError, match="width must be > 0"):
+        decoder.set_sigma(0.0)

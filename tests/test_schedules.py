@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from worldmodel.schedules import beta_at, ema_momentum, lr_factor
+from worldmodel.schedules import beta_at, ema_momentum, lr_factor, recon_sigma_at
 
 
 def test_lr_warms_up_linearly_then_decays_to_min_lr():
@@ -44,3 +44,14 @@ def test_beta_is_exactly_zero_during_the_delay_then_ramps():
     assert beta_at(400, **kw) == pytest.approx(0.01)
     assert beta_at(300, beta=0.01, warmup_steps=0, delay_steps=300) == pytest.approx(0.01)
     assert beta_at(299, beta=0.01, warmup_steps=0, delay_steps=300) == 0.0
+
+
+def test_recon_sigma_falls_geometrically_from_the_start_to_the_final_width_then_stays():
+    """model.recon_sigma_start -> recon_sigma over recon_sigma_steps (geometric: halfway is the geometric mean),
+    the final width after that, and a constant width when the schedule is off (start 0 or steps 0)."""
+    assert recon_sigma_at(0, sigma=0.1, start=0.4, steps=100) == pytest.approx(0.4)
+    assert recon_sigma_at(50, sigma=0.1, start=0.4, steps=100) == pytest.approx(0.2)
+    assert recon_sigma_at(100, sigma=0.1, start=0.4, steps=100) == pytest.approx(0.1)
+    assert recon_sigma_at(5000, sigma=0.1, start=0.4, steps=100) == pytest.approx(0.1)
+    assert recon_sigma_at(0, sigma=0.1, start=0.0, steps=100) == 0.1
+    assert recon_sigma_at(0, sigma=0.1, start=0.4, steps=0) == 0.1

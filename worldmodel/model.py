@@ -86,12 +86,18 @@ class WorldModel(nn.Module):
             self.decoder = KeypointDecoder(
                 cfg.frame_dim // 2, cfg.img_size, cfg.recon_sigma, mask=cfg.recon_mask, block=cfg.patch_size
             )
+            if cfg.recon_sigma_start < 0 or cfg.recon_sigma_steps < 0:
+                raise ValueError(
+                    f"model.recon_sigma_start ({cfg.recon_sigma_start}) and model.recon_sigma_steps "
+                    f"({cfg.recon_sigma_steps}) must be >= 0 (0 = a constant model.recon_sigma)"
+                )
         elif cfg.recon_weight < 0:
             raise ValueError(f"model.recon_weight must be >= 0, got {cfg.recon_weight}")
-        elif cfg.recon_mask != 0:
+        elif cfg.recon_mask != 0 or cfg.recon_sigma_start != 0:
             raise ValueError(
-                f"model.recon_mask={cfg.recon_mask} blanks the reconstruction's reference, which is off: set "
-                "model.recon_weight > 0 (with model.frame_head=keypoints) or drop model.recon_mask"
+                f"model.recon_mask={cfg.recon_mask} and model.recon_sigma_start={cfg.recon_sigma_start} shape the "
+                "reconstruction, which is off: set model.recon_weight > 0 (with model.frame_head=keypoints) or drop "
+                "them"
             )
         if not cfg.pred_trains_encoder and self.decoder is None:
             raise ValueError(

@@ -63,6 +63,10 @@ class ModelConfig:
     # what moves. Its weight in the loss (0 = off) and the maps' width in [-1, 1] image coordinates.
     recon_weight: float = 0.0
     recon_sigma: float = 0.1
+    # coarse to fine (0 = off): the maps' width falls geometrically from recon_sigma_start to recon_sigma over the
+    # first recon_sigma_steps optimiser steps, so a keypoint far from a moving thing still gets pulled toward it
+    recon_sigma_start: float = 0.0
+    recon_sigma_steps: int = 0
     # The fraction of the first frame's patch-sized squares blanked before the decoder sees it (a fresh draw for every
     # rebuilt frame): what the reference cannot show, a still object too, the keypoints must place. 0 = none.
     recon_mask: float = 0.0

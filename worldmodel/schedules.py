@@ -1,4 +1,4 @@
-"""Schedules advanced by the global optimiser step: learning rate, EMA momentum, beta.
+"""Schedules advanced by the global optimiser step: learning rate, EMA momentum, beta, the keypoint maps' width.
 
 `step` is always the number of optimiser steps already taken (0 before the first one), so a run resumed at step s
 continues every schedule exactly where the interrupted run left it.
@@ -45,3 +45,17 @@ def beta_at(step: int, *, beta: float, warmup_steps: int, delay_steps: int = 0) 
     if warmup_steps <= 0:
         return beta
     return beta * min(1.0, step / warmup_steps)
+
+
+def recon_sigma_at(step: int, *, sigma: float, start: float, steps: int) -> float:
+    """Width of the reconstruction's keypoint maps: geometric from `start` (step 0) to `sigma` (step `steps`), then
+    `sigma`; constant `sigma` when `start` is 0 or `steps` is 0.
+
+    Why coarse to fine: a keypoint gets a gradient toward a thing only where its Gaussian map overlaps it, so with a
+    narrow map the things a keypoint can find are those near where initialisation put it, and which disc gets
+    keypoints is decided by the seed (docs/results.md, "Version 2, fourth round"). A wide map early reaches across
+    the frame; the narrow one later places the keypoints precisely.
+    """
+    if start <= 0 or steps <= 0 or step >= steps:
+        return sigma
+    return start * (sigma / start) ** (step / steps)

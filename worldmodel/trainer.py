@@ -40,7 +40,7 @@ from worldmodel.latents import latent_class
 from worldmodel.metrics_log import MetricsLog
 from worldmodel.model import WorldModel
 from worldmodel.monitors import HealthWatch
-from worldmodel.schedules import beta_at, ema_momentum, lr_factor
+from worldmodel.schedules import beta_at, ema_momentum, lr_factor, recon_sigma_at
 from worldmodel.train_setup import (
     build_optimizer,
     compile_model,
@@ -412,6 +412,11 @@ def _step(run: _Run, step: int, window: _Window, stop: StopRequest) -> _StepResu
     )
     momentum = ema_momentum(step, total_steps=cfg.train.steps, start=cfg.model.ema_start, end=cfg.model.ema_end)
     lr = run.scheduler.get_last_lr()[0]
+    if run.core.decoder is not None:  # the keypoint maps' width, coarse to fine (every rank sets the same value)
+        m = cfg.model
+        run.core.decoder.set_sigma(
+            recon_sigma_at(step, sigma=m.recon_sigma, start=m.recon_sigma_start, steps=m.recon_sigma_steps)
+        )
     epoch, sums, term_names = _forward_backward(run, window, beta)
 
     nonfinite = (~torch.isfinite(sums["loss"])).float()
@@ -467,6 +472,8 @@ def _after_step(
             grad_norm=result.grad_norm,
             clips_per_s=clips_per_s,
         )
+        if run.core.decoder is not None:
+            scalars["recon_sigma"] = float(run.core.decoder.width)
         log.log(step, scalars)
         for warning in health.check(step, scalars):
             log.write(warning)
