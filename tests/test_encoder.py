@@ -247,6 +247,6 @@ def test_a_wide_keypoint_map_reaches_a_thing_far_from_the_keypoint_and_the_narro
 
     assert torch.equal(grad(0.1, with_blob), grad(0.1, reference))
     assert (grad(0.5, with_blob) - grad(0.5, reference)).abs().max() > 1e-6
-    assert decoder.width.item() == 0.5
+    assert decoder.sigma_now.item() == 0.5
     with pytest.raises(ValueError, match="width must be > 0"):
         decoder.set_sigma(0.0)

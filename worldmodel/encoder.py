@@ -158,10 +158,10 @@ class KeypointDecoder(nn.Module):
             raise ValueError(f"model.recon_sigma must be > 0 (a Gaussian's width in [-1, 1] coordinates), got {sigma}")
         if not 0.0 <= mask < 1.0:
             raise ValueError(f"model.recon_mask must be in [0, 1) (fraction of squares blanked), got {mask}")
-        self.sigma, self.mask, self.block = sigma, mask, block
+        self.mask, self.block = mask, block
         self.register_buffer("axis", torch.linspace(-1.0, 1.0, size), persistent=False)  # pixel centres, [size]
         # the maps' width now (`set_sigma`; a tensor, so a compiled model reads the new value without recompiling)
-        self.register_buffer("width", torch.tensor(float(sigma)), persistent=False)
+        self.register_buffer("sigma_now", torch.tensor(float(sigma)), persistent=False)
         layers, channels = [], keypoints + in_chans
         for _ in range(3):
             layers += [nn.Conv2d(channels, width, 3, padding=1), nn.GELU()]
@@ -170,14 +170,14 @@ class KeypointDecoder(nn.Module):
 
     def set_sigma(self, sigma: float) -> None:
         """Set the maps' width for the next forward passes (the trainer's coarse-to-fine schedule,
-        `schedules.recon_sigma_at`); the constructor's `sigma` is the final one, which a loaded model uses."""
+        `schedules.recon_sigma_at`); it starts at the constructor's `sigma`, the final width a loaded model uses."""
         if sigma <= 0:
             raise ValueError(f"the keypoint maps' width must be > 0, got {sigma}")
-        self.width.fill_(sigma)
+        self.sigma_now.fill_(sigma)
 
     def maps(self, keypoints: Tensor) -> Tensor:
         """keypoints [M, K, 2] (x, y in [-1, 1]) -> Gaussian maps [M, K, size, size] (row = y, column = x)."""
-        var2 = 2 * self.width**2
+        var2 = 2 * self.sigma_now**2
         gx = torch.exp(-((self.axis - keypoints[..., 0, None]) ** 2) / var2)  # [M, K, size]
         gy = torch.exp(-((self.axis - keypoints[..., 1, None]) ** 2) / var2)
         return gy[..., :, None] * gx[..., None, :]

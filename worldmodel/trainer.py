@@ -473,7 +473,7 @@ def _after_step(
             clips_per_s=clips_per_s,
         )
         if run.core.decoder is not None:
-            scalars["recon_sigma"] = float(run.core.decoder.width)
+            scalars["recon_sigma"] = float(run.core.decoder.sigma_now)
         log.log(step, scalars)
         for warning in health.check(step, scalars):
             log.write(warning)
