@@ -85,8 +85,9 @@ def build_table(results: dict[str, list[dict]], horizon: int) -> tuple[str, dict
         "### Representation and latent actions",
         "",
         "| model | position R² | x0/y0 R² | x1/y1 R² | velocity R² | digit accuracy | target eff. rank | reg. kicked "
-        "| reg. unkicked | KL kick AUC | innovation kick AUC | innovation action R² |",
-        "|---" * 12 + "|",
+        "| reg. unkicked | KL kick AUC | reg. action changes | reg. action repeats | innovation kick AUC "
+        "| innovation action R² |",
+        "|---" * 14 + "|",
     ]
     for method, runs in results.items():
         cols = {
@@ -99,6 +100,8 @@ def build_table(results: dict[str, list[dict]], horizon: int) -> tuple[str, dict
             "reg_kicked": [metric(m, "latent_action", "detector", "mean_event") for m in runs],
             "reg_unkicked": [metric(m, "latent_action", "detector", "mean_no_event") for m in runs],
             "kl_kick_auc": [metric(m, "latent_action", "detector", "event_auc") for m in runs],
+            "reg_action_change": [metric(m, "latent_action", "detector", "mean_action_change") for m in runs],
+            "reg_action_same": [metric(m, "latent_action", "detector", "mean_action_same") for m in runs],
             "innovation_kick_auc": [metric(m, "latent_action", "features", "innovation", "event_auc") for m in runs],
             "innovation_action_r2": [
                 metric(m, "latent_action", "features", "innovation", "action_r2_mean") for m in runs
@@ -110,8 +113,10 @@ def build_table(results: dict[str, list[dict]], horizon: int) -> tuple[str, dict
         "",
         "reg. = the per-transition regulariser, mean over held-out kicked / unkicked transitions: KL(q || p) in nats "
         "for adassl_v, the expected number of active dims for adassl_s. KL kick AUC scores it as a kick detector. "
-        "x0/y0 and x1/y1: the first and second entity (the push world's agent and object). target eff. rank: of the "
-        "target encoder's frame embeddings on the held-out clips.",
+        "reg. action changes / repeats: the same where the action differs from the transition before (the push world: "
+        "a change of intent, contact or not) and where it repeats it. x0/y0 and x1/y1: the first and second entity "
+        "(the push world's agent and object). target eff. rank: of the target encoder's frame embeddings on the "
+        "held-out clips.",
     ]
     return "\n".join(lines) + "\n", table
 

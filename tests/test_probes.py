@@ -109,3 +109,27 @@ def test_latent_action_probe_finds_events_in_the_innovation():
     out, notes = latent_action_probes(features, ("kl", kl), None, None, None, fit, test, 1e-3)
     assert len(notes) == 2 and "action_r2" not in out["features"]["innovation"]
     assert "event_auc" not in out["detector"]
+
+
+def test_kl_detector_is_split_where_the_commanded_action_changes():
+    """Push-world actions are held commands: the KL's mean where the action changes from the transition before (a
+    change of intent) and where it repeats, and its AUC for the change; the first transition has no 'before'."""
+    rng = np.random.default_rng(0)
+    clips, steps = 40, 6
+    action = np.zeros((clips, steps, 2))
+    for c in range(clips):
+        for t in range(steps):
+            action[c, t] = rng.normal(size=2) if t == 0 or rng.random() < 0.3 else action[c, t - 1]
+    changed = np.zeros((clips, steps), bool)
+    changed[:, 1:] = np.abs(np.diff(action, axis=1)).sum(-1) > 0
+    kl = np.where(changed, 4.0, 1.0) + 0.1 * rng.random((clips, steps))
+    kl[:, 0] = 100.0  # no previous action: must not count anywhere
+    features = {"innovation": rng.normal(size=(clips, steps, 2))}
+    fit, test = split_clips(clips, seed=0)
+    events = changed.astype(np.float32)
+    out, _ = latent_action_probes(features, ("kl", kl), action, ["ax", "ay"], events, fit, test, 1e-3)
+    det = out["detector"]
+    assert det["action_change_auc"] == 1.0
+    assert 4.0 <= det["mean_action_change"] <= 4.1 and 1.0 <= det["mean_action_same"] <= 1.1
+    out, _ = latent_action_probes(features, ("kl", kl), None, None, events, fit, test, 1e-3)
+    assert "mean_action_change" not in out["detector"]

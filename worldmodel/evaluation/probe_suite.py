@@ -121,6 +121,20 @@ def label_probes(
     return out, notes
 
 
+def _action_change_split(scores: np.ndarray, action: np.ndarray) -> dict[str, float | None]:
+    """The detector's mean on transitions whose action differs from the one before (on the push world: a change of
+    intent, whatever the contacts) and on those whose action repeats it, and its AUC as a detector of the change.
+    scores: [C, T-1]; action: [C, T-1, A]. The first transition of each clip has no previous action and is left out.
+    """
+    changed = np.abs(np.diff(action, axis=1)).sum(-1) > 1e-6  # [C, T-2]
+    s = scores[:, 1:]
+    return {
+        "action_change_auc": auc(s.reshape(-1), changed.reshape(-1)),
+        "mean_action_change": float(s[changed].mean()) if changed.any() else None,
+        "mean_action_same": float(s[~changed].mean()) if (~changed).any() else None,
+    }
+
+
 def latent_action_probes(
     features: dict[str, np.ndarray],
     detector: tuple[str, np.ndarray] | None,
@@ -142,7 +156,8 @@ def latent_action_probes(
     a logistic detector of the event flag on [x, x²] (a kick of random direction shows in the magnitude, which a
     linear read-out of x cannot see); `event_auc_norm`, the AUC of ||x|| itself (nothing fitted, all
     transitions). The detector gets its AUC over all transitions (nothing fitted) and its mean on event and
-    no-event transitions (a health check: a latent that carries the events has a bimodal KL, high on events).
+    no-event transitions (a health check: a latent that carries the events has a bimodal KL, high on events); with
+    actions, also its mean where the action changes and where it repeats, and its AUC for the change.
 
     Returns ({"headline": name, "features": {name: {...}}, "detector": {"name": ..., ...} or None}, notes).
     """
@@ -174,5 +189,7 @@ def latent_action_probes(
             entry["event_auc"] = auc(scores.reshape(-1), flags.reshape(-1))
             entry["mean_event"] = float(scores[flags].mean()) if flags.any() else None
             entry["mean_no_event"] = float(scores[~flags].mean()) if (~flags).any() else None
+        if action is not None and action.shape[1] >= 2:
+            entry.update(_action_change_split(scores, action))
         out["detector"] = entry
     return out, notes

@@ -143,6 +143,17 @@ def _latent_action_section(metrics: dict) -> list[str]:
             ),
             "",
         ]
+        if det.get("mean_action_change") is not None:
+            out += [
+                "The same where the action differs from the transition before (on the push world: a change of intent) "
+                "and where it repeats it:",
+                "",
+                table(
+                    ["action-change AUC", "mean (action changes)", "mean (action repeats)"],
+                    [[det.get("action_change_auc"), det.get("mean_action_change"), det.get("mean_action_same")]],
+                ),
+                "",
+            ]
     return out
 
 
