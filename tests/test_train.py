@@ -288,3 +288,25 @@ def test_a_process_group_other_than_the_launcher_announced_is_refused(digits_sha
     assert result.returncode == 2, result.stderr[-4000:]
     assert "the launcher announced 2 processes (WORLDMODEL_WORLD_SIZE) but this process group has 1" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_detached_encoder_is_the_same_for_every_method_at_a_seed(digits_shards, tmp_path):
+    """model.pred_trains_encoder=false: the encoder learns from the reconstruction alone, so JEPA, AdaSSL-V (which
+    also samples r) and the oracle train the same encoder, bit for bit, and their rollouts compare in one latent
+    space: the decoder's initial weights, the blanked squares and the encoder's gradient clipping do not depend on
+    the method. The predictors do differ."""
+    detached = ["model.frame_head=keypoints", "model.recon_weight=300", "model.recon_mask=0.25",
+                "model.pred_trains_encoder=false", "train.steps=4", "train.checkpoint_every=4"]  # fmt: skip
+    states = {}
+    for latent in ("none", "adassl_v", "oracle"):
+        run = tmp_path / latent
+        result = _run(_python(*_args(run, digits_shards, *detached, f"model.latent={latent}")))
+        assert result.returncode == 0, result.stderr[-4000:]
+        states[latent] = load_file(latest_checkpoint(run) / "model.safetensors")
+    start = WorldModel(load_config(ROOT / "configs/tiny.yaml").model).state_dict()
+    for latent in ("adassl_v", "oracle"):
+        for name, value in states["none"].items():
+            if name.startswith(("encoder.", "target_encoder.", "decoder.")):
+                assert torch.equal(states[latent][name], value), (latent, name)
+        assert not torch.equal(states[latent]["predictor.pos_embed"], states["none"]["predictor.pos_embed"])
+    assert not torch.equal(states["none"]["encoder.vit.pos_embed"], start["encoder.vit.pos_embed"])  # it trained

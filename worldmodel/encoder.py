@@ -159,6 +159,9 @@ class KeypointDecoder(nn.Module):
         if not 0.0 <= mask < 1.0:
             raise ValueError(f"model.recon_mask must be in [0, 1) (fraction of squares blanked), got {mask}")
         self.mask, self.block = mask, block
+        # the blanked squares come from the decoder's own generator, not the global one, so the draws do not depend on
+        # what else a method samples (AdaSSL's r): the trainer reseeds it every step (`seed_masks`)
+        self.masks = torch.Generator().manual_seed(0)
         self.register_buffer("axis", torch.linspace(-1.0, 1.0, size), persistent=False)  # pixel centres, [size]
         # the maps' width now (`set_sigma`; a tensor, so a compiled model reads the new value without recompiling)
         self.register_buffer("sigma_now", torch.tensor(float(sigma)), persistent=False)
@@ -174,6 +177,11 @@ class KeypointDecoder(nn.Module):
         if sigma <= 0:
             raise ValueError(f"the keypoint maps' width must be > 0, got {sigma}")
         self.sigma_now.fill_(sigma)
+
+    def seed_masks(self, seed: int) -> None:
+        """Reseed the generator of the blanked squares (`blank`); the trainer calls it every step with a seed made
+        of the run's seed, the step and the rank, so a resumed run draws the masks the uninterrupted one would."""
+        self.masks.manual_seed(seed)
 
     def maps(self, keypoints: Tensor) -> Tensor:
         """keypoints [M, K, 2] (x, y in [-1, 1]) -> Gaussian maps [M, K, size, size] (row = y, column = x)."""
@@ -193,7 +201,7 @@ class KeypointDecoder(nn.Module):
             return reference
         m, _, h, w = reference.shape
         rows, cols = -(-h // self.block), -(-w // self.block)
-        keep = torch.rand(m, 1, rows, cols, device=reference.device) >= self.mask  # [M, 1, rows, cols]
+        keep = (torch.rand(m, 1, rows, cols, generator=self.masks) >= self.mask).to(reference.device)  # [M, 1, r, c]
         keep = keep.repeat_interleave(self.block, 2).repeat_interleave(self.block, 3)[..., :h, :w]
         return reference * keep
 

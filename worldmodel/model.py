@@ -57,6 +57,10 @@ class WorldModel(nn.Module):
         self.cfg = cfg
         self.encoder = FrameEncoder(cfg)
         self.target_encoder = make_target(self.encoder)
+        # the reconstruction decoder (below) starts from this state of the generator, whatever the method builds in
+        # between: with model.pred_trains_encoder=false every method at a seed then trains the same encoder, bit for
+        # bit, and their rollouts are compared in one latent space
+        decoder_rng = torch.get_rng_state()
         num_tokens, width = output_shape(cfg)  # per frame: (1, frame_dim) or (patches, embed_dim)
         self.norm = TokenNorm(width, cfg.target_norm, cfg.center_momentum)  # target tokens
         self.online_norm = TokenNorm(width, cfg.target_norm, cfg.center_momentum)
@@ -83,9 +87,11 @@ class WorldModel(nn.Module):
                     f"model.recon_weight={cfg.recon_weight} rebuilds frames from keypoints; it needs "
                     f"model.frame_head=keypoints and model.granularity=frame (got {cfg.frame_head}, {cfg.granularity})"
                 )
-            self.decoder = KeypointDecoder(
-                cfg.frame_dim // 2, cfg.img_size, cfg.recon_sigma, mask=cfg.recon_mask, block=cfg.patch_size
-            )
+            with torch.random.fork_rng(devices=[]):  # the global generator is left as it was
+                torch.set_rng_state(decoder_rng)
+                self.decoder = KeypointDecoder(
+                    cfg.frame_dim // 2, cfg.img_size, cfg.recon_sigma, mask=cfg.recon_mask, block=cfg.patch_size
+                )
             if cfg.recon_sigma_start < 0 or cfg.recon_sigma_steps < 0:
                 raise ValueError(
                     f"model.recon_sigma_start ({cfg.recon_sigma_start}) and model.recon_sigma_steps "

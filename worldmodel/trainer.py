@@ -417,12 +417,13 @@ def _step(run: _Run, step: int, window: _Window, stop: StopRequest) -> _StepResu
         run.core.decoder.set_sigma(
             recon_sigma_at(step, sigma=m.recon_sigma, start=m.recon_sigma_start, steps=m.recon_sigma_steps)
         )
+        run.core.decoder.seed_masks(cfg.seed + 1_000_003 * step + 7_919 * accelerator.process_index)
     epoch, sums, term_names = _forward_backward(run, window, beta)
 
     nonfinite = (~torch.isfinite(sums["loss"])).float()
     requested = torch.tensor(float(stop.requested), device=accelerator.device)
     bad, stop_now, loss_sum = accelerator.reduce(torch.stack([nonfinite, requested, sums["loss"]]), "sum").tolist()
-    grad_norm = float(accelerator.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip or math.inf))
+    grad_norm = _clip_gradients(run)
     if bad > 0 or (accelerator.scaler is None and not math.isfinite(grad_norm)):
         terms = {k: v for k, v in sums.items() if k == "loss" or k in term_names}
         raise _diverged(accelerator, step + 1, epoch, terms, grad_norm, Path(cfg.run_dir))
@@ -432,6 +433,20 @@ def _step(run: _Run, step: int, window: _Window, stop: StopRequest) -> _StepResu
     run.core.update_target(momentum)
     window.add(sums)
     return _StepResult(epoch, beta, momentum, lr, grad_norm, loss_sum / accelerator.num_processes, stop_now > 0)
+
+
+def _clip_gradients(run: _Run) -> float:
+    """Clip to `optim.grad_clip` and return the global gradient norm before clipping. With
+    model.pred_trains_encoder=false the encoder and its decoder are clipped apart from the rest: one global norm
+    would scale the encoder's step by the predictor's gradients, and the encoder would depend on the method."""
+    accelerator, max_norm = run.accelerator, run.cfg.optim.grad_clip or math.inf
+    if run.cfg.model.pred_trains_encoder or run.core.decoder is None:
+        return float(accelerator.clip_grad_norm_(run.model.parameters(), max_norm))
+    accelerator.unscale_gradients()  # once; clip_grad_norm_ per group below (DDP: the gradients are all-reduced)
+    own = {id(p) for module in (run.core.encoder, run.core.decoder) for p in module.parameters()}
+    groups = ([p for p in run.core.parameters() if (id(p) in own) == side] for side in (True, False))
+    norms = [torch.nn.utils.clip_grad_norm_(group, max_norm) for group in groups]
+    return float(torch.stack(norms).norm())
 
 
 def _forward_backward(run: _Run, window: _Window, beta: float) -> tuple[int, dict[str, torch.Tensor], set[str]]:
