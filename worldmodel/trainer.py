@@ -281,6 +281,9 @@ class _Run:
     batches: Iterator[tuple[int, dict]]  # (epoch, batch), the first batch put back in front
     start_step: int
     needs_actions: bool  # the latent embeds the batch's actions (oracle)
+    # parameter groups clipped apart (`_clip_gradients`): the detached encoder with its decoder, and the rest; None =
+    # one global clip
+    clip_groups: list[list[nn.Parameter]] | None
 
     @property
     def core(self) -> nn.Module:
@@ -399,7 +402,18 @@ def _setup(cfg: ExperimentConfig, resume: str | None) -> _Run | None:
         batches=itertools.chain([first], epochs),
         start_step=start_step,
         needs_actions=latent_class(cfg.model.latent).needs_actions,
+        clip_groups=_clip_groups(accelerator.unwrap_model(model)),
     )
+
+
+def _clip_groups(model: nn.Module) -> list[list[nn.Parameter]] | None:
+    """With model.pred_trains_encoder=false: [encoder and decoder parameters, the rest], clipped apart, since one
+    global norm would scale the encoder's step by the predictor's gradients and the encoder would depend on the
+    method. Otherwise None (one global clip)."""
+    if model.cfg.pred_trains_encoder:
+        return None
+    own = {id(p) for module in (model.encoder, model.decoder) for p in module.parameters()}
+    return [[p for p in model.parameters() if (id(p) in own) == side] for side in (True, False)]
 
 
 def _step(run: _Run, step: int, window: _Window, stop: StopRequest) -> _StepResult:
@@ -436,16 +450,13 @@ def _step(run: _Run, step: int, window: _Window, stop: StopRequest) -> _StepResu
 
 
 def _clip_gradients(run: _Run) -> float:
-    """Clip to `optim.grad_clip` and return the global gradient norm before clipping. With
-    model.pred_trains_encoder=false the encoder and its decoder are clipped apart from the rest: one global norm
-    would scale the encoder's step by the predictor's gradients, and the encoder would depend on the method."""
+    """Clip to `optim.grad_clip`, globally or per group of `run.clip_groups`; returns the global gradient norm before
+    clipping."""
     accelerator, max_norm = run.accelerator, run.cfg.optim.grad_clip or math.inf
-    if run.cfg.model.pred_trains_encoder or run.core.decoder is None:
+    if run.clip_groups is None:
         return float(accelerator.clip_grad_norm_(run.model.parameters(), max_norm))
     accelerator.unscale_gradients()  # once; clip_grad_norm_ per group below (DDP: the gradients are all-reduced)
-    own = {id(p) for module in (run.core.encoder, run.core.decoder) for p in module.parameters()}
-    groups = ([p for p in run.core.parameters() if (id(p) in own) == side] for side in (True, False))
-    norms = [torch.nn.utils.clip_grad_norm_(group, max_norm) for group in groups]
+    norms = [torch.nn.utils.clip_grad_norm_(group, max_norm) for group in run.clip_groups]
     return float(torch.stack(norms).norm())
 
 
