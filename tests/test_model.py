@@ -192,6 +192,19 @@ def test_adassl_v_with_r_zero_predicts_what_none_predicts(digits):
     assert not torch.allclose(adassl.predictor(tokens, torch.randn(8, 4, 4)), plain.predictor(tokens))
 
 
+@pytest.mark.parametrize("conditioning", ["adaln", "token"])
+def test_every_method_starts_from_the_unconditioned_predictor_at_a_seed(conditioning):
+    """The conditioning's weights are drawn after the rest, so a gap between methods is not their predictors' luck."""
+    shape = dict(conditioning=conditioning, pred_depth=3, pred_cond_depth=2)  # a block after the first conditioned
+    plain = make_model(latent="none", **shape).predictor.state_dict()
+    for latent in ("oracle", "adassl_v"):
+        conditioned = make_model(latent=latent, **shape).predictor.state_dict()
+        extra = sorted(set(conditioned) - set(plain))
+        assert extra and all("modulation" in k or k.startswith("cond_token.") for k in extra), extra
+        for key, value in plain.items():
+            assert torch.equal(conditioned[key], value), f"{latent}: {key} differs from latent=none's"
+
+
 # ---- rollout ------------------------------------------------------------------------------------------------------
 
 

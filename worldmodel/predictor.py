@@ -51,6 +51,7 @@ class Block(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, cond_dim: int = 0):
+        """`cond_dim = 0`: a plain block; `add_conditioning(cond_dim)` can make it conditioned afterwards."""
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"predictor width {dim} is not divisible by its number of heads {num_heads}")
@@ -63,8 +64,13 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.modulation = None
         if cond_dim:
-            self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
-            nn.init.zeros_(self.modulation[1].bias)
+            self.add_conditioning(cond_dim)
+
+    def add_conditioning(self, cond_dim: int) -> None:
+        """Build the map SiLU(c) [B, cond_dim] -> (shift, scale, gate) x 2 [B, 6 * dim] (its bias at zero)."""
+        dim = self.proj.out_features
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
+        nn.init.zeros_(self.modulation[1].bias)
 
     def attention(self, x: Tensor, mask: Tensor | None) -> Tensor:
         """x: [B, L, P] -> [B, L, P]; `mask` bool [L, L] (True = attend) or None for full attention."""
@@ -122,15 +128,19 @@ class Predictor(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.frame_embed, std=0.02)
         self.trunk = nn.ModuleList(Block(dim, num_heads) for _ in range(depth - cond_depth))
-        head_cond = cond_dim if conditioning == "adaln" else 0
-        self.head = nn.ModuleList(Block(dim, num_heads, cond_dim=head_cond) for _ in range(cond_depth))
-        if self.token_conditioning:
-            self.cond_token = nn.Linear(cond_dim, dim)
+        self.head = nn.ModuleList(Block(dim, num_heads) for _ in range(cond_depth))
         self.norm = nn.LayerNorm(dim)
         self.out_proj = nn.Linear(dim, embed_dim)
         # Zero output at initialisation: residual starts as copy-last, absolute at the targets' centre (0).
         nn.init.zeros_(self.out_proj.weight)
         nn.init.zeros_(self.out_proj.bias)
+        # The conditioning is drawn last, so every other weight is the unconditioned predictor's at the same seed:
+        # JEPA, the oracle and AdaSSL-V start from one predictor and differ only by what r adds.
+        if cond_dim and conditioning == "adaln":
+            for block in self.head:
+                block.add_conditioning(cond_dim)
+        if self.token_conditioning:
+            self.cond_token = nn.Linear(cond_dim, dim)
 
     def forward(self, tokens: Tensor, cond: Tensor | None = None) -> Tensor:
         """tokens: [B, T, N, D]; cond: [B, T, cond_dim] (row t conditions transition t -> t+1) or None.
