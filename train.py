@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # heavy imports once the config is valid
     from data_pipeline.shardlist import ShardListError
-    from worldmodel.trainer import EXIT_STOPPED, LaunchError, ResumeError, TrainingDiverged, train
+    from worldmodel.launch import EXIT_STOPPED, LaunchError, ResumeError
+    from worldmodel.trainer import TrainingDiverged, train
 
     try:
         finished = train(cfg, resume=args.resume)

@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 from worldmodel.checkpoint import checkpoint_dir, latest_checkpoint, load_model_state, read_finished, read_state
 from worldmodel.config import load_config
 from worldmodel.evaluation.runner import evaluate_run, evaluated_final
+from worldmodel.launch import EXIT_STOPPED, StopRequest
 from worldmodel.model import WorldModel
-from worldmodel.trainer import EXIT_STOPPED, StopRequest, build_optimizer
+from worldmodel.trainer import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).parent / "accelerate"

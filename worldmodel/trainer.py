@@ -19,24 +19,22 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
-import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import gather_object, set_seed
 from torch import nn
 
 from data_pipeline.stream import make_train_loader
 from worldmodel import checkpoint as ckpt
 from worldmodel.config import ExperimentConfig, save_config
 from worldmodel.latents import latent_class
+from worldmodel.launch import EXIT_STOPPED, StopRequest, agreed_resume_dir, check_world_size
 from worldmodel.metrics_log import MetricsLog
 from worldmodel.model import WorldModel
 from worldmodel.monitors import HealthWatch
@@ -49,52 +47,9 @@ from worldmodel.train_setup import (
     use_fused_adamw,
 )
 
-WORLD_SIZE_ENV = "WORLDMODEL_WORLD_SIZE"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)  # each: checkpoint at the next step, then exit 75
-EXIT_STOPPED = 75  # train.py's exit status after a SIGTERM/Ctrl-C checkpoint (sysexits EX_TEMPFAIL); 0 = finished
-
-
-class LaunchError(RuntimeError):
-    """The process group is not the one the launcher announced."""
-
-
-class ResumeError(ValueError):
-    """The run directory and --resume disagree (checkpoints exist but no --resume, or a bad checkpoint path)."""
-
 
 class TrainingDiverged(RuntimeError):
     """A loss became NaN/inf; the message names the step and every loss term. No checkpoint was written."""
-
-
-class StopRequest:
-    """Records SIGTERM / SIGINT / SIGUSR2 instead of dying, so the loop can checkpoint at the next step boundary.
-
-    SIGUSR2 is the stop that docker/slurm_train.sbatch sends at the time-limit warning: Slurm follows a SIGTERM
-    delivered to a job step with SIGKILL after KillWait (30 s by default), but not a SIGUSR2, so a checkpoint that
-    takes longer still completes.
-
-    SIGTERM stays graceful however often it comes: under Slurm every process of a job step gets it, and torch
-    elastic's agent sends each trainer another one, so a second TERM must not kill a rank mid-step or mid-save.
-    Only a second Ctrl-C (SIGINT) escalates: it interrupts at once with KeyboardInterrupt.
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._interrupted = False  # a Ctrl-C came already
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT:
-            if self._interrupted:
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-                raise KeyboardInterrupt
-            self._interrupted = True
-        self.requested = True
-
-    def restore(self) -> None:
-        """Put back the handlers that were installed before."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def _epochs(cfg: ExperimentConfig, start_epoch: int, rank: int, world_size: int) -> Iterator[tuple[int, dict]]:
@@ -111,54 +66,6 @@ def _epochs(cfg: ExperimentConfig, start_epoch: int, rank: int, world_size: int)
         if produced == 0:
             raise RuntimeError(f"epoch {epoch} of {cfg.data.train_shards} produced no batch on rank {rank}")
         epoch += 1
-
-
-def _agreed_resume_dir(accelerator: Accelerator, resume: str | None, run_dir: Path) -> Path | None:
-    """`_resume_dir` decided once, on the main process, and sent to every rank: on a shared filesystem ranks that
-    list the checkpoints themselves can see different newest ones. Every rank raises the main process's ResumeError.
-    """
-    decision: list[Any] = [None]
-    if accelerator.is_main_process:
-        try:
-            decision = [("ok", _resume_dir(resume, run_dir))]
-        except ResumeError as err:
-            decision = [("error", str(err))]
-    if accelerator.num_processes > 1:
-        decision = broadcast_object_list(decision)
-    kind, value = decision[0]
-    if kind == "error":
-        raise ResumeError(value)
-    return value
-
-
-def check_world_size(num_processes: int) -> None:
-    """Fail when the launcher announced a different number of processes (WORLDMODEL_WORLD_SIZE, set by
-    docker/launch_multinode.sh) than this process group has: a misconfigured launch would otherwise train N
-    separate single-process runs into one run directory."""
-    announced = os.environ.get(WORLD_SIZE_ENV)
-    if announced and int(announced) != num_processes:
-        raise LaunchError(
-            f"the launcher announced {announced} processes ({WORLD_SIZE_ENV}) but this process group has "
-            f"{num_processes}; check NNODES and GPUS_PER_NODE, and that every node reaches MASTER_ADDR:MASTER_PORT"
-        )
-
-
-def _resume_dir(resume: str | None, run_dir: Path) -> Path | None:
-    """The checkpoint to resume from: None (fresh run), "auto" (newest complete one, if any) or a path."""
-    newest = ckpt.latest_checkpoint(run_dir)
-    if resume is None:
-        if newest is not None:
-            raise ResumeError(
-                f"run_dir {run_dir} already holds checkpoints (newest {newest.name}); pass --resume auto to continue "
-                "that run, or set run_dir=... to start a new one"
-            )
-        return None
-    if resume == "auto":
-        return newest
-    problem = ckpt.verify_checkpoint(resume)
-    if problem is not None:
-        raise ResumeError(f"--resume {resume} is not a complete checkpoint: {problem}")
-    return Path(resume)
 
 
 def _infer_action_dim(cfg: ExperimentConfig, batch: dict) -> None:
@@ -347,7 +254,7 @@ def _setup(cfg: ExperimentConfig, resume: str | None) -> _Run | None:
     rank, world_size, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     check_world_size(world_size)
     run_dir = Path(cfg.run_dir)
-    resume_from = _agreed_resume_dir(accelerator, resume, run_dir)
+    resume_from = agreed_resume_dir(accelerator, resume, run_dir)
     resumed = ckpt.read_state(resume_from) if resume_from is not None else None
     start_step = resumed["step"] if resumed else 0
     if start_step >= cfg.train.steps:
