@@ -6,8 +6,9 @@ Per transition t -> t+1:
   attention-pooled over patches and projected;
 - the target summary s+_{t+1} comes from the EMA target encoder's normalised tokens of frame t+1, pooled and
   projected (the caller passes them without gradient);
-- `adassl_v`: posterior q(r | s, s+) and conditional prior p(r | s), diagonal Gaussians, sigma = softplus + 1e-6,
-  reparameterised sample, regulariser KL(q || p) summed over the d_r dims;
+- `adassl_v`: posterior q(r | s, s+) and conditional prior p(r | s), diagonal Gaussians, sigma = softplus + 1e-6
+  (or, with `model.latent_sigma_max` > 0, that bound times a sigmoid, + 1e-6), reparameterised sample, regulariser
+  KL(q || p) summed over the d_r dims;
 - `adassl_s`: one MLP on [s, s+] gives mask logits l and values v; m ~ Bernoulli(sigmoid(l)) by logistic noise and
   a hard threshold with straight-through gradients; r = m * v; regulariser sum_i sigmoid(l_i). There is no learned
   prior: `prior_mean` gives r = 0 (no dimension active), `prior_sample` draws the mask from the running marginal
@@ -32,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+
+from worldmodel.model_config import ModelConfig
 
 SIGMA_MIN = 1e-6
 # Initial sigma of posterior and prior. With sigma ~0.7 (softplus of a fresh layer's output) the sample r is mostly
@@ -140,9 +143,9 @@ class Latent(nn.Module):
     r_is: ClassVar[str] = "inferred from the transition"
 
     @classmethod
-    def build(cls, summary_dim: int, latent_dim: int, action_dim: int) -> Latent:
-        """The module from the model config's widths."""
-        return cls(summary_dim, latent_dim)
+    def build(cls, cfg: ModelConfig) -> Latent:
+        """The module from the model config (its widths)."""
+        return cls(cfg.summary_dim, cfg.latent_dim)
 
     def train_r(
         self, features: Tensor, target: Tensor, action: Tensor | None, summaries: Summaries | None
@@ -191,7 +194,7 @@ class NoLatent(Latent):
     r_is = "absent"
 
     @classmethod
-    def build(cls, summary_dim: int, latent_dim: int, action_dim: int) -> Latent:
+    def build(cls, cfg: ModelConfig) -> Latent:
         return cls()
 
     def train_r(self, features, target, action, summaries):
@@ -240,20 +243,33 @@ class VariationalLatent(_InferredLatent):
     name = "adassl_v"
     readouts = {"features": ("innovation", "mu_q"), "detector": "kl"}
 
-    def __init__(self, summary_dim: int, latent_dim: int):
+    def __init__(self, summary_dim: int, latent_dim: int, sigma_max: float = 0.0):
         super().__init__()
+        if sigma_max and sigma_max <= SIGMA_INIT:
+            raise ValueError(
+                f"model.latent_sigma_max={sigma_max} must exceed the initial sigma {SIGMA_INIT} (or be 0: unbounded)"
+            )
         self.latent_dim = latent_dim
+        self.sigma_max = sigma_max
         self.posterior_net = mlp(2 * summary_dim, summary_dim, 2 * latent_dim)
         self.prior_net = mlp(summary_dim, summary_dim, 2 * latent_dim)
-        raw_sigma_init = math.log(math.expm1(SIGMA_INIT))  # softplus^-1
+        if sigma_max:  # sigmoid^-1
+            raw_sigma_init = math.log(SIGMA_INIT / (sigma_max - SIGMA_INIT))
+        else:  # softplus^-1
+            raw_sigma_init = math.log(math.expm1(SIGMA_INIT))
         for net in (self.posterior_net, self.prior_net):
             nn.init.zeros_(net[-1].weight)
             nn.init.zeros_(net[-1].bias[:latent_dim])
             nn.init.constant_(net[-1].bias[latent_dim:], raw_sigma_init)
 
-    @staticmethod
-    def _gaussian(raw: Tensor) -> tuple[Tensor, Tensor]:
+    @classmethod
+    def build(cls, cfg: ModelConfig) -> Latent:
+        return cls(cfg.summary_dim, cfg.latent_dim, cfg.latent_sigma_max)
+
+    def _gaussian(self, raw: Tensor) -> tuple[Tensor, Tensor]:
         mu, raw_sigma = raw.float().chunk(2, dim=-1)
+        if self.sigma_max:
+            return mu, self.sigma_max * torch.sigmoid(raw_sigma) + SIGMA_MIN
         return mu, F.softplus(raw_sigma) + SIGMA_MIN
 
     def posterior(self, s: Tensor, s_plus: Tensor) -> tuple[Tensor, Tensor]:
@@ -383,8 +399,8 @@ class OracleLatent(Latent):
     r_is = "the action"
 
     @classmethod
-    def build(cls, summary_dim: int, latent_dim: int, action_dim: int) -> Latent:
-        return cls(action_dim, latent_dim)
+    def build(cls, cfg: ModelConfig) -> Latent:
+        return cls(cfg.action_dim, cfg.latent_dim)
 
     def __init__(self, action_dim: int, latent_dim: int):
         super().__init__()
@@ -426,6 +442,6 @@ def latent_class(name: str) -> type[Latent]:
     return LATENT_CLASSES[name]
 
 
-def build_latent(name: str, summary_dim: int, latent_dim: int, action_dim: int) -> Latent:
-    """The latent module of `model.latent` (NoLatent holds no parameters)."""
-    return latent_class(name).build(summary_dim, latent_dim, action_dim)
+def build_latent(cfg: ModelConfig) -> Latent:
+    """The latent module of `cfg.latent` (NoLatent holds no parameters)."""
+    return latent_class(cfg.latent).build(cfg)

@@ -79,7 +79,7 @@ class WorldModel(nn.Module):
         )
         # the summaries s, s+ (inferred latents only), then r's own module: the order fixes the initial weights
         self.summaries = Summaries(width, cfg.summary_dim, context_dim=cfg.pred_dim) if kind.inferred else None
-        self.latent = build_latent(cfg.latent, cfg.summary_dim, cfg.latent_dim, cfg.action_dim)
+        self.latent = build_latent(cfg)
         self.decoder = None  # built last, so a model without it starts from the same weights as before it existed
         if cfg.recon_weight > 0:
             if cfg.granularity != "frame" or cfg.frame_head != "keypoints":

@@ -87,6 +87,10 @@ class ModelConfig:
     pred_motion: bool = True  # the predictor reads [x_t, x_t - x_{t-1}], so velocity is there from the first step
     latent_dim: int = 8  # d_r
     summary_dim: int = 128  # width of the pooled summaries s_t and s+_t
+    # adassl_v: the most the posterior's and the prior's sigma can reach (sigma = max * sigmoid; 0 = unbounded,
+    # softplus). Unbounded, both rose together from 0.1 to 10-16 within 100 steps on the push world, drowning r in
+    # noise the predictor learnt to ignore (docs/results.md, seventh round)
+    latent_sigma_max: float = 0.0
     action_dim: int = 0  # oracle only: width of the action rows (0 = take it from the data at start-up)
     beta: float = 0.01  # weight of the latent regulariser (see the normalisation above)
     beta_warmup_steps: int = 500  # beta rises linearly from 0 over these steps (after the delay)
