@@ -41,7 +41,8 @@ def frame_causal_mask(num_frames: int, tokens_per_frame: int, device: torch.devi
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; with `cond_dim > 0` its norms are modulated by a per-sample vector (AdaLN).
+    """Pre-norm transformer block; after `add_conditioning(cond_dim)` its norms are modulated by a per-sample vector
+    (AdaLN).
 
     Modulation is `norm(x) * (1 + scale) + shift` and the residual branch is multiplied by `1 + gate`. The linear
     map from SiLU(conditioning) to (shift, scale, gate) x 2 starts with a zero bias, so a zero vector gives the
@@ -50,8 +51,7 @@ class Block(nn.Module):
     init), neither gets a gradient but noise, and r stayed off (KL < 0.002 nats after 700 steps at beta 0.002).
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, cond_dim: int = 0):
-        """`cond_dim = 0`: a plain block; `add_conditioning(cond_dim)` can make it conditioned afterwards."""
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"predictor width {dim} is not divisible by its number of heads {num_heads}")
@@ -62,9 +62,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-        self.modulation = None
-        if cond_dim:
-            self.add_conditioning(cond_dim)
+        self.modulation = None  # see add_conditioning
 
     def add_conditioning(self, cond_dim: int) -> None:
         """Build the map SiLU(c) [B, cond_dim] -> (shift, scale, gate) x 2 [B, 6 * dim] (its bias at zero)."""
@@ -129,6 +127,8 @@ class Predictor(nn.Module):
         nn.init.trunc_normal_(self.frame_embed, std=0.02)
         self.trunk = nn.ModuleList(Block(dim, num_heads) for _ in range(depth - cond_depth))
         self.head = nn.ModuleList(Block(dim, num_heads) for _ in range(cond_depth))
+        if self.token_conditioning:  # its slot here keeps the parameter order of older checkpoints' optimiser state
+            self.register_module("cond_token", None)
         self.norm = nn.LayerNorm(dim)
         self.out_proj = nn.Linear(dim, embed_dim)
         # Zero output at initialisation: residual starts as copy-last, absolute at the targets' centre (0).
