@@ -48,11 +48,21 @@ def test_trunk_context_summary_reads_one_position_of_the_trunk_output():
     features = torch.randn(2, 3, 5, 8)  # predictor trunk output [B, T, N, P]: position t has seen frames <= t
     s = summaries.context(features)
     assert s.shape == (2, 3, 6)
-    torch.testing.assert_close(s[:, 1], summaries.context_proj(summaries.context_pool(features)[:, 1]))
+    normed = summaries.context_norm(features)
+    torch.testing.assert_close(s[:, 1], summaries.context_proj(summaries.context_pool(normed)[:, 1]))
     changed = features.clone()
     changed[:, 0] += 1.0
     torch.testing.assert_close(summaries.context(changed)[:, 1:], s[:, 1:])
     assert summaries.target(torch.randn(2, 3, 5, 4)).shape == (2, 3, 6)
+
+
+def test_context_summary_ignores_the_scale_of_the_trunk_output():
+    # The trunk's output is its residual stream; read raw, it took the summary's norm up 30x in the first 150 steps on
+    # the push world, which carried AdaSSL-V's sigma from 0.1 to 10 and r was ignored until it came back down.
+    torch.manual_seed(0)
+    summaries = Summaries(embed_dim=4, summary_dim=6, context_dim=8)
+    features = torch.randn(2, 3, 5, 8)
+    torch.testing.assert_close(summaries.context(30.0 * features), summaries.context(features), atol=1e-4, rtol=1e-4)
 
 
 def test_variational_latent_reparameterised_sample_and_kl():
