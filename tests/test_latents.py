@@ -53,7 +53,20 @@ def test_trunk_context_summary_reads_one_position_of_the_trunk_output():
     changed = features.clone()
     changed[:, 0] += 1.0
     torch.testing.assert_close(summaries.context(changed)[:, 1:], s[:, 1:])
-    assert summaries.target(torch.randn(2, 3, 5, 4)).shape == (2, 3, 6)
+    x_plus, x_t, x_prev = torch.randn(3, 2, 3, 5, 4).unbind(0)
+    assert summaries.target(x_plus, x_t, x_prev).shape == (2, 3, 6)
+
+
+def test_target_summary_reads_the_change_of_motion():
+    # per token [x+, x+ - x_t, x+ - 2 x_t + x_{t-1}]: the step and its change are handed over, not left to be found
+    torch.manual_seed(0)
+    summaries = Summaries(embed_dim=4, summary_dim=6)
+    x_plus, x_t, x_prev = torch.randn(3, 2, 3, 5, 4).unbind(0)
+    step = x_plus - x_t
+    expected = summaries.target_proj(summaries.target_pool(torch.cat([x_plus, step, step - (x_t - x_prev)], -1)))
+    torch.testing.assert_close(summaries.target(x_plus, x_t, x_prev), expected)
+    moved = x_prev + 1.0  # the same x+ after a different last step: a different s+
+    assert not torch.allclose(summaries.target(x_plus, x_t, moved), summaries.target(x_plus, x_t, x_prev))
 
 
 def test_context_summary_ignores_the_scale_of_the_trunk_output():

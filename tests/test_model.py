@@ -111,6 +111,12 @@ def test_trunk_context_summary_trains_every_parameter_and_reads_the_past_only(la
     s_changed, _ = model.summaries_of(changed, target)
     torch.testing.assert_close(s_changed[:, :2], s[:, :2])
     assert not torch.allclose(s_changed[:, 2], s[:, 2])
+    moved = tokens.clone()
+    moved[:, 1] += 1.0  # frame 1: the predictor's input of transitions 1->2 (as x_t) and 2->3 (as x_{t-1})
+    _, s_plus_moved = model.summaries_of(moved, target)
+    torch.testing.assert_close(s_plus_moved[:, 0], s_plus[:, 0])
+    assert not torch.allclose(s_plus_moved[:, 1], s_plus[:, 1])
+    assert not torch.allclose(s_plus_moved[:, 2], s_plus[:, 2])
 
 
 def test_oracle_without_action_is_a_clear_error(digits):

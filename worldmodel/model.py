@@ -134,7 +134,8 @@ class WorldModel(nn.Module):
     def summaries_of(
         self, tokens: Tensor, target_tokens: Tensor, features: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """Per-transition summaries: s_t [B, T-1, S] from `tokens`, s+_{t+1} [B, T-1, S] from `target_tokens`.
+        """Per-transition summaries: s_t [B, T-1, S] from `tokens`, s+_{t+1} [B, T-1, S] from `target_tokens` and
+        how they differ from `tokens` (latents.Summaries.target).
 
         Only for adassl_v / adassl_s; `target_tokens` are detached here. s_t pools the predictor trunk's output at
         t: pass `features` = predictor.trunk_features(tokens[:, :-1]) if you have them, else they are computed.
@@ -142,7 +143,7 @@ class WorldModel(nn.Module):
         self._require_inferred_latent("summaries_of")
         if features is None:
             features = self.predictor.trunk_features(tokens[:, :-1])
-        return summaries_of(self.summaries, features, target_tokens)
+        return summaries_of(self.summaries, features, tokens[:, :-1], target_tokens)
 
     def infer_latents(self, tokens: Tensor, target_tokens: Tensor) -> dict[str, Tensor]:
         """Posterior statistics per transition for tokens [B, T, N, D] and target tokens [B, T, N, D].
@@ -179,7 +180,7 @@ class WorldModel(nn.Module):
         features = self.predictor.trunk_features(tokens[:, :-1])  # [B, T-1, N, P]
         if self.latent.needs_actions:
             self._check_actions(action, tokens.shape[0], tokens.shape[1] - 1, "action")
-        r, latent_terms, latent_monitors = self.latent.train_r(features, target, action, self.summaries)
+        r, latent_terms, latent_monitors = self.latent.train_r(features, tokens[:, :-1], target, action, self.summaries)
         pred = self.predictor.from_features(features, r, tokens[:, :-1])
         terms: dict[str, Tensor] = {}
         terms["pred"], monitors = self.objective.loss(pred, target[:, 1:])
@@ -284,6 +285,7 @@ class WorldModel(nn.Module):
             r = self.latent.step_r(
                 mode,
                 features,
+                seq,
                 None if future is None else future[:, h : h + 1],
                 None if acts is None else acts[:, h],
                 self.summaries,
