@@ -97,25 +97,6 @@ def test_variational_latent_reparameterised_sample_and_kl():
     assert not torch.allclose(latent.rollout_r("prior_sample", s2, None, None), latent.prior(s2)[0])
 
 
-def test_variational_sigma_bound_starts_at_the_initial_sigma_and_is_never_exceeded():
-    s, s_plus = torch.randn(2, 4, 6), torch.randn(2, 4, 6)
-    latent = VariationalLatent(summary_dim=6, latent_dim=3, sigma_max=1.0)
-    out = latent(s, s_plus)
-    torch.testing.assert_close(out["sigma_q"], torch.full((2, 4, 3), SIGMA_INIT))
-    torch.testing.assert_close(out["kl"], torch.zeros(2, 4))
-    for net in (latent.posterior_net, latent.prior_net):  # drive the sigma heads far up, as Adam did unbounded
-        torch.nn.init.constant_(net[-1].bias[3:], 50.0)
-    out = latent(s, s_plus)
-    assert (out["sigma_q"] <= 1.0 + 1e-5).all() and (out["sigma_p"] <= 1.0 + 1e-5).all()
-    assert (out["sigma_q"] > 0.99).all()
-    unbounded = VariationalLatent(summary_dim=6, latent_dim=3)
-    torch.nn.init.constant_(unbounded.posterior_net[-1].bias[3:], 50.0)
-    assert (unbounded(s, s_plus)["sigma_q"] > 49).all()
-    for bad in (0.05, -1.0):
-        with pytest.raises(ValueError, match="latent_sigma_max"):
-            VariationalLatent(summary_dim=6, latent_dim=3, sigma_max=bad)
-
-
 def test_sparse_latent_masks_values_and_counts_active_dims():
     torch.manual_seed(0)
     latent = SparseLatent(summary_dim=6, latent_dim=3).train()

@@ -8,9 +8,8 @@ Per transition t -> t+1:
   they differ from the predictor's inputs x_t and x_{t-1} (per token [x+, x+ - x_t, x+ - 2 x_t + x_{t-1}]: where
   the frame is, how far it moved, how much that move differs from the last one), pooled and projected (all without
   gradient);
-- `adassl_v`: posterior q(r | s, s+) and conditional prior p(r | s), diagonal Gaussians, sigma = softplus + 1e-6
-  (or, with `model.latent_sigma_max` > 0, that bound times a sigmoid, + 1e-6), reparameterised sample, regulariser
-  KL(q || p) summed over the d_r dims;
+- `adassl_v`: posterior q(r | s, s+) and conditional prior p(r | s), diagonal Gaussians, sigma = softplus + 1e-6,
+  reparameterised sample, regulariser KL(q || p) summed over the d_r dims;
 - `adassl_s`: one MLP on [s, s+] gives mask logits l and values v; m ~ Bernoulli(sigmoid(l)) by logistic noise and
   a hard threshold with straight-through gradients; r = m * v; regulariser sum_i sigmoid(l_i). There is no learned
   prior: `prior_mean` gives r = 0 (no dimension active), `prior_sample` draws the mask from the running marginal
@@ -265,33 +264,19 @@ class VariationalLatent(_InferredLatent):
     name = "adassl_v"
     readouts = {"features": ("innovation", "mu_q"), "detector": "kl"}
 
-    def __init__(self, summary_dim: int, latent_dim: int, sigma_max: float = 0.0):
+    def __init__(self, summary_dim: int, latent_dim: int):
         super().__init__()
-        if sigma_max and sigma_max <= SIGMA_INIT:
-            raise ValueError(
-                f"model.latent_sigma_max={sigma_max} must exceed the initial sigma {SIGMA_INIT} (or be 0: unbounded)"
-            )
         self.latent_dim = latent_dim
-        self.sigma_max = sigma_max
         self.posterior_net = mlp(2 * summary_dim, summary_dim, 2 * latent_dim)
         self.prior_net = mlp(summary_dim, summary_dim, 2 * latent_dim)
-        if sigma_max:  # sigmoid^-1
-            raw_sigma_init = math.log(SIGMA_INIT / (sigma_max - SIGMA_INIT))
-        else:  # softplus^-1
-            raw_sigma_init = math.log(math.expm1(SIGMA_INIT))
+        raw_sigma_init = math.log(math.expm1(SIGMA_INIT))  # softplus^-1
         for net in (self.posterior_net, self.prior_net):
             nn.init.zeros_(net[-1].weight)
             nn.init.zeros_(net[-1].bias[:latent_dim])
             nn.init.constant_(net[-1].bias[latent_dim:], raw_sigma_init)
 
-    @classmethod
-    def build(cls, cfg: ModelConfig) -> Latent:
-        return cls(cfg.summary_dim, cfg.latent_dim, cfg.latent_sigma_max)
-
     def _gaussian(self, raw: Tensor) -> tuple[Tensor, Tensor]:
         mu, raw_sigma = raw.float().chunk(2, dim=-1)
-        if self.sigma_max:
-            return mu, self.sigma_max * torch.sigmoid(raw_sigma) + SIGMA_MIN
         return mu, F.softplus(raw_sigma) + SIGMA_MIN
 
     def posterior(self, s: Tensor, s_plus: Tensor) -> tuple[Tensor, Tensor]:

@@ -87,11 +87,6 @@ class ModelConfig:
     pred_motion: bool = True  # the predictor reads [x_t, x_t - x_{t-1}], so velocity is there from the first step
     latent_dim: int = 8  # d_r
     summary_dim: int = 128  # width of the pooled summaries s_t and s+_t
-    # adassl_v: the most the posterior's and the prior's sigma can reach (sigma = max * sigmoid; 0 = unbounded,
-    # softplus). On the push world both rise together from 0.1 to 7-16 early on, and r is noise the predictor learns to
-    # ignore until sigma falls back; at a bound of 1 sigma sat at the bound, where the sigmoid's gradient vanishes, and
-    # r stayed shut at one seed of three (docs/results.md, seventh round), so no config sets it
-    latent_sigma_max: float = 0.0
     action_dim: int = 0  # oracle only: width of the action rows (0 = take it from the data at start-up)
     beta: float = 0.01  # weight of the latent regulariser (see the normalisation above)
     beta_warmup_steps: int = 500  # beta rises linearly from 0 over these steps (after the delay)
