@@ -84,6 +84,34 @@ def test_forward_terms_and_gradients(latent, objective, granularity, digits):
     assert all(p.grad is None for p in model.target_encoder.parameters())
 
 
+@pytest.mark.parametrize("latent", LATENT_KINDS)
+def test_prior_mean_term_trains_the_prior_through_the_prediction(latent, digits):
+    frames, action = digits
+    model = make_model(latent=latent, prior_mean_weight=0.5)
+    perturb_conditioning(model)
+    out = model(frames, action=action, beta=0.0)
+    terms = out["terms"]
+    if latent in ("none", "oracle"):  # no prior: the weight is ignored, as beta is
+        assert "pred_prior" not in terms
+        return
+    torch.testing.assert_close(out["loss"], terms["pred"] + 0.5 * terms["pred_prior"])
+    assert not torch.allclose(terms["pred_prior"], terms["pred"])
+    out["loss"].backward()
+    if latent == "adassl_v":  # at beta 0 only the prior-mean prediction reaches the prior's mean
+        assert model.latent.prior_net[-1].weight.grad[: model.cfg.latent_dim].abs().sum() > 0
+        model.zero_grad()
+        off = make_model(latent=latent)
+        perturb_conditioning(off)
+        off(frames, beta=0.0)["loss"].backward()
+        assert off.latent.prior_net[-1].weight.grad[: off.cfg.latent_dim].abs().sum() == 0
+    model.eval()
+    tokens = model.encode(frames)
+    features = model.predictor.trunk_features(tokens[:, :-1])
+    r_train = model.latent.prior_mean_r(features, model.summaries)  # [B, T-1, d_r]
+    r_rollout = model.latent.step_r("prior_mean", features, tokens[:, :-1], None, None, model.summaries, None)
+    torch.testing.assert_close(r_train[:, -1], r_rollout)  # what training reads is what rollouts draw
+
+
 def test_context_summary_with_a_predictor_narrower_than_the_encoder(digits):
     frames, action = digits
     model = make_model(latent="adassl_v", pred_dim=16)

@@ -160,7 +160,9 @@ class WorldModel(nn.Module):
         """Training step. frames: uint8 [B, T, H, W, C]; action: float [B, T-1, A] (oracle); beta: regulariser weight.
 
         Returns {"loss": scalar, "terms": {name: scalar}, "monitors": {name: scalar}}; loss = pred + beta * reg
-        (+ recon_weight * recon when model.recon_weight > 0, + rollout_weight * rollout when model.rollout_steps > 0).
+        (+ prior_mean_weight * pred_prior, the prediction with r at the prior mean, for inferred latents when
+        model.prior_mean_weight > 0; + recon_weight * recon when model.recon_weight > 0; + rollout_weight * rollout
+        when model.rollout_steps > 0).
         """
         cfg = self.cfg
         x = preprocess(frames, cfg.img_size)
@@ -180,8 +182,9 @@ class WorldModel(nn.Module):
         features = self.predictor.trunk_features(tokens[:, :-1])  # [B, T-1, N, P]
         if self.latent.needs_actions:
             self._check_actions(action, tokens.shape[0], tokens.shape[1] - 1, "action")
-        r, latent_terms, latent_monitors = self.latent.train_r(features, tokens[:, :-1], target, action, self.summaries)
-        pred = self.predictor.from_features(features, r, tokens[:, :-1])
+        seq = tokens[:, :-1]
+        r, latent_terms, latent_monitors = self.latent.train_r(features, seq, target, action, self.summaries)
+        pred = self.predictor.from_features(features, r, seq)
         terms: dict[str, Tensor] = {}
         terms["pred"], monitors = self.objective.loss(pred, target[:, 1:])
         terms.update(latent_terms)
@@ -189,6 +192,10 @@ class WorldModel(nn.Module):
         if copy_last is not None:
             monitors["copy_last"] = copy_last
         loss = terms["pred"] + beta * terms["reg"]
+        if cfg.prior_mean_weight > 0 and self.latent.inferred:
+            pred_prior = self.predictor.from_features(features, self.latent.prior_mean_r(features, self.summaries), seq)
+            terms["pred_prior"] = self.objective.loss(pred_prior, target[:, 1:])[0]
+            loss = loss + cfg.prior_mean_weight * terms["pred_prior"]
         if self.decoder is not None:
             terms["recon"] = self.decoder.loss(raw, x)  # the raw keypoints, before the online TokenNorm
             loss = loss + cfg.recon_weight * terms["recon"]

@@ -91,6 +91,11 @@ class ModelConfig:
     beta: float = 0.01  # weight of the latent regulariser (see the normalisation above)
     beta_warmup_steps: int = 500  # beta rises linearly from 0 over these steps (after the delay)
     beta_delay_steps: int = 0  # beta is exactly 0 for these first steps (see schedules.beta_at: why)
+    # Inferred latents only (none and the oracle have no prior and ignore it): the weight of a second prediction
+    # term, the same predictor on the same trunk with r set to the prior mean (adassl_v: mu_p; adassl_s: r = 0). The
+    # posterior's r is the easy route to any part of the motion; this term makes what the history predicts come
+    # through the trunk and the prior, so the rollouts that draw no r from the future keep up with JEPA. 0 = off.
+    prior_mean_weight: float = 0.0
     # l1 | smooth_l1 (jepa objective). L1 learns the conditional median: where most transitions are deterministic,
     # rare events (kicks) are predicted as "no event" and are hard to learn at all (README, still-digits diagnostic)
     loss: Loss = "l1"
