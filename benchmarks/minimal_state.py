@@ -7,7 +7,7 @@ Per transition t -> t+1 the ground-truth positions x of the agent and the object
 stand in for the frame embedding. The predictor, an MLP, reads [x_t / 10, x_t - x_{t-1}, r] and outputs the step
 x_{t+1} - x_t; the prior p(r | x_t, x_t - x_{t-1}) reads the same history; the posterior reads it too and, by
 `--reads`, the next positions x_{t+1} / 10 (`next`: what the project's posterior read before), the step (`step`),
-or both and the change of the step, x_{t+1} - 2 x_t + x_{t-1} (`change`: what `latents.Summaries.target` reads now).
+or both and the change of the step, x_{t+1} - 2 x_t + x_{t-1} (`change`: what `summaries.Summaries.target` reads now).
 Loss: L1 in pixels + beta * KL(q || p), Adam 1e-3, batches of 256, one thread. Also plain JEPA (r = 0) and the
 oracle (r = a linear map of the action) with `--methods`.
 

@@ -8,11 +8,11 @@ from worldmodel.latents import (
     SIGMA_INIT,
     OracleLatent,
     SparseLatent,
-    Summaries,
     VariationalLatent,
     gaussian_kl,
     straight_through_bernoulli,
 )
+from worldmodel.summaries import Summaries
 
 
 def test_gaussian_kl_matches_torch_distributions():

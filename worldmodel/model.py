@@ -38,11 +38,12 @@ from worldmodel.encoder import (
     output_shape,
     preprocess,
 )
-from worldmodel.latents import ROLLOUT_MODES, Summaries, build_latent, latent_class, summaries_of
+from worldmodel.latents import ROLLOUT_MODES, build_latent, latent_class
 from worldmodel.model_config import ModelConfig
 from worldmodel.monitors import effective_rank, per_dim_std, target_health
 from worldmodel.objectives import build_objective
 from worldmodel.predictor import Predictor, expand_cond
+from worldmodel.summaries import Summaries, summaries_of
 
 __all__ = ["ROLLOUT_MODES", "WorldModel"]
 
@@ -135,7 +136,7 @@ class WorldModel(nn.Module):
         self, tokens: Tensor, target_tokens: Tensor, features: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """Per-transition summaries: s_t [B, T-1, S] from `tokens`, s+_{t+1} [B, T-1, S] from `target_tokens` and
-        how they differ from `tokens` (latents.Summaries.target).
+        how they differ from `tokens` (summaries.Summaries.target).
 
         Only for adassl_v / adassl_s; `target_tokens` are detached here. s_t pools the predictor trunk's output at
         t: pass `features` = predictor.trunk_features(tokens[:, :-1]) if you have them, else they are computed.
