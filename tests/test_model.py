@@ -85,9 +85,10 @@ def test_forward_terms_and_gradients(latent, objective, granularity, digits):
 
 
 @pytest.mark.parametrize("latent", LATENT_KINDS)
-def test_prior_mean_term_trains_the_prior_through_the_prediction(latent, digits):
+@pytest.mark.parametrize("granularity", ["frame", "tokens"])
+def test_prior_mean_term_trains_the_prior_through_the_prediction(latent, granularity, digits):
     frames, action = digits
-    model = make_model(latent=latent, prior_mean_weight=0.5)
+    model = make_model(latent=latent, prior_mean_weight=0.5, granularity=granularity)
     perturb_conditioning(model)
     out = model(frames, action=action, beta=0.0)
     terms = out["terms"]
@@ -100,7 +101,7 @@ def test_prior_mean_term_trains_the_prior_through_the_prediction(latent, digits)
     if latent == "adassl_v":  # at beta 0 only the prior-mean prediction reaches the prior's mean
         assert model.latent.prior_net[-1].weight.grad[: model.cfg.latent_dim].abs().sum() > 0
         model.zero_grad()
-        off = make_model(latent=latent)
+        off = make_model(latent=latent, granularity=granularity)
         perturb_conditioning(off)
         off(frames, beta=0.0)["loss"].backward()
         assert off.latent.prior_net[-1].weight.grad[: off.cfg.latent_dim].abs().sum() == 0
