@@ -152,3 +152,20 @@ def test_every_configurable_latent_and_objective_has_its_class():
     assert tuple(LATENT_CLASSES) == LATENTS
     assert tuple(OBJECTIVE_CLASSES) == OBJECTIVES
     assert all(cls.name == name for name, cls in LATENT_CLASSES.items())
+
+
+def test_prior_anchor_adds_the_prior_s_kl_to_a_narrow_standard_gaussian():
+    torch.manual_seed(0)
+    plain = VariationalLatent(16, 4)
+    s, s_plus = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    anchored = VariationalLatent(16, 4, prior_anchor=0.5)
+    anchored.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(anchored(s, s_plus)["reg"], plain(s, s_plus)["reg"])  # p = N(0, SIGMA_INIT^2) at init
+    torch.nn.init.normal_(plain.prior_net[-1].weight, std=0.5)
+    torch.nn.init.normal_(plain.posterior_net[-1].weight, std=0.5)
+    anchored.load_state_dict(plain.state_dict())
+    out_plain, out = plain(s, s_plus), anchored(s, s_plus)
+    torch.testing.assert_close(out["kl"], out_plain["kl"])  # the detector reads KL(q || p) alone
+    anchor = kl_divergence(Normal(out["mu_p"], out["sigma_p"]), Normal(0.0, SIGMA_INIT)).sum(-1)
+    assert (anchor > 0.1).all()
+    torch.testing.assert_close(out["reg"], out_plain["reg"] + 0.5 * anchor)

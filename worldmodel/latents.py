@@ -9,7 +9,8 @@ Per transition t -> t+1 (the two summaries are built in worldmodel/summaries.py)
   the frame is, how far it moved, how much that move differs from the last one), pooled and projected (all without
   gradient);
 - `adassl_v`: posterior q(r | s, s+) and conditional prior p(r | s), diagonal Gaussians, sigma = softplus + 1e-6,
-  reparameterised sample, regulariser KL(q || p) summed over the d_r dims;
+  reparameterised sample, regulariser KL(q || p) summed over the d_r dims (+ model.prior_anchor times
+  KL(p || N(0, SIGMA_INIT^2)), which anchors the prior);
 - `adassl_s`: one MLP on [s, s+] gives mask logits l and values v; m ~ Bernoulli(sigmoid(l)) by logistic noise and
   a hard threshold with straight-through gradients; r = m * v; regulariser sum_i sigmoid(l_i). There is no learned
   prior: `prior_mean` gives r = 0 (no dimension active), `prior_sample` draws the mask from the running marginal
@@ -204,9 +205,10 @@ class VariationalLatent(_InferredLatent):
     name = "adassl_v"
     readouts = {"features": ("innovation", "mu_q"), "detector": "kl"}
 
-    def __init__(self, summary_dim: int, latent_dim: int):
+    def __init__(self, summary_dim: int, latent_dim: int, prior_anchor: float = 0.0):
         super().__init__()
         self.latent_dim = latent_dim
+        self.prior_anchor = prior_anchor
         self.posterior_net = mlp(2 * summary_dim, summary_dim, 2 * latent_dim)
         self.prior_net = mlp(summary_dim, summary_dim, 2 * latent_dim)
         raw_sigma_init = math.log(math.expm1(SIGMA_INIT))  # softplus^-1
@@ -214,6 +216,10 @@ class VariationalLatent(_InferredLatent):
             nn.init.zeros_(net[-1].weight)
             nn.init.zeros_(net[-1].bias[:latent_dim])
             nn.init.constant_(net[-1].bias[latent_dim:], raw_sigma_init)
+
+    @classmethod
+    def build(cls, cfg: ModelConfig) -> Latent:
+        return cls(cfg.summary_dim, cfg.latent_dim, cfg.prior_anchor)
 
     def _gaussian(self, raw: Tensor) -> tuple[Tensor, Tensor]:
         mu, raw_sigma = raw.float().chunk(2, dim=-1)
@@ -233,9 +239,13 @@ class VariationalLatent(_InferredLatent):
         mu_p, sigma_p = self.prior(s)
         kl = gaussian_kl(mu_q, sigma_q, mu_p, sigma_p)
         r = mu_q + sigma_q * torch.randn_like(mu_q)
+        reg = kl
+        if self.prior_anchor > 0:
+            anchor = gaussian_kl(mu_p, sigma_p, torch.zeros_like(mu_p), torch.full_like(sigma_p, SIGMA_INIT))
+            reg = kl + self.prior_anchor * anchor
         return {
             "r": r,
-            "reg": kl,
+            "reg": reg,
             "kl": kl,
             "mu_q": mu_q,
             "sigma_q": sigma_q,

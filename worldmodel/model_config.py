@@ -96,6 +96,11 @@ class ModelConfig:
     # posterior's r is the easy route to any part of the motion; this term makes what the history predicts come
     # through the trunk and the prior, so the rollouts that draw no r from the future keep up with JEPA. 0 = off.
     prior_mean_weight: float = 0.0
+    # AdaSSL-V only: the weight of KL(p(r | s) || N(0, 0.1^2 I)) in its regulariser, beside KL(q || p) (both times
+    # beta). With a learned prior alone nothing sets r's scale and nothing keeps what the history predicts out of r
+    # (it costs no KL once the prior has learned it); anchored, it costs nats, so it moves to the trunk: r = 0 then
+    # forecasts like the prior mean and r opens on what the history cannot predict. 0 = off.
+    prior_anchor: float = 0.0
     # l1 | smooth_l1 (jepa objective). L1 learns the conditional median: where most transitions are deterministic,
     # rare events (kicks) are predicted as "no event" and are hard to learn at all (README, still-digits diagnostic)
     loss: Loss = "l1"
