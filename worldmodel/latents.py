@@ -381,12 +381,6 @@ class OracleLatent(Latent):
     def train_r(self, features, inputs, target, action, summaries):
         return self(action), {"reg": target.new_zeros(())}, {}
 
-    def prior_mean_r(self, features: Tensor, summaries: Summaries) -> Tensor:
-        """r [B, T-1, d_r]: each transition's prior mean (what rollout mode prior_mean draws), from the trunk
-        features of frames 0..T-2 [B, T-1, N, P]; trained through (model.prior_mean_weight)."""
-        s = summaries.context(features)
-        return self.rollout_r("prior_mean", s.flatten(0, 1), None, None).view(*s.shape[:2], -1)
-
     def step_r(self, mode, features, inputs, future, action, summaries, generator):
         if mode == "zero":
             return features.new_zeros(features.shape[0], self.latent_dim)
