@@ -26,6 +26,7 @@ error over the target variance: consecutive targets should stay closer than rand
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange, reduce, repeat
 from torch import Tensor, nn
 
@@ -43,6 +44,7 @@ from worldmodel.model_config import ModelConfig
 from worldmodel.monitors import effective_rank, per_dim_std, target_health
 from worldmodel.objectives import build_objective
 from worldmodel.predictor import Predictor, expand_cond
+from worldmodel.sigreg import sigreg
 from worldmodel.summaries import Summaries, summaries_of
 
 __all__ = ["ROLLOUT_MODES", "WorldModel"]
@@ -56,6 +58,17 @@ class WorldModel(nn.Module):
         kind = latent_class(cfg.latent)  # ValueError for an unknown name
         self.objective = build_objective(cfg.objective, cfg.loss, cfg.temperature)
         self.cfg = cfg
+        # targets from the EMA target encoder (no grad), or from the online encoder with gradient (model.target online)
+        self.ema_target = self.objective.ema_target and cfg.target == "ema"
+        if cfg.target == "online" and cfg.sigreg_weight <= 0 and cfg.objective == "jepa":
+            raise ValueError(
+                "model.target=online regresses the online encoder on itself, which collapses to a constant without "
+                "an anti-collapse term: set model.sigreg_weight > 0 (LeWM: 0.09) or model.target=ema"
+            )
+        for key in ("sigreg_weight", "temporal_std_weight"):
+            if getattr(cfg, key) < 0:
+                raise ValueError(f"model.{key} must be >= 0 (0 = off), got {getattr(cfg, key)}")
+        self.sigreg_seed = 0  # the SIGReg directions' seed; the trainer sets it every step (same on every rank)
         self.encoder = FrameEncoder(cfg)
         self.target_encoder = make_target(self.encoder)
         # the reconstruction decoder (below) starts from this state of the generator, whatever the method builds in
@@ -122,7 +135,7 @@ class WorldModel(nn.Module):
     def encode_target(self, frames: Tensor) -> Tensor:
         """frames: uint8 [B, T, H, W, C] -> normalised training targets [B, T, N, D] (no grad)."""
         x = preprocess(frames, self.cfg.img_size)
-        if self.objective.ema_target:
+        if self.ema_target:
             return self.norm(self.target_encoder(x))
         return self.online_norm(self.encoder(x))
 
@@ -162,8 +175,9 @@ class WorldModel(nn.Module):
 
         Returns {"loss": scalar, "terms": {name: scalar}, "monitors": {name: scalar}}; loss = pred + beta * reg
         (+ prior_mean_weight * pred_prior, the prediction with r at the prior mean, for inferred latents when
-        model.prior_mean_weight > 0; + recon_weight * recon when model.recon_weight > 0; + rollout_weight * rollout
-        when model.rollout_steps > 0).
+        model.prior_mean_weight > 0; + recon_weight * recon when model.recon_weight > 0; + sigreg_weight * sigreg
+        and temporal_std_weight * temporal_std when those are > 0; + rollout_weight * rollout when
+        model.rollout_steps > 0).
         """
         cfg = self.cfg
         x = preprocess(frames, cfg.img_size)
@@ -173,7 +187,7 @@ class WorldModel(nn.Module):
         tokens = self.online_norm(raw)
         if not cfg.pred_trains_encoder:  # the encoder learns from the reconstruction alone (on `raw`, below)
             tokens = tokens.detach()
-        if self.objective.ema_target:
+        if self.ema_target:
             with torch.no_grad():
                 raw_target = self.target_encoder(x)
                 target = self.norm(raw_target)
@@ -200,6 +214,15 @@ class WorldModel(nn.Module):
         if self.decoder is not None:
             terms["recon"] = self.decoder.loss(raw, x)  # the raw keypoints, before the online TokenNorm
             loss = loss + cfg.recon_weight * terms["recon"]
+        if cfg.sigreg_weight > 0 or cfg.temporal_std_weight > 0:
+            frame_emb = reduce(raw, "b t n d -> b t d", "mean")  # the frame embedding (token grids: their mean)
+        if cfg.sigreg_weight > 0:
+            terms["sigreg"] = sigreg(rearrange(frame_emb, "b t d -> t b d"), seed=self.sigreg_seed)
+            loss = loss + cfg.sigreg_weight * terms["sigreg"]
+        if cfg.temporal_std_weight > 0:
+            std_t = frame_emb.float().var(dim=1, unbiased=False).add(1e-4).sqrt()  # [B, D]: over the clip's frames
+            terms["temporal_std"] = F.relu(1.0 - std_t).mean()
+            loss = loss + cfg.temporal_std_weight * terms["temporal_std"]
         if cfg.rollout_steps > 0:
             terms["rollout"] = self._rollout_term(tokens, target, action)
             loss = loss + cfg.rollout_weight * terms["rollout"]

@@ -22,6 +22,7 @@ FrameHead = Literal["linear", "keypoints"]  # model.frame_head (worldmodel/encod
 Prediction = Literal["absolute", "residual"]  # model.prediction (worldmodel/predictor.py Predictor)
 Conditioning = Literal["adaln", "token"]  # model.conditioning (worldmodel/predictor.py)
 Loss = Literal["l1", "smooth_l1"]  # model.loss (worldmodel/objectives.py jepa_loss)
+Target = Literal["ema", "online"]  # model.target (worldmodel/model.py)
 
 CHANNELS = 3  # frames are RGB: the decoders and the shard writer always give three channels
 LATENTS: tuple[str, ...] = get_args(Latent)
@@ -109,6 +110,20 @@ class ModelConfig:
     temperature: float = 0.1  # infonce
     target_norm: TokenNormMode = "center_layernorm"  # see encoder.TokenNorm
     center_momentum: float = 0.9
+    # Where the jepa objective's targets come from: "ema", the EMA target encoder under no gradient (BYOL, V-JEPA);
+    # "online", the online encoder itself with gradient (LeWM: no EMA, no stop-gradient; needs sigreg_weight > 0,
+    # or the encoder collapses to a constant)
+    target: Target = "ema"
+    # SIGReg (worldmodel/sigreg.py): the weight of the Epps-Pulley statistic that asks the frame embedding (the frame
+    # head's output, before normalisation; token grids: their mean) to be an isotropic Gaussian over the global batch,
+    # per time step. LeWM's weight is 0.09. 0 = off.
+    sigreg_weight: float = 0.0
+    # Within-clip pressure: the weight of a hinge max(0, 1 - std over the clip's frames) per embedding dim (PLDM's
+    # std_t), so that a still background cannot fill the embedding. 0 = off.
+    temporal_std_weight: float = 0.0
+    # The encoder reads [x_t, x_t - x_{t-1}] (the first frame of a clip: a zero difference) instead of x_t, so that
+    # what moves is visible to it (V-JEPA's tubelets are two frames deep).
+    encoder_motion: bool = False
     ema_start: float = 0.996  # EMA momentum of the target encoder, cosine schedule ema_start -> ema_end
     ema_end: float = 1.0
     init_weights: str = ""  # optional local file with encoder weights (no hub downloads)

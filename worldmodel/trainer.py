@@ -339,6 +339,7 @@ def _step(run: _Run, step: int, window: _Window, stop: StopRequest) -> _StepResu
             recon_sigma_at(step, sigma=m.recon_sigma, start=m.recon_sigma_start, steps=m.recon_sigma_steps)
         )
         run.core.decoder.seed_masks(cfg.seed + 1_000_003 * step + 7_919 * accelerator.process_index)
+    run.core.sigreg_seed = 1_000_003 * cfg.seed + step  # the same SIGReg directions on every rank, and on resume
     epoch, sums, term_names = _forward_backward(run, window, beta)
 
     nonfinite = (~torch.isfinite(sums["loss"])).float()
