@@ -4,14 +4,16 @@
     python -m benchmarks.adassl_vs_jepa --quick        # 1 seed, shorter training: a smoke run of the whole table
     python -m benchmarks.adassl_vs_jepa --still        # the still-digits diagnostic (digits rest, kicks are jumps)
     python -m benchmarks.adassl_vs_jepa --world push   # the push world: none, adassl_v, oracle (configs/push.yaml)
+    python -m benchmarks.adassl_vs_jepa --world pusht  # PushT (gym-pusht, the pusht extra): configs/pusht.yaml
 
 Trains `none` (plain JEPA), `adassl_v`, `adassl_s` and `oracle` (the velocity kicks as the action) with
 `train.py`, evaluates each with `evaluate.py` on the same held-out shards, and prints one table (mean ± std over
 seeds): rollout L1 at horizons 1, 4 and 8 on kicked and unkicked transitions; position, velocity and digit-identity
 probes on encoded frames; the per-transition KL as a kick detector (AUC); the latent-action probe on the innovation.
 The table is also written to OUT/table.md and OUT/table.json. "Kicked" transitions are the ones the data flags as
-events: a velocity kick (moving digits), a change of the agent's intent or a contact beginning (push world); the
-oracle conditions on the data's actions (the kicks; the agent's commanded velocity).
+events: a velocity kick (moving digits), a change of the agent's intent or a contact beginning (push world), a change
+of the scripted policy's intent (PushT); the oracle conditions on the data's actions (the kicks; the agent's
+commanded velocity; the target position PushT's controller pulls the agent to).
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ from pathlib import Path
 from benchmarks.runs import ROOT, ensure_data, metric, new_parser, parse_with_overrides, probe_mean, train_and_evaluate
 
 METHODS = ("none", "adassl_v", "adassl_s", "oracle")
+# The worlds of agents with actions: their data folder under data/, config, and suffix of runs/bench.
+WORLD_RUNS = {
+    "push": {"data": "push_world", "config": "configs/push.yaml", "runs": "-push"},
+    "pusht": {"data": "pusht", "config": "configs/pusht.yaml", "runs": "-pusht"},
+}
 HORIZONS = (1, 4, 8)
 
 # (row label, method, mode in metrics.json)
@@ -128,12 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="1 seed and a short schedule (smoke run)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; --quick: 0)")
     parser.add_argument(
-        "--world", choices=("digits", "push"), default="digits",
-        help="moving digits (default) or the push world (data/push_world, configs/push.yaml, runs/bench-push)",
+        "--world", choices=("digits", "push", "pusht"), default="digits",
+        help="moving digits (default), the push world (data/push_world, configs/push.yaml, runs/bench-push) or PushT "
+        "(data/pusht, configs/pusht.yaml, runs/bench-pusht; needs the pusht extra)",
     )  # fmt: skip
     parser.add_argument("--methods", nargs="+", default=None, choices=METHODS,
-                        help="default: all four on digits; none, adassl_v and oracle on push")  # fmt: skip
-    parser.add_argument("--config", default=None, help="default configs/demo.yaml (configs/push.yaml for push)")
+                        help="default: all four on digits; none, adassl_v and oracle on push and pusht")  # fmt: skip
+    parser.add_argument(
+        "--config", default=None, help="default configs/demo.yaml (configs/push.yaml for push, pusht.yaml for pusht)"
+    )
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the config's)")
     parser.add_argument(
         "--still",
@@ -141,8 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the diagnostic data where digits rest and a kick is a one-frame jump (copy-last is exact on every "
         "unkicked transition): data/still_digits, runs/bench-still[-quick]",
     )
-    parser.add_argument("--data", type=Path, default=None, help="data dir (default data/moving_digits or still_digits)")
-    parser.add_argument("--out", type=Path, default=None, help="runs and table (default runs/bench[-still][-quick])")
+    parser.add_argument(
+        "--data", type=Path, default=None,
+        help="data dir (default data/moving_digits, still_digits, push_world or pusht)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--out", type=Path, default=None,
+        help="runs and table (default runs/bench[-still|-push|-pusht][-quick])",
+    )  # fmt: skip
     parser.add_argument("--horizon", type=int, default=8)
     parser.add_argument("--num-samples", type=int, default=8, help="K sampled futures for best-of-K")
     return parser
@@ -151,15 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parse_with_overrides(build_parser(), argv)  # any key=value word: a config override for every run
 
-    push = args.world == "push"
-    if push and args.still:
-        raise SystemExit("--still is a variant of the moving digits; it does not apply to --world push")
+    world = WORLD_RUNS.get(args.world)  # None: the moving digits
+    if world and args.still:
+        raise SystemExit(f"--still is a variant of the moving digits; it does not apply to --world {args.world}")
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    methods = args.methods or (["none", "adassl_v", "oracle"] if push else list(METHODS))
-    config = args.config or ("configs/push.yaml" if push else "configs/demo.yaml")
-    name = "push_world" if push else "still_digits" if args.still else "moving_digits"
+    methods = args.methods or (["none", "adassl_v", "oracle"] if world else list(METHODS))
+    config = args.config or (world["config"] if world else "configs/demo.yaml")
+    name = world["data"] if world else "still_digits" if args.still else "moving_digits"
     data = args.data or ROOT / "data" / name
-    variant = "-push" if push else "-still" if args.still else ""
+    variant = world["runs"] if world else "-still" if args.still else ""
     out = args.out or ROOT / "runs" / ("bench" + variant + ("-quick" if args.quick else ""))
     steps = args.steps or (300 if args.quick else None)
     ensure_data(data, num_videos=1024, val_videos=256, still=args.still, world=args.world)

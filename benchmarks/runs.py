@@ -19,6 +19,12 @@ from data_pipeline.simulated import world_version
 from worldmodel.evaluation.runner import evaluated_final
 
 ROOT = Path(__file__).resolve().parent.parent
+# The built-in worlds: name -> the generator module (its VERSION, its command line).
+WORLDS = {
+    "digits": "data_pipeline.make_moving_digits",
+    "push": "data_pipeline.make_push_world",
+    "pusht": "data_pipeline.make_pusht",
+}
 
 
 def run(cmd: list[str]) -> None:
@@ -56,10 +62,15 @@ def ensure_data(
     data_dir: Path, num_videos: int, val_videos: int, seed: int = 0, still: bool = False, world: str = "digits"
 ) -> None:
     """Generate a built-in world's shards into data_dir/{train,val} unless they exist: `world` "digits" (stochastic
-    moving digits; `still`: the diagnostic variant where digits rest and a kick is a one-frame jump) or "push"
-    (an agent pushing an object, `make_push_world`). Existing data written by another version of the world's rules
-    is refused with a message rather than silently measured."""
-    module = "data_pipeline.make_push_world" if world == "push" else "data_pipeline.make_moving_digits"
+    moving digits; `still`: the diagnostic variant where digits rest and a kick is a one-frame jump), "push" (an
+    agent pushing an object, `make_push_world`) or "pusht" (gym-pusht's PushT with a scripted policy, `make_pusht`;
+    needs the pusht extra). Existing data written by another version of the world's rules is refused with a
+    message rather than silently measured."""
+    if world not in WORLDS:
+        raise ValueError(f"unknown world {world!r}; the built-in worlds are {sorted(WORLDS)}")
+    if still and world != "digits":
+        raise ValueError(f"still is a variant of the moving digits, not of world {world!r}")
+    module = WORLDS[world]
     if (data_dir / "val" / "index.json").exists():
         expected, found = importlib.import_module(module).VERSION, world_version(data_dir)
         if found != expected:

@@ -4,12 +4,15 @@ Imports are read with `ast` (top-level and function-local `import`/`from ... imp
 `importlib.import_module("name")` with a literal name, also through a helper that passes its argument on, like
 data_pipeline.decoders._require). An import module is mapped to the distribution that provides it with
 importlib.metadata.packages_distributions() (decord -> decord2, yaml -> PyYAML, PIL -> pillow, ...), so every
-imported package must be installed in the environment that runs the tests (scripts/install.sh VENV all dev).
+imported package must be installed in the environment that runs the tests (scripts/install.sh VENV all dev,pusht).
 
 Optional backends: an import inside `try:` whose `except ImportError` (or ModuleNotFoundError) handler falls back
 instead of raising again is optional and need not be a hard dependency. None of the shipped code has one today:
 the decoders "decord" (the default of data.decoder) and "pyav" are loaded on demand by `_require`, which raises a
 clear ImportError when the package is missing, so decord2 and av are hard dependencies.
+
+Shipped modules that need an extra (EXTRA_MODULES: the PushT world needs gym-pusht) may import it, but only inside
+the functions that use it, so the module itself (its VERSION, its command line's help) imports without the extra.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ INDIRECT = {
     "tensorboard": "worldmodel/metrics_log.py uses torch.utils.tensorboard, which needs it; torch does not declare it",
 }
 IMPORT_ERRORS = {"ImportError", "ModuleNotFoundError"}
+# Shipped modules whose imports may come from an extra too (imported where used, with an ImportError naming it).
+EXTRA_MODULES = {"data_pipeline/make_pusht.py": "pusht"}
 
 
 def normalize(name: str) -> str:
@@ -169,8 +174,28 @@ def undeclared(imports: dict[str, dict[str, bool]], declared: set[str]) -> list[
 
 
 def test_imports_of_the_shipped_code_are_declared_dependencies():
-    problems = undeclared(third_party_imports(SHIPPED), dependencies())
+    imports = third_party_imports(SHIPPED)
+    core = {module: {f: o for f, o in files.items() if f not in EXTRA_MODULES} for module, files in imports.items()}
+    problems = undeclared(core, dependencies())
+    for file, extra in EXTRA_MODULES.items():
+        found = undeclared(third_party_imports([file]), dependencies() | extras()[extra])
+        problems += [f"{problem} (extra {extra})" for problem in found]
     assert not problems, "imported but not in [project].dependencies of pyproject.toml:\n  " + "\n  ".join(problems)
+
+
+def test_modules_that_need_an_extra_import_it_only_where_it_is_used():
+    """A module of EXTRA_MODULES imports its extra inside functions, never at module level: the benchmarks read its
+    VERSION, and its --help works, where the extra is not installed."""
+    for file, extra in EXTRA_MODULES.items():
+        tree = ast.parse((REPO / file).read_text(), file)
+        top = set()
+        for node in tree.body:  # module-level statements only
+            if isinstance(node, ast.Import):
+                top |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                top.add(node.module.split(".")[0])
+        from_extra = sorted(m for m in top if distributions_of(m) & extras()[extra] - dependencies())
+        assert not from_extra, f"{file} imports {from_extra} (extra {extra}) at module level"
 
 
 def test_imports_of_tests_and_benchmarks_are_declared_dependencies_or_extras():
