@@ -247,6 +247,7 @@ def make_moving_digits(
     mnist: str | Path | None = None,
     samples_per_shard: int = 100,
     progress: bool = True,
+    stable_patch: int = 0,
 ) -> dict[str, WriteSummary]:
     """Generate `num_videos` training and `val_videos` (default num_videos // 10, at least 1) held-out videos into
     OUTPUT/train/ and OUTPUT/val/ shards. Train uses seed [seed, 0], val [seed, 1]: same seed, same frames and
@@ -260,6 +261,7 @@ def make_moving_digits(
         val_videos=val_videos,
         samples_per_shard=samples_per_shard,
         progress=progress,
+        stable_patch=stable_patch,
         num_frames=num_frames,
         num_digits=num_digits,
         kick_prob=kick_prob,
@@ -296,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         val_videos=args.val_videos,
         mnist=args.mnist,
         samples_per_shard=args.samples_per_shard,
+        stable_patch=args.stable_patch,
     )
     return report(summaries)
 

@@ -217,6 +217,7 @@ def make_push_world(
     val_videos: int | None = None,
     samples_per_shard: int = 100,
     progress: bool = True,
+    stable_patch: int = 0,
 ) -> dict[str, WriteSummary]:
     """Generate `num_videos` training and `val_videos` (default num_videos // 10, at least 1) held-out videos into
     OUTPUT/train/ and OUTPUT/val/ shards. Train uses seed [seed, 0], val [seed, 1]: same seed, same frames and
@@ -229,6 +230,7 @@ def make_push_world(
         val_videos=val_videos,
         samples_per_shard=samples_per_shard,
         progress=progress,
+        stable_patch=stable_patch,
         num_frames=num_frames,
         intent_prob=intent_prob,
         version=VERSION,
@@ -250,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         intent_prob=args.intent_prob,
         val_videos=args.val_videos,
         samples_per_shard=args.samples_per_shard,
+        stable_patch=args.stable_patch,
     )
     return report(summaries)
 

@@ -242,6 +242,7 @@ def make_pusht(
     val_videos: int | None = None,
     samples_per_shard: int = 100,
     progress: bool = True,
+    stable_patch: int = 0,
 ) -> dict[str, WriteSummary]:
     """Generate `num_videos` training and `val_videos` (default num_videos // 10, at least 1) held-out PushT
     episodes into OUTPUT/train/ and OUTPUT/val/ shards, and OUTPUT/world.json with VERSION. Train uses seed
@@ -254,6 +255,7 @@ def make_pusht(
         val_videos=val_videos,
         samples_per_shard=samples_per_shard,
         progress=progress,
+        stable_patch=stable_patch,
         num_frames=num_frames,
         intent_prob=intent_prob,
         version=VERSION,
@@ -276,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         intent_prob=args.intent_prob,
         val_videos=args.val_videos,
         samples_per_shard=args.samples_per_shard,
+        stable_patch=args.stable_patch,
     )
     return report(summaries)
 

@@ -91,7 +91,7 @@ def test_shards_decode_to_the_simulated_positions(tmp_path):
     index = json.loads((tmp_path / "train" / "index.json").read_text())
     assert index["total_samples"] == 2
     stamp = json.loads((tmp_path / "world.json").read_text())
-    assert stamp == {"generator": "data_pipeline.make_push_world", "version": VERSION, "seed": 0}
+    assert stamp == {"generator": "data_pipeline.make_push_world", "version": VERSION, "seed": 0, "stable_patch": 0}
     with tarfile.open(tmp_path / "train" / "shard-000000.tar") as tar:
         members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
     meta = json.loads(members["train_0000000.json"])
@@ -99,3 +99,29 @@ def test_shards_decode_to_the_simulated_positions(tmp_path):
     state = np.array(meta["state"])
     for t in range(12):
         assert np.abs(_centroid(frames[t], AGENT_RGB) - state[t, :2]).max() < 0.5
+
+
+def test_a_stable_patch_is_pasted_into_every_frame_and_leaves_the_world_as_it_was(tmp_path):
+    make_push_world(tmp_path / "plain", 2, seed=0, val_videos=1, num_frames=8, progress=False)
+    make_push_world(tmp_path / "patch", 2, seed=0, val_videos=1, num_frames=8, progress=False, stable_patch=16)
+    assert json.loads((tmp_path / "patch" / "world.json").read_text())["stable_patch"] == 16
+    corners = set()
+    for i in range(2):
+        decoded = {}
+        for name in ("plain", "patch"):
+            with tarfile.open(tmp_path / name / "train" / "shard-000000.tar") as tar:
+                members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+            decoded[name] = (
+                get_decoder("pyav").decode(members[f"train_{i:07d}.mp4"], list(range(8))).astype(np.int16),
+                json.loads(members[f"train_{i:07d}.json"]),
+            )
+        (plain, plain_meta), (patched, meta) = decoded["plain"], decoded["patch"]
+        assert meta["state"] == plain_meta["state"] and meta["action"] == plain_meta["action"]  # the same world
+        x, y, size, *colour = meta["stable_patch"]
+        assert size == 16 and x in (0, 48) and y in (0, 48)
+        corners.add((x, y))
+        inside = np.zeros(plain.shape[1:3], dtype=bool)
+        inside[y : y + size, x : x + size] = True
+        square = patched[:, y + 4 : y + size - 4, x + 4 : x + size - 4]  # away from the edge (chroma subsampling)
+        assert np.abs(square - np.array(colour)).max() <= 12  # the same colour in every frame
+        assert np.abs(patched[:, ~inside] - plain[:, ~inside]).mean() < 2.0  # elsewhere the same frames
