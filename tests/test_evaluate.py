@@ -66,11 +66,22 @@ def test_evaluate_writes_metrics_report_and_pngs(evaluated):
     assert horizon == 2 and metrics["num_clips"] == 8
     assert set(metrics["modes"]) == ADASSL_MODES
     for entry in metrics["modes"].values():
-        assert set(entry) == {"all", "event", "no_event"}
-        assert all(len(entry["all"][m]) == horizon for m in ("l1", "l2", "cos"))
+        assert set(entry) == {"all", "event", "no_event", "no_event_so_far"}
+        assert all(len(entry["all"][m]) == horizon for m in ("l1", "l2", "cos", "energy_score"))
         assert all(v >= 0 for v in entry["all"]["l1"])
+        # a step with no event so far has no event on its own transition either; at h=1 the two are the same
+        so_far, no_event = entry["no_event_so_far"]["count"], entry["no_event"]["count"]
+        assert so_far[0] == no_event[0] and all(a <= b for a, b in zip(so_far, no_event, strict=True))
     best = np.mean(metrics["modes"]["best_of_k"]["all"]["l1"])
     assert best <= np.mean(metrics["modes"]["mean_of_k"]["all"]["l1"]) + 1e-7
+    # a deterministic mode's ES is its RMS error per clip: its clip mean is at most the root of the mean l2
+    for mode in ("copy_last", "prior_mean", "posterior"):
+        entry = metrics["modes"][mode]["all"]
+        assert all(e <= np.sqrt(l2) + 1e-6 for e, l2 in zip(entry["energy_score"], entry["l2"], strict=True))
+    # best_of_k and mean_of_k carry the one ES and spread-skill of their K futures
+    sampled = metrics["modes"]["best_of_k"]["all"], metrics["modes"]["mean_of_k"]["all"]
+    assert sampled[0]["energy_score"] == sampled[1]["energy_score"]
+    assert sampled[0]["spread_skill"] == sampled[1]["spread_skill"] and min(sampled[0]["spread_skill"]) > 0
     assert len(metrics["diversity"]) == horizon and min(metrics["diversity"]) >= 0
     probes = metrics["probes"]
     assert set(probes["encoded"]) == {"x0", "y0", "vx0", "vy0"}
@@ -86,6 +97,7 @@ def test_evaluate_writes_metrics_report_and_pngs(evaluated):
     assert any(n.startswith("latent-action probe: transitions 0..0") for n in metrics["notes"])
     report = (out / "report.md").read_text()
     assert "copy_last" in report and "nearest-neighbour retrieval" in report
+    assert "### Energy score, no-event-so-far steps" in report
     pngs = sorted(out.glob("*.png"))
     assert {p.name for p in pngs} == set(metrics["plots"]) and "errors.png" in metrics["plots"]
     assert "probes.png" in metrics["plots"] and "strip-00.png" in metrics["plots"]

@@ -179,6 +179,11 @@ def test_pixel_metrics_of_copy_last_and_decoder_limit_are_direct(two_runs, digit
     truth = to_unit(batch["frames"][:, 4:6])
     copy = to_unit(batch["frames"][:, 3:4]).expand_as(truth)
     assert result["copy_last"]["all"]["psnr"] == pytest.approx(psnr(mse_per_frame(copy, truth)).mean(0).tolist())
+    # the energy score in pixels: a deterministic row's is its RMS pixel error per frame
+    rms = mse_per_frame(copy, truth).sqrt().mean(0).tolist()
+    assert result["copy_last"]["all"]["energy_score"] == pytest.approx(rms, rel=1e-5)
+    assert result["best_of_k"]["all"]["energy_score"] == result["mean_of_k"]["all"]["energy_score"]
+    assert "spread_skill" in result["best_of_k"]["all"] and "spread_skill" not in result["prior_mean"]["all"]
     with torch.no_grad():
         limit = decoder(model.encode_target(batch["frames"])[:, 4:6])
     assert result["decoder_limit"]["all"]["mse"] == pytest.approx(mse_per_frame(limit, truth).mean(0).tolist())
@@ -233,6 +238,7 @@ def test_compare_puts_two_latent_spaces_in_the_same_units(two_runs, tmp_path):
         ("adassl_v", "prior_mean"),
         ("adassl_v", "best_of_k"),
         ("adassl_v", "posterior"),
+        ("none", "noisy_best_of_k"),
         ("none", "decoder_limit"),
         ("adassl_v", "decoder_limit"),
     } <= set(rows)
@@ -243,7 +249,12 @@ def test_compare_puts_two_latent_spaces_in_the_same_units(two_runs, tmp_path):
         assert row["psnr"]["no_event"] == [modes["prior_mean"]["no_event"]["psnr"][0]]
         expected = modes["prior_mean"]["event"]["mse"][0] / modes["copy_last"]["event"]["mse"][0]
         assert row["over_copy_last"]["event"] == [pytest.approx(expected)]
+        assert row["energy_score"]["event"] == [modes["prior_mean"]["event"]["energy_score"][0]]
+    # the noise-matched baseline of the deterministic run, decoded, beside AdaSSL-V's best-of-K
+    assert "noisy_best_of_k" in none_metrics["decoded"]["modes"] and "noisy_best_of_k" in none_metrics["modes"]
+    assert "noisy_best_of_k" not in adassl_metrics["modes"]
     assert rows[("adassl_v", "prior_mean")]["kick_auc"] is not None and rows[("none", "prior_mean")]["kick_auc"] is None
     text = (tmp_path / "compare.md").read_text()
     assert text.index("## Headline (shared units)") < text.index("## All metrics")
+    assert "ES unkicked (h1)" in text
     assert (tmp_path / "psnr.png").stat().st_size > 0 and not result["notes"]

@@ -2,7 +2,9 @@
 the token grids the frame strips retrieve pixels with.
 
 All predictions come from `model.rollout` (the function training uses); nothing here predicts on its own. The
-copy-last baseline is the one exception by design: it is the last context frame's target latents repeated.
+copy-last baseline is the one exception by design: it is the last context frame's target latents repeated; and so
+is `noisy_best_of_k` of a deterministic model (its own forecast plus noise of its own error spread, measured on the
+other clips of the batch: `rollout_metrics.loo_error_std`).
 """
 
 from __future__ import annotations
@@ -20,9 +22,13 @@ from worldmodel.evaluation.rollout_metrics import (
     ErrorAccumulator,
     MeanAccumulator,
     copy_last,
+    energy_score,
+    ensemble_scores,
+    forecast_errors,
+    loo_error_std,
+    noisy_samples,
     pairwise_diversity,
     sample_errors,
-    step_errors,
     step_events,
 )
 
@@ -33,6 +39,7 @@ from worldmodel.evaluation.rollout_metrics import (
 MIN_CONTEXT_FRAMES = 2
 MAX_STRIP_SAMPLES = 4  # sampled futures drawn per frame strip
 STRIP_MODES = ("prediction", "prior_mean", "posterior", "action")  # deterministic rows a frame strip may draw
+NOISE_FIT_CLIPS = 8  # noisy_best_of_k: a batch of fewer clips also fits its noise std on the batch before it
 
 
 def pool(tokens: torch.Tensor) -> torch.Tensor:
@@ -86,6 +93,9 @@ class Collected:
     decoder: PixelDecoder | None = None  # when set, rollouts are also decoded and scored in pixel space
     pixels: ErrorAccumulator | None = None  # pixel errors (PIXEL_METRICS) per mode, when `decoder` is set
     decoded_strips: dict[str, list[np.ndarray]] = field(default_factory=dict)  # row label -> uint8 [b, H, h, w, c]
+    # noisy_best_of_k: the deterministic forecast's errors [B, H, N, D] of the last batch (fitted on, never re-scored,
+    # by a next batch of fewer than NOISE_FIT_CLIPS clips)
+    last_errors: torch.Tensor | None = None
 
     def stacked(self, name: str) -> np.ndarray | None:
         """The per-batch list `name` concatenated over clips, or None if never filled."""
@@ -118,7 +128,8 @@ def process_batch(
 
     batch: the pipeline's dict (frames uint8 [B, T, H, W, C], optional state [B, T, S], action [B, T-1, A],
     events [B, T-1], labels [B, L]). Errors are against model.encode_target of the true future frames; `generator`
-    draws the prior samples. Predicted token grids are kept only for clips among the first `out.num_strips`.
+    draws the prior samples (and the noise of `noisy_best_of_k`, the K-future baseline of a deterministic latent).
+    Predicted token grids are kept only for clips among the first `out.num_strips`.
     """
     frames = batch["frames"].to(device)
     online = model.encode(frames)  # [B, T, N, D]
@@ -141,7 +152,7 @@ def process_batch(
     for alias, name in latent.aliases.items():
         preds[alias] = preds[name]  # the same numbers under the name other runs use
     for name, pred in preds.items():
-        out.errors.add(name, step_errors(pred, future), step_event)
+        out.errors.add(name, forecast_errors(pred, future), step_event)
         out.predicted_pooled.setdefault(name, []).append(_np(grid_pool(pred, out.probe_cells)))
         if name in STRIP_MODES and num_strip:
             out.strip_tokens.setdefault(name, []).append(_np16(pred[:num_strip]))
@@ -160,8 +171,13 @@ def process_batch(
         if num_strip:
             out.strip_samples.append(_np16(samples[:MAX_STRIP_SAMPLES, :num_strip].transpose(0, 1)))
 
+    noisy = None
+    if not latent.sampled:
+        forecast = preds[latent.eval_modes[0][0]]  # prediction (none), action (oracle)
+        noisy = _noisy_baseline(out, forecast, future, num_samples, step_event, generator)
+
     if out.decoder is not None:
-        _score_pixels(out, preds, samples, future, frames, num_context, step_event, num_strip)
+        _score_pixels(out, preds, samples, noisy, future, frames, num_context, step_event, num_strip)
 
     if latent.readouts:
         inferred = model.infer_latents(online, target)
@@ -182,10 +198,64 @@ def process_batch(
             out.names.setdefault(key, list(batch[key]))
 
 
+def _noisy_baseline(
+    out: Collected,
+    forecast: torch.Tensor,
+    future: torch.Tensor,
+    k: int,
+    step_event: torch.Tensor | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor | None:
+    """Score `noisy_best_of_k` of a deterministic forecast; returns its K futures [K, B, H, N, D], or None when no
+    other clip was there to fit the noise on (a first batch of fewer than 3 clips).
+
+    forecast, future: [B, H, N, D]. The noise std per clip, step and element is fitted on the forecast's errors on
+    the other clips of the batch (leave one out), and, for a batch of fewer than NOISE_FIT_CLIPS clips, on those of
+    the batch before it too. The best future is chosen, and all modes scored, by `sample_errors`, as `best_of_k`.
+    """
+    errors = forecast.float() - future.float()
+    extra = out.last_errors if len(errors) < NOISE_FIT_CLIPS else None
+    out.last_errors = errors
+    try:
+        std = loo_error_std(errors, extra)
+    except ValueError:
+        return None
+    samples = noisy_samples(forecast, std, k, generator)
+    by_mode, best = sample_errors(samples, future)
+    out.errors.add("noisy_best_of_k", by_mode["best_of_k"], step_event)
+    pooled = grid_pool(samples, out.probe_cells)  # [K, B, H, F]
+    index = torch.arange(len(best), device=best.device)
+    out.predicted_pooled.setdefault("noisy_best_of_k", []).append(_np(pooled[best, index]))
+    return samples
+
+
+def _deterministic_pixel_errors(pixels: torch.Tensor, truth: torch.Tensor) -> dict[str, torch.Tensor]:
+    """pixel_errors of one decoded forecast plus its energy score (its RMS pixel error). pixels, truth: float
+    [B, H, h, w, c] in [0, 1]. Returns {"mse", "psnr", "ssim", "energy_score"}, each [B, H]."""
+    return {**pixel_errors(pixels, truth), "energy_score": energy_score(pixels.unsqueeze(0), truth, frame_dims=3)}
+
+
+def _pixel_ensemble(pictures: torch.Tensor, truth: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+    """Best-of-K (per clip the future with the lowest pixel MSE over the horizon) and mean-of-K pixel errors of K
+    decoded futures, each with the ensemble's energy score and spread-skill squares in pixels.
+
+    pictures: [K, B, H, h, w, c]; truth: [B, H, h, w, c]. Returns {"best_of_k": {name: [B, H]}, "mean_of_k": ...}.
+    """
+    errors = pixel_errors(pictures, truth.unsqueeze(0).expand_as(pictures))  # each [K, B, H]
+    best = errors["mse"].mean(dim=-1).argmin(dim=0)  # [B]
+    index = torch.arange(best.shape[0], device=best.device)
+    ensemble = ensemble_scores(pictures, truth, frame_dims=3)
+    return {
+        "best_of_k": {**{k: v[best, index] for k, v in errors.items()}, **ensemble},
+        "mean_of_k": {**{k: v.mean(dim=0) for k, v in errors.items()}, **ensemble},
+    }
+
+
 def _score_pixels(
     out: Collected,
     preds: dict[str, torch.Tensor],
     samples: torch.Tensor | None,
+    noisy: torch.Tensor | None,
     future: torch.Tensor,
     frames: torch.Tensor,
     num_context: int,
@@ -195,11 +265,13 @@ def _score_pixels(
     """Decode every mode's predicted latents with `out.decoder` and add their pixel errors against the true future
     frames to `out.pixels`; keep the decoded rows of the strip clips.
 
-    preds: mode -> [B, H, N, D]; samples: [K, B, H, N, D] or None; future: the true frames' target latents
-    [B, H, N, D]; frames: uint8 [B, T, h, w, c]. Rows: `decoder_limit` (the decoder on the true target latents:
-    the decoder's own share of every decoded error), `copy_last` (the last context frame's real pixels, the same for
-    every model), each rollout mode, and best-of-K / mean-of-K of the decoded samples (best chosen per clip by its
-    pixel MSE over the horizon).
+    preds: mode -> [B, H, N, D]; samples: [K, B, H, N, D] or None; noisy: the K noisy futures of a deterministic
+    forecast [K, B, H, N, D] or None; future: the true frames' target latents [B, H, N, D]; frames: uint8
+    [B, T, h, w, c]. Rows: `decoder_limit` (the decoder on the true target latents: the decoder's own share of every
+    decoded error), `copy_last` (the last context frame's real pixels, the same for every model), each rollout
+    mode, and best-of-K / mean-of-K of the decoded samples (best chosen per clip by its pixel MSE over the horizon),
+    and `noisy_best_of_k` of the decoded noisy futures, chosen the same way. Every row has its energy score in
+    pixels; the K-future rows that of all K decoded futures, and their spread-skill squares.
     """
     decoder, horizon = out.decoder, future.shape[1]
     truth = to_unit(frames[:, num_context : num_context + horizon])  # [B, H, h, w, c]
@@ -214,19 +286,18 @@ def _score_pixels(
                 by_tensor[id(pred)] = decoder(pred)
             decoded[name] = by_tensor[id(pred)]
     for name, pixels in decoded.items():
-        out.pixels.add(name, pixel_errors(pixels, truth), step_event)
+        out.pixels.add(name, _deterministic_pixel_errors(pixels, truth), step_event)
     # strip rows, in reading order: decoded truth, the deterministic rollout, K samples, posterior, copy-last
     rows = {"decoded truth": decoded["decoder_limit"]}
     main = next(name for name in ("prediction", "prior_mean", "action") if name in decoded)
     rows[main] = decoded[main]
     if samples is not None:
         pictures = decoder(samples)  # [K, B, H, h, w, c]
-        errors = pixel_errors(pictures, truth.unsqueeze(0).expand_as(pictures))  # each [K, B, H]
-        best = errors["mse"].mean(dim=-1).argmin(dim=0)  # [B]
-        index = torch.arange(best.shape[0], device=best.device)
-        out.pixels.add("best_of_k", {k: v[best, index] for k, v in errors.items()}, step_event)
-        out.pixels.add("mean_of_k", {k: v.mean(dim=0) for k, v in errors.items()}, step_event)
+        for name, errors in _pixel_ensemble(pictures, truth).items():
+            out.pixels.add(name, errors, step_event)
         rows.update({f"sample {k + 1}": pictures[k] for k in range(min(MAX_STRIP_SAMPLES, len(pictures)))})
+    if noisy is not None:
+        out.pixels.add("noisy_best_of_k", _pixel_ensemble(decoder(noisy), truth)["best_of_k"], step_event)
     if "posterior" in decoded:
         rows["posterior"] = decoded["posterior"]
     rows["copy_last"] = decoded["copy_last"]

@@ -24,9 +24,11 @@ from worldmodel.evaluation.plots import plot_errors
 from worldmodel.evaluation.report import SPLIT_NAMES, fmt, over_copy_last, table
 
 HEADLINE_STEPS = (1, 4, 8)  # horizon steps of the headline table (those within each run's horizon)
-HEADLINE_MODES = ("prior_mean", "action", "best_of_k", "posterior")  # the forecast, then what applies per latent
+# the forecast, then what applies per latent; a best-of-K is read against the noise-matched `noisy_best_of_k`
+HEADLINE_MODES = ("prior_mean", "action", "best_of_k", "noisy_best_of_k", "posterior")
 # `prediction` (latent none) is left out: the same numbers are filed as `prior_mean`, which every run can line up on
-MODE_ORDER = ("copy_last", "prior_mean", "best_of_k", "mean_of_k", "posterior", "zero", "action")
+MODE_ORDER = ("copy_last", "prior_mean", "best_of_k", "mean_of_k", "noisy_best_of_k", "posterior", "zero", "action")
+ALL_SPLITS = ("all", "event", "no_event", "no_event_so_far")
 
 
 def load_metrics(run_dir: str | Path) -> dict:
@@ -49,7 +51,8 @@ def _at(values: list | None, steps: list[int]) -> list | None:
 
 
 def headline_rows(all_metrics: list[dict]) -> list[dict[str, Any]]:
-    """The comparison rows: rollout L1 per mode and split, probes, label accuracy, latent-action AUCs, collapse."""
+    """The comparison rows: rollout L1 and energy score (latent) per mode and split, probes, label accuracy,
+    latent-action AUCs, collapse."""
     rows: list[dict[str, Any]] = []
     points = [horizon_points(m["horizon"]) for m in all_metrics]
 
@@ -60,11 +63,14 @@ def headline_rows(all_metrics: list[dict]) -> list[dict[str, Any]]:
 
     present = {mode for m in all_metrics for mode in m["modes"]}
     for mode in [m for m in MODE_ORDER if m in present] + sorted(present - {*MODE_ORDER, "prediction"}):
-        for split in ("all", "event", "no_event"):
-            add(
-                f"L1 {mode} ({split})",
-                lambda m, p, mode=mode, split=split: _at(m["modes"].get(mode, {}).get(split, {}).get("l1"), p),
-            )
+        for metric, name in (("l1", "L1"), ("energy_score", "ES")):
+            for split in ALL_SPLITS:
+                add(
+                    f"{name} {mode} ({split})",
+                    lambda m, p, mode=mode, split=split, metric=metric: _at(
+                        m["modes"].get(mode, {}).get(split, {}).get(metric), p
+                    ),
+                )
     add("diversity of K futures", lambda m, p: _at(m.get("diversity"), p))
     state_names = dict.fromkeys(n for m in all_metrics for n in m["probes"].get("encoded", {}))
     for name in state_names:
@@ -89,12 +95,13 @@ def headline_rows(all_metrics: list[dict]) -> list[dict[str, Any]]:
 
 
 def headline(labels: list[str], all_metrics: list[dict]) -> dict:
-    """The comparison in shared units, one row per run and rollout mode: pixel PSNR (dB) and error over copy-last
-    at h = 1, 4, 8, unkicked and kicked, the KL kick AUC and the checkpoint step.
+    """The comparison in shared units, one row per run and rollout mode: pixel PSNR (dB), energy score and error over
+    copy-last at h = 1, 4, 8, unkicked and kicked, the KL kick AUC and the checkpoint step.
 
     Error over copy-last is the pixel MSE over copy-last's pixel MSE where the run has pixel metrics (evaluate.py
-    --pixels), else its latent L1 over its own copy-last L1 (marked `latent`). Returns {"splits", "steps",
-    "rows": [{"run", "mode", "step", "units", "psnr": {split: [..]}, "over_copy_last": {split: [..]},
+    --pixels), else its latent L1 over its own copy-last L1 (marked `latent`); the energy score is in the same
+    units (pixels, or the run's own latent units). Returns {"splits", "steps", "rows": [{"run", "mode", "step",
+    "units", "psnr": {split: [..]}, "energy_score": {split: [..]}, "over_copy_last": {split: [..]},
     "position_error": [..], "kick_auc"}]}; a list holds one value per headline step, None where it does not apply.
     position_error: the RMSE of the position columns of the state (pixels in the built-in worlds) read from the
     predicted latents by a probe fitted on the run's encoded true frames (for decoder_limit: on the true frames).
@@ -128,6 +135,7 @@ def _headline_row(label: str, m: dict, mode: str, splits: list[str], steps: list
         psnr = {s: None for s in splits}
         over = {s: pick(over_copy_last(m["modes"], mode, s, metric="l1")) for s in splits}
         units = "latent"
+    energy = {s: pick((decoded or m["modes"]).get(mode, {}).get(s, {}).get("energy_score")) for s in splits}
     if mode == "copy_last":
         over = {s: None for s in splits}
     kick_auc = ((m.get("latent_action") or {}).get("detector") or {}).get("event_auc")
@@ -142,6 +150,7 @@ def _headline_row(label: str, m: dict, mode: str, splits: list[str], steps: list
         "step": m["checkpoint_step"] if label != "any run" else None,
         "units": units,
         "psnr": psnr,
+        "energy_score": energy,
         "over_copy_last": over,
         "position_error": position_error,
         "kick_auc": kick_auc if mode in ("prior_mean", "action") else None,  # one per run: on its forecast row
@@ -153,6 +162,7 @@ def render_headline(head: dict) -> str:
     where = "/".join(f"h{h}" for h in head["steps"])
     header = ["run", "mode", "step"]
     header += [f"PSNR dB {SPLIT_NAMES[s]} ({where})" for s in head["splits"]]
+    header += [f"ES {SPLIT_NAMES[s]} ({where})" for s in head["splits"]]
     header += [f"err ÷ copy-last {SPLIT_NAMES[s]} ({where})" for s in head["splits"]]
     header += [f"position error ({where})", "KL kick AUC"]
 
@@ -161,13 +171,14 @@ def render_headline(head: dict) -> str:
 
     rows = []
     for r in head["rows"]:
-        unit = "" if r["units"] == "pixels" else " (latent L1)"
+        unit = "" if r["units"] == "pixels" else " (latent)"
         rows.append(
             [
                 r["run"],
                 f"`{r['mode']}`{unit}",
                 r["step"],
                 *[cells(r["psnr"][s], 1) for s in head["splits"]],
+                *[cells(r.get("energy_score", {}).get(s), 3) for s in head["splits"]],
                 *[cells(r["over_copy_last"][s], 2) for s in head["splits"]],
                 cells(r["position_error"], 2),
                 fmt(r["kick_auc"], 3),
@@ -285,8 +296,13 @@ def render_compare(result: dict, all_metrics: list[dict]) -> str:
         render_headline(result["headline"]),
         "",
         "PSNR of the frames decoded by each run's own pixel decoder (`evaluate.py --pixels`) against the true frames; "
+        "ES: the energy score of the decoded futures (a proper score, lower is better, in RMS pixel-error units: a "
+        "deterministic row scores its RMS error, `best_of_k` and `noisy_best_of_k` the ES of all their K futures, "
+        "so read a best-of-K against the ES rows and against `noisy_best_of_k`, the deterministic forecast plus "
+        "noise of its own error spread); "
         "err ÷ copy-last: pixel MSE over copy-last's (the last context frame's real pixels), so below 1 beats "
-        "copy-last, or the run's latent L1 over its own copy-last where it has no pixel metrics. `decoder_limit`: "
+        "copy-last. Rows marked (latent) have no pixel metrics: their ratio is the run's latent L1 over its own "
+        "copy-last and their ES in the run's own latent units (not comparable across runs). `decoder_limit`: "
         "the decoder on the true latents (the decoder's share of the error); position error: RMSE of the positions "
         "in the state (pixels) read from the predicted latents by a probe fitted on the run's encoded true frames "
         "(all steps; on `decoder_limit` rows: from the encoded true frames); KL kick AUC: the AdaSSL KL as a "
@@ -300,7 +316,8 @@ def render_compare(result: dict, all_metrics: list[dict]) -> str:
         "",
         table(["run", "latent", "checkpoint step", "clips"], info),
         "",
-        f"Rollout rows list L1 at horizon steps ({where}); `—` = not applicable to that run.",
+        f"Rollout rows list L1 and the energy score (ES), both latent, at horizon steps ({where}); `—` = not "
+        "applicable to that run.",
         "",
         table(["metric", *result["labels"]], rows),
         "",

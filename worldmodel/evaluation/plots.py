@@ -21,13 +21,19 @@ import torch  # noqa: E402
 from einops import rearrange  # noqa: E402
 
 R2_FLOOR = -1.0  # an R² below this (a probe far off on predicted latents) is drawn at the floor
-SPLIT_TITLES = {"all": "all transitions", "event": "event transitions", "no_event": "no-event transitions"}
+SPLIT_TITLES = {
+    "all": "all transitions",
+    "event": "event transitions",
+    "no_event": "no-event transitions",
+    "no_event_so_far": "no event so far",
+}
 
 
 def plot_errors(
     modes: dict[str, dict], path: str | Path, metric: str = "l1", ylabel: str = "{metric} to target latents"
 ) -> None:
-    """Error against horizon step, one line per mode, one panel per split (all / event / no_event).
+    """Error against horizon step, one line per mode, one panel per split (all / event / no_event /
+    no_event_so_far).
 
     modes: the metrics.json "modes" section ({mode: {split: {metric: [H]}}}), or the "decoded" one.
     """

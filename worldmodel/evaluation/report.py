@@ -10,8 +10,11 @@ MODE_HELP = {
     "copy_last": "baseline: the last context frame's target latents repeated (predicts that nothing changes)",
     "prediction": "the deterministic prediction of a `none` (plain JEPA) model (also filed as `prior_mean`)",
     "prior_mean": "r set to the prior mean at every step",
-    "best_of_k": "K futures with r ~ prior; per clip the one future with the lowest horizon-averaged L1",
-    "mean_of_k": "K futures with r ~ prior; the average error of one sampled future",
+    "best_of_k": "K futures with r ~ prior; per clip the one future with the lowest horizon-averaged L1 (chosen with "
+    "the answer: a coverage diagnostic, not a forecast; its energy score is that of all K futures)",
+    "mean_of_k": "K futures with r ~ prior; the average error of one sampled future (energy score: all K futures)",
+    "noisy_best_of_k": "baseline for a deterministic model: K futures = its forecast + Gaussian noise of its own "
+    "per-dimension error std (fitted on other clips), the best chosen as for `best_of_k`; energy score of all K",
     "posterior": "r inferred from the true future (an upper bound, not a forecast)",
     "zero": "r = 0 at every step",
     "action": "oracle: the true per-transition actions condition the predictor",
@@ -39,6 +42,55 @@ def _mode_help(modes: dict, meanings: dict[str, str]) -> list[str]:
     return ["| mode | meaning |", "|---|---|", *[f"| `{m}` | {meanings.get(m, '')} |" for m in modes], ""]
 
 
+SPLITS = ("all", "event", "no_event", "no_event_so_far")
+SPLIT_HELP = (
+    "A step counts as `event` when its predicted transition (the one producing that frame) is marked as an event in "
+    "the sample metadata, `no_event` when it is not, and `no_event_so_far` when no transition from the end of the "
+    "context up to and including its own is an event (what a model can know the future of)."
+)
+ES_HELP = (
+    "**Energy score** (Gneiting & Raftery 2007), ES = E||X - y|| - 1/2 E||X - X'|| over the K futures of a mode (the "
+    "pair term unbiased, over i != j), the norm over the whole frame divided by sqrt(its number of elements): the "
+    "scale of an RMS error. A proper scoring rule, lower is better: a deterministic mode scores its RMS error, a "
+    "sampled ensemble gains only by spread that matches its error, so every row compares. `best_of_k`, "
+    "`mean_of_k` and `noisy_best_of_k` carry the ES of all their K futures."
+)
+SPREAD_HELP = (
+    "Spread-skill ratio of the K-future ensembles: RMS spread of the samples about their mean (with the "
+    "finite-ensemble factor sqrt((K+1)/(K-1))) over the RMS error of the ensemble mean, over clips; 1 = calibrated, "
+    "below 1 over-confident, above 1 over-dispersed."
+)
+
+
+def _split_tables(modes: dict, metric: str, title: str, steps: list[str], splits=SPLITS) -> list[str]:
+    """One table per split present: `metric` [H] per mode (the modes that have it), headed by `title` and the
+    split's name and clip counts."""
+    out = []
+    for split in splits:
+        rows = [[f"`{m}`", *e[split][metric]] for m, e in modes.items() if metric in e.get(split, {})]
+        if not rows:
+            continue
+        counts = next(e[split]["count"] for e in modes.values() if split in e)
+        out += [
+            f"### {title}, {split.replace('_', '-')} steps (clips per step: {counts})",
+            "",
+            table(["mode", *steps], rows),
+            "",
+        ]
+    return out
+
+
+def _spread_table(modes: dict, steps: list[str]) -> list[str]:
+    """The spread-skill ratio per K-future mode and split, or nothing when no mode has one."""
+    rows = [
+        [f"`{m}`", split, *e[split]["spread_skill"]]
+        for m, e in modes.items()
+        for split in SPLITS
+        if "spread_skill" in e.get(split, {})
+    ]
+    return [SPREAD_HELP, "", table(["mode", "split", *steps], rows), ""] if rows else []
+
+
 def _error_section(metrics: dict) -> list[str]:
     horizon = metrics["horizon"]
     steps = [f"h={h}" for h in range(1, horizon + 1)]
@@ -48,22 +100,15 @@ def _error_section(metrics: dict) -> list[str]:
         "",
         "Open-loop rollouts from the context frames, errors per horizon step against the EMA target encoder's "
         "latents of the true frames: `l1` = mean |pred - target|, `l2` = mean squared difference, `cos` = mean "
-        "cosine distance over patches. A step counts as `event` when its predicted transition (the one producing "
-        "that frame) is marked as an event in the sample metadata.",
+        f"cosine distance over patches. {SPLIT_HELP}",
         "",
         *_mode_help(modes, MODE_HELP),
     ]
-    for split in ("all", "event", "no_event"):
-        rows = [[f"`{m}`", *e[split]["l1"]] for m, e in modes.items() if split in e]
-        if not rows:
-            continue
-        counts = next(e[split]["count"] for e in modes.values() if split in e)
-        out += [
-            f"### L1, {split.replace('_', '-')} steps (clips per step: {counts})",
-            "",
-            table(["mode", *steps], rows),
-        ]
-        out.append("")
+    out += _split_tables(modes, "l1", "L1", steps)
+    if any("energy_score" in e.get("all", {}) for e in modes.values()):
+        out += [f"{ES_HELP} In latent units here (the run's own normalised targets; read against `copy_last`).", ""]
+        out += _split_tables(modes, "energy_score", "Energy score", steps)
+        out += _spread_table(modes, steps)
     for metric in ("l2", "cos"):
         rows = [[f"`{m}`", *e["all"][metric]] for m, e in modes.items()]
         out += [f"### {metric}, all steps", "", table(["mode", *steps], rows), ""]
@@ -200,8 +245,12 @@ DECODED_HELP = {
     "decoder_limit": "the pixel decoder applied to the true frames' target latents: the decoder's own error",
     "best_of_k": "K futures with r ~ prior, decoded; per clip the one with the lowest pixel MSE over the horizon",
     "mean_of_k": "K futures with r ~ prior, decoded; the average error of one sampled future",
+    "noisy_best_of_k": "baseline for a deterministic model: K futures = its forecast + Gaussian noise of its own "
+    "per-dimension latent error std (fitted on other clips), decoded; per clip the one with the lowest pixel MSE over "
+    "the horizon; energy score of all K",
 }
-SPLIT_NAMES = {"all": "all", "no_event": "unkicked", "event": "kicked"}
+DECODED_SPLITS = ("all", "no_event", "no_event_so_far", "event")  # the order of the decoded section's tables
+SPLIT_NAMES = {"all": "all", "no_event": "unkicked", "event": "kicked", "no_event_so_far": "unkicked so far"}
 
 
 def over_copy_last(modes: dict, mode: str, split: str, metric: str = "mse") -> list[float | None] | None:
@@ -232,15 +281,19 @@ def _decoded_section(metrics: dict) -> list[str]:
         "",
         *_mode_help(modes, {**MODE_HELP, **DECODED_HELP}),
     ]
-    for split in ("all", "no_event", "event"):
+    for split in DECODED_SPLITS:
         rows = [[f"`{m}`", *e[split]["psnr"]] for m, e in modes.items() if split in e]
         if rows:
             out += [f"### PSNR (dB), {SPLIT_NAMES[split]} steps", "", table(["mode", *steps], rows), ""]
-    for split in ("no_event", "event"):
+    for split in ("no_event", "no_event_so_far", "event"):
         rows = [[f"`{m}`", *(over_copy_last(modes, m, split) or [])] for m in modes if m != "copy_last"]
         rows = [r for r in rows if len(r) > 1]
         if rows:
             out += [f"### Pixel MSE over copy-last, {SPLIT_NAMES[split]} steps", "", table(["mode", *steps], rows), ""]
+    if any("energy_score" in e.get("all", {}) for e in modes.values()):
+        out += [f"{ES_HELP} Here of the decoded frames, pixels in [0, 1]: RMS pixel-error units.", ""]
+        out += _split_tables(modes, "energy_score", "Energy score (pixels)", steps, DECODED_SPLITS)
+        out += _spread_table(modes, steps)
     rows = [[f"`{m}`", *e["all"]["ssim"]] for m, e in modes.items()]
     out += ["### SSIM, all steps", "", table(["mode", *steps], rows), ""]
     return out

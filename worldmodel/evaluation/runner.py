@@ -6,8 +6,10 @@ decoded-XX.gif). metrics.json, in short (full schema: docs/metrics_schema.md):
 
     {"run", "checkpoint", "checkpoint_step", "train_steps", "finished", "latent", "objective", "shards", "seed",
      "num_context", "horizon", "num_samples", "num_clips",
-     "modes": {mode: {"all" | "event" | "no_event": {"l1": [H], "l2": [H], "cos": [H], "count": [H]}}},
-     "decoded": {"decoder": {...}, "modes": {mode: {split: {"mse", "psnr", "ssim", "count": [H]}}}} | null,
+     "modes": {mode: {"all" | "event" | "no_event" | "no_event_so_far":
+                      {"l1": [H], "l2": [H], "cos": [H], "energy_score": [H], "spread_skill": [H], "count": [H]}}},
+     "decoded": {"decoder": {...}, "modes": {mode: {split: {"mse", "psnr", "ssim", "energy_score", "spread_skill",
+                                                            "count": [H]}}}} | null,
      "diversity": [H] | null,
      "probes": {"num_fit_clips", "num_test_clips", "encoded": {state: r2}, "encoded_single_frame": {state: r2},
                 "predicted": {mode: {state: [H]}}, "labels": {label: accuracy}},
@@ -15,8 +17,10 @@ decoded-XX.gif). metrics.json, in short (full schema: docs/metrics_schema.md):
      "collapse": {"online" | "target": {"emb_std", "emb_eff_rank", "dim", "num_frames"}},
      "pixels", "plots", "notes"}
 
-modes: copy_last always; prediction (+ the same as prior_mean) for none; prior_mean, posterior, zero, best_of_k,
-mean_of_k for adassl_v / adassl_s; action, zero for oracle. l2 is a mean squared difference.
+modes: copy_last always; prediction (+ the same as prior_mean), noisy_best_of_k for none; prior_mean, posterior,
+zero, best_of_k, mean_of_k for adassl_v / adassl_s; action, zero, noisy_best_of_k for oracle. l2 is a mean squared
+difference; energy_score is in RMS-error units (a deterministic mode's is its RMS error); spread_skill only on the
+K-future modes (best_of_k, mean_of_k, noisy_best_of_k: the ensemble's).
 """
 
 from __future__ import annotations
@@ -184,7 +188,17 @@ def evaluate_run(
     if "events" not in _present(collected, metrics["num_clips"]):
         metrics["notes"].append("the shards have no `events` field: errors are reported for all steps only")
     if metrics["diversity"] is None:
-        metrics["notes"].append(f"latent={cfg.model.latent} has no sampled futures: diversity and best/mean-of-K n/a")
+        metrics["notes"].append(
+            f"latent={cfg.model.latent} has no sampled futures: diversity and best/mean-of-K n/a; noisy_best_of_k is "
+            "its forecast plus Gaussian noise of its own per-dimension error std, fitted on the other clips of each "
+            "batch (the baseline a stochastic model's best-of-K is to be read against)"
+        )
+    noisy = metrics["modes"].get("noisy_best_of_k", {}).get("all", {}).get("count")
+    if noisy is not None and min(noisy) < metrics["num_clips"]:
+        metrics["notes"].append(
+            f"noisy_best_of_k scores {min(noisy)} of {metrics['num_clips']} clips: a first batch of fewer than 3 "
+            "clips has no other clip to fit its noise on"
+        )
     metrics["probes"], metrics["latent_action"] = run_probes(collected, cfg, metrics, seed, model.latent.readouts)
     metrics["collapse"] = collapse_stats(collected)
     metrics["training_health"] = training_health(run_dir / "metrics.jsonl")
@@ -224,6 +238,8 @@ def run_probes(
     names = collected.names
     if "state" in present:
         predicted = {mode: np.concatenate(parts) for mode, parts in collected.predicted_pooled.items()}
+        # a mode missing on some clips (noisy_best_of_k of a first batch with no other clip to fit on) is not probed
+        predicted = {mode: x for mode, x in predicted.items() if len(x) == metrics["num_clips"]}
         probes.update(
             state_probes(
                 target_features,
