@@ -31,6 +31,7 @@ from einops import rearrange, reduce, repeat
 from torch import Tensor, nn
 
 from worldmodel.encoder import (
+    EmbeddingDecoder,
     FrameEncoder,
     KeypointDecoder,
     TokenNorm,
@@ -50,6 +51,16 @@ from worldmodel.summaries import Summaries, summaries_of
 __all__ = ["ROLLOUT_MODES", "WorldModel"]
 
 
+def within_clip_share(frame_emb: Tensor) -> Tensor:
+    """The share of the embedding's variance over a batch that lies within clips: frame embeddings [B, T, D] ->
+    scalar in [0, 1], the mean over clips of the summed variance over each clip's frames, over the summed variance
+    over all frames (0: every clip's frames embed alike; near 1: clips differ only by what changes in them)."""
+    emb = frame_emb.float()
+    within = emb.var(dim=1, unbiased=False).sum(-1).mean()
+    total = emb.flatten(0, 1).var(dim=0, unbiased=False).sum()
+    return within / total.clamp_min(1e-8)
+
+
 class WorldModel(nn.Module):
     """ViT encoder + EMA target encoder + latent module + frame-causal predictor + objective, from a ModelConfig."""
 
@@ -65,7 +76,12 @@ class WorldModel(nn.Module):
                 "model.target=online regresses the online encoder on itself, which collapses to a constant without "
                 "an anti-collapse term: set model.sigreg_weight > 0 (LeWM: 0.09) or model.target=ema"
             )
-        for key in ("sigreg_weight", "temporal_std_weight"):
+        if cfg.skill_loss and self.ema_target:
+            raise ValueError(
+                "model.skill_loss divides the loss by copy-last's on the same targets, which must carry gradient: "
+                "set model.target=online (with model.sigreg_weight > 0)"
+            )
+        for key in ("sigreg_weight", "temporal_std_weight", "motion_share"):
             if getattr(cfg, key) < 0:
                 raise ValueError(f"model.{key} must be >= 0 (0 = off), got {getattr(cfg, key)}")
         self.sigreg_seed = 0  # the SIGReg directions' seed; the trainer sets it every step (same on every rank)
@@ -96,16 +112,21 @@ class WorldModel(nn.Module):
         self.latent = build_latent(cfg)
         self.decoder = None  # built last, so a model without it starts from the same weights as before it existed
         if cfg.recon_weight > 0:
-            if cfg.granularity != "frame" or cfg.frame_head != "keypoints":
+            if cfg.granularity != "frame":
                 raise ValueError(
-                    f"model.recon_weight={cfg.recon_weight} rebuilds frames from keypoints; it needs "
-                    f"model.frame_head=keypoints and model.granularity=frame (got {cfg.frame_head}, {cfg.granularity})"
+                    f"model.recon_weight={cfg.recon_weight} rebuilds frames from the frame embedding; it needs "
+                    f"model.granularity=frame (got {cfg.granularity})"
                 )
             with torch.random.fork_rng(devices=[]):  # the global generator is left as it was
                 torch.set_rng_state(decoder_rng)
-                self.decoder = KeypointDecoder(
-                    cfg.frame_dim // 2, cfg.img_size, cfg.recon_sigma, mask=cfg.recon_mask, block=cfg.patch_size
-                )
+                if cfg.frame_head == "keypoints":
+                    self.decoder = KeypointDecoder(
+                        cfg.frame_dim // 2, cfg.img_size, cfg.recon_sigma, mask=cfg.recon_mask, block=cfg.patch_size
+                    )
+                else:
+                    self.decoder = EmbeddingDecoder(
+                        cfg.frame_dim, cfg.img_size, sigma=cfg.recon_sigma, mask=cfg.recon_mask, block=cfg.patch_size
+                    )
             if cfg.recon_sigma_start < 0 or cfg.recon_sigma_steps < 0:
                 raise ValueError(
                     f"model.recon_sigma_start ({cfg.recon_sigma_start}) and model.recon_sigma_steps "
@@ -202,6 +223,8 @@ class WorldModel(nn.Module):
         pred = self.predictor.from_features(features, r, seq)
         terms: dict[str, Tensor] = {}
         terms["pred"], monitors = self.objective.loss(pred, target[:, 1:])
+        if cfg.skill_loss:  # over copy-last's loss, both with gradient (model.target online)
+            terms["pred"] = terms["pred"] / self.objective.loss(target[:, :-1], target[:, 1:])[0].clamp_min(1e-6)
         terms.update(latent_terms)
         copy_last = self.objective.copy_last(target)  # the bar `pred` must get below to be useful
         if copy_last is not None:
@@ -214,15 +237,22 @@ class WorldModel(nn.Module):
         if self.decoder is not None:
             terms["recon"] = self.decoder.loss(raw, x)  # the raw keypoints, before the online TokenNorm
             loss = loss + cfg.recon_weight * terms["recon"]
-        if cfg.sigreg_weight > 0 or cfg.temporal_std_weight > 0:
-            frame_emb = reduce(raw, "b t n d -> b t d", "mean")  # the frame embedding (token grids: their mean)
+        frame_emb = reduce(raw, "b t n d -> b t d", "mean")  # the frame embedding (token grids: their mean)
+        share = within_clip_share(frame_emb)  # a still embedding shows here as a share near 0
+        monitors["within_clip_share"] = share.detach()
         if cfg.sigreg_weight > 0:
-            terms["sigreg"] = sigreg(rearrange(frame_emb, "b t d -> t b d"), seed=self.sigreg_seed)
+            # one sample set of every frame of every clip: 16 clips per time step are too few for the statistic to
+            # see a low-rank embedding (rank 4 of 64 scores 0.94 against 0.54 for isotropic samples; pooled over the
+            # 12 frames, 5.4 against 0.6), and the frames of one clip then count as a cluster unless they differ
+            terms["sigreg"] = sigreg(rearrange(frame_emb, "b t d -> 1 (b t) d"), seed=self.sigreg_seed)
             loss = loss + cfg.sigreg_weight * terms["sigreg"]
         if cfg.temporal_std_weight > 0:
             std_t = frame_emb.float().var(dim=1, unbiased=False).add(1e-4).sqrt()  # [B, D]: over the clip's frames
             terms["temporal_std"] = F.relu(1.0 - std_t).mean()
             loss = loss + cfg.temporal_std_weight * terms["temporal_std"]
+        if cfg.motion_share > 0:
+            terms["motion_share"] = F.relu(cfg.motion_share - share)
+            loss = loss + terms["motion_share"]
         if cfg.rollout_steps > 0:
             terms["rollout"] = self._rollout_term(tokens, target, action)
             loss = loss + cfg.rollout_weight * terms["rollout"]

@@ -116,11 +116,19 @@ class ModelConfig:
     target: Target = "ema"
     # SIGReg (worldmodel/sigreg.py): the weight of the Epps-Pulley statistic that asks the frame embedding (the frame
     # head's output, before normalisation; token grids: their mean) to be an isotropic Gaussian over the global batch,
-    # per time step. LeWM's weight is 0.09. 0 = off.
+    # all frames of all clips as one sample set (LeWM: per time step, at batch 128). LeWM's weight is 0.09. 0 = off.
     sigreg_weight: float = 0.0
     # Within-clip pressure: the weight of a hinge max(0, 1 - std over the clip's frames) per embedding dim (PLDM's
     # std_t), so that a still background cannot fill the embedding. 0 = off.
     temporal_std_weight: float = 0.0
+    # Within-clip pressure as a budget: a hinge max(0, motion_share - s), s the share of the frame embedding's
+    # variance over the batch that lies within clips (changes between a clip's frames), so that a still background
+    # cannot fill the whole embedding; the rest stays free for what stands still. 0 = off.
+    motion_share: float = 0.0
+    # The prediction loss over the copy-last loss of the same targets (model.target=online: both carry gradient):
+    # the forecast's skill over "nothing changes", the ratio the evaluation reports. Under a plain loss every unit of
+    # the normalised embedding given to still content is a unit that cannot be mispredicted; the ratio is blind to it.
+    skill_loss: bool = False
     # The encoder reads [x_t, x_t - x_{t-1}] (the first frame of a clip: a zero difference) instead of x_t, so that
     # what moves is visible to it (V-JEPA's tubelets are two frames deep).
     encoder_motion: bool = False
