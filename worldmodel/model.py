@@ -51,6 +51,18 @@ from worldmodel.summaries import Summaries, summaries_of
 __all__ = ["ROLLOUT_MODES", "WorldModel"]
 
 
+def clip_contrast(pred: Tensor, target: Tensor, temperature: float = 0.1) -> tuple[Tensor, Tensor]:
+    """Within-clip InfoNCE: predictions [B, T, N, D] against the targets [B, T, N, D] they predict; each prediction
+    must pick its own target among the T targets of its clip (cosine of the flattened token grids / temperature).
+    Returns (scalar cross-entropy, top-1 accuracy, detached); chance is 1 / T."""
+    p = F.normalize(pred.float().flatten(2), dim=-1)  # [B, T, N*D]
+    z = F.normalize(target.float().flatten(2), dim=-1)
+    logits = torch.einsum("btk,bsk->bts", p, z) / temperature  # [B, T, T]
+    labels = torch.arange(logits.shape[1], device=logits.device).expand(logits.shape[0], -1)
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+    return loss, (logits.argmax(-1) == labels).float().mean().detach()
+
+
 def within_clip_share(frame_emb: Tensor) -> Tensor:
     """The share of the embedding's variance over a batch that lies within clips: frame embeddings [B, T, D] ->
     scalar in [0, 1], the mean over clips of the summed variance over each clip's frames, over the summed variance
@@ -81,7 +93,7 @@ class WorldModel(nn.Module):
                 "model.skill_loss divides the loss by copy-last's on the same targets, which must carry gradient: "
                 "set model.target=online (with model.sigreg_weight > 0)"
             )
-        for key in ("sigreg_weight", "temporal_std_weight", "motion_share"):
+        for key in ("sigreg_weight", "temporal_std_weight", "motion_share", "clip_contrast"):
             if getattr(cfg, key) < 0:
                 raise ValueError(f"model.{key} must be >= 0 (0 = off), got {getattr(cfg, key)}")
         self.sigreg_seed = 0  # the SIGReg directions' seed; the trainer sets it every step (same on every rank)
@@ -230,6 +242,9 @@ class WorldModel(nn.Module):
         if copy_last is not None:
             monitors["copy_last"] = copy_last
         loss = terms["pred"] + beta * terms["reg"]
+        if cfg.clip_contrast > 0:
+            terms["clip_contrast"], monitors["clip_contrast_acc"] = clip_contrast(pred, target[:, 1:])
+            loss = loss + cfg.clip_contrast * terms["clip_contrast"]
         if cfg.prior_mean_weight > 0 and self.latent.inferred:
             pred_prior = self.predictor.from_features(features, self.latent.prior_mean_r(features, self.summaries), seq)
             terms["pred_prior"] = self.objective.loss(pred_prior, target[:, 1:])[0]

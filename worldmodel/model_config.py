@@ -129,6 +129,10 @@ class ModelConfig:
     # the forecast's skill over "nothing changes", the ratio the evaluation reports. Under a plain loss every unit of
     # the normalised embedding given to still content is a unit that cannot be mispredicted; the ratio is blind to it.
     skill_loss: bool = False
+    # Within-clip contrast: the weight of a cross-entropy that asks each prediction to pick its true next frame's
+    # target out of all target frames of the same clip (cosine / 0.1). What every frame of a clip shares (a still
+    # background) cannot tell them apart, nor can what is unpredictable: only what moves predictably. 0 = off.
+    clip_contrast: float = 0.0
     # The encoder reads [x_t, x_t - x_{t-1}] (the first frame of a clip: a zero difference) instead of x_t, so that
     # what moves is visible to it (V-JEPA's tubelets are two frames deep).
     encoder_motion: bool = False
