@@ -254,8 +254,7 @@ class FrameEncoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig, in_chans: int = CHANNELS):
         super().__init__()
-        self.motion = cfg.encoder_motion  # the ViT reads [x_t, x_t - x_{t-1}]: twice the channels
-        self.vit = build_vit(cfg, in_chans * (2 if self.motion else 1))
+        self.vit = build_vit(cfg, in_chans)
         self.head = None
         output_shape(cfg)  # validates model.granularity
         if cfg.granularity == "tokens" and cfg.frame_head != "linear":
@@ -280,11 +279,8 @@ class FrameEncoder(nn.Module):
             )
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: float [B, T, C, H, W] (see `preprocess`) -> tokens [B, T, N, D] (see the class docstring). With
-        model.encoder_motion frame t is read beside its difference from frame t-1 of the same clip."""
+        """x: float [B, T, C, H, W] (see `preprocess`) -> tokens [B, T, N, D] (see the class docstring)."""
         b = x.shape[0]
-        if self.motion:  # frame 0 of the clip has no predecessor: a zero difference
-            x = torch.cat([x, x - torch.cat([x[:, :1], x[:, :-1]], dim=1)], dim=2)
         tokens = self.vit.forward_features(rearrange(x, "b t c h w -> (b t) c h w"))  # [(B T), patches, embed_dim]
         if self.head is not None:
             tokens = self.head(tokens)[:, None]  # [(B T), 1, frame_dim]

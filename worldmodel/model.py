@@ -88,12 +88,7 @@ class WorldModel(nn.Module):
                 "model.target=online regresses the online encoder on itself, which collapses to a constant without "
                 "an anti-collapse term: set model.sigreg_weight > 0 (LeWM: 0.09) or model.target=ema"
             )
-        if cfg.skill_loss and self.ema_target:
-            raise ValueError(
-                "model.skill_loss divides the loss by copy-last's on the same targets, which must carry gradient: "
-                "set model.target=online (with model.sigreg_weight > 0)"
-            )
-        for key in ("sigreg_weight", "temporal_std_weight", "motion_share", "clip_contrast"):
+        for key in ("sigreg_weight", "temporal_std_weight", "clip_contrast"):
             if getattr(cfg, key) < 0:
                 raise ValueError(f"model.{key} must be >= 0 (0 = off), got {getattr(cfg, key)}")
         self.sigreg_seed = 0  # the SIGReg directions' seed; the trainer sets it every step (same on every rank)
@@ -235,8 +230,6 @@ class WorldModel(nn.Module):
         pred = self.predictor.from_features(features, r, seq)
         terms: dict[str, Tensor] = {}
         terms["pred"], monitors = self.objective.loss(pred, target[:, 1:])
-        if cfg.skill_loss:  # over copy-last's loss, both with gradient (model.target online)
-            terms["pred"] = terms["pred"] / self.objective.loss(target[:, :-1], target[:, 1:])[0].clamp_min(1e-6)
         terms.update(latent_terms)
         copy_last = self.objective.copy_last(target)  # the bar `pred` must get below to be useful
         if copy_last is not None:
@@ -253,8 +246,8 @@ class WorldModel(nn.Module):
             terms["recon"] = self.decoder.loss(raw, x)  # the raw keypoints, before the online TokenNorm
             loss = loss + cfg.recon_weight * terms["recon"]
         frame_emb = reduce(raw, "b t n d -> b t d", "mean")  # the frame embedding (token grids: their mean)
-        share = within_clip_share(frame_emb)  # a still embedding shows here as a share near 0
-        monitors["within_clip_share"] = share.detach()
+        # a still embedding shows here as a share near 0
+        monitors["within_clip_share"] = within_clip_share(frame_emb.detach())
         if cfg.sigreg_weight > 0:
             # one sample set of every frame of every clip: 16 clips per time step are too few for the statistic to
             # see a low-rank embedding (rank 4 of 64 scores 0.94 against 0.54 for isotropic samples; pooled over the
@@ -265,9 +258,6 @@ class WorldModel(nn.Module):
             std_t = frame_emb.float().var(dim=1, unbiased=False).add(1e-4).sqrt()  # [B, D]: over the clip's frames
             terms["temporal_std"] = F.relu(1.0 - std_t).mean()
             loss = loss + cfg.temporal_std_weight * terms["temporal_std"]
-        if cfg.motion_share > 0:
-            terms["motion_share"] = F.relu(cfg.motion_share - share)
-            loss = loss + terms["motion_share"]
         if cfg.rollout_steps > 0:
             terms["rollout"] = self._rollout_term(tokens, target, action)
             loss = loss + cfg.rollout_weight * terms["rollout"]

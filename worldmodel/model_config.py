@@ -121,21 +121,10 @@ class ModelConfig:
     # Within-clip pressure: the weight of a hinge max(0, 1 - std over the clip's frames) per embedding dim (PLDM's
     # std_t), so that a still background cannot fill the embedding. 0 = off.
     temporal_std_weight: float = 0.0
-    # Within-clip pressure as a budget: a hinge max(0, motion_share - s), s the share of the frame embedding's
-    # variance over the batch that lies within clips (changes between a clip's frames), so that a still background
-    # cannot fill the whole embedding; the rest stays free for what stands still. 0 = off.
-    motion_share: float = 0.0
-    # The prediction loss over the copy-last loss of the same targets (model.target=online: both carry gradient):
-    # the forecast's skill over "nothing changes", the ratio the evaluation reports. Under a plain loss every unit of
-    # the normalised embedding given to still content is a unit that cannot be mispredicted; the ratio is blind to it.
-    skill_loss: bool = False
     # Within-clip contrast: the weight of a cross-entropy that asks each prediction to pick its true next frame's
     # target out of all target frames of the same clip (cosine / 0.1). What every frame of a clip shares (a still
     # background) cannot tell them apart, nor can what is unpredictable: only what moves predictably. 0 = off.
     clip_contrast: float = 0.0
-    # The encoder reads [x_t, x_t - x_{t-1}] (the first frame of a clip: a zero difference) instead of x_t, so that
-    # what moves is visible to it (V-JEPA's tubelets are two frames deep).
-    encoder_motion: bool = False
     ema_start: float = 0.996  # EMA momentum of the target encoder, cosine schedule ema_start -> ema_end
     ema_end: float = 1.0
     init_weights: str = ""  # optional local file with encoder weights (no hub downloads)
