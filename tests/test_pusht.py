@@ -137,7 +137,7 @@ def test_shards_are_deterministic_decode_to_the_episodes_and_carry_the_version(t
     assert main(["--output", str(tmp_path / "b"), *args]) == 0
     assert "wrote 3 samples" in capsys.readouterr().out
     stamp = json.loads((tmp_path / "a" / "world.json").read_text())
-    assert stamp == {"generator": "data_pipeline.make_pusht", "version": VERSION, "seed": 5}
+    assert stamp == {"generator": "data_pipeline.make_pusht", "version": VERSION, "seed": 5, "stable_patch": 0}
     assert json.loads((tmp_path / "a" / "val" / "index.json").read_text())["total_samples"] == 1
     members = {}
     for run in ("a", "b"):
