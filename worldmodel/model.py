@@ -51,13 +51,19 @@ from worldmodel.summaries import Summaries, summaries_of
 __all__ = ["ROLLOUT_MODES", "WorldModel"]
 
 
-def clip_contrast(pred: Tensor, target: Tensor, temperature: float = 0.1) -> tuple[Tensor, Tensor]:
+def clip_contrast(
+    pred: Tensor, target: Tensor, temperature: float = 0.1, exclude_input: bool = False
+) -> tuple[Tensor, Tensor]:
     """Within-clip InfoNCE: predictions [B, T, N, D] against the targets [B, T, N, D] they predict; each prediction
     must pick its own target among the T targets of its clip (cosine of the flattened token grids / temperature).
     Returns (scalar cross-entropy, top-1 accuracy, detached); chance is 1 / T."""
     p = F.normalize(pred.float().flatten(2), dim=-1)  # [B, T, N*D]
     z = F.normalize(target.float().flatten(2), dim=-1)
     logits = torch.einsum("btk,bsk->bts", p, z) / temperature  # [B, T, T]
+    if exclude_input:  # target s-1 is frame s, the input of prediction s: what copy-last predicts is no negative
+        rows = torch.arange(1, logits.shape[1], device=logits.device)
+        logits = logits.clone()
+        logits[:, rows, rows - 1] = -1e4
     labels = torch.arange(logits.shape[1], device=logits.device).expand(logits.shape[0], -1)
     loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
     return loss, (logits.argmax(-1) == labels).float().mean().detach()
@@ -87,6 +93,11 @@ class WorldModel(nn.Module):
             raise ValueError(
                 "model.target=online regresses the online encoder on itself, which collapses to a constant without "
                 "an anti-collapse term: set model.sigreg_weight > 0 (LeWM: 0.09) or model.target=ema"
+            )
+        if cfg.clip_contrast_detach and self.ema_target:
+            raise ValueError(
+                "model.clip_contrast_detach leaves the contrast only the targets to train, which the EMA target "
+                "encoder does not pass on: set model.target=online"
             )
         for key in ("sigreg_weight", "temporal_std_weight", "clip_contrast"):
             if getattr(cfg, key) < 0:
@@ -236,7 +247,10 @@ class WorldModel(nn.Module):
             monitors["copy_last"] = copy_last
         loss = terms["pred"] + beta * terms["reg"]
         if cfg.clip_contrast > 0:
-            terms["clip_contrast"], monitors["clip_contrast_acc"] = clip_contrast(pred, target[:, 1:])
+            scored = pred.detach() if cfg.clip_contrast_detach else pred
+            terms["clip_contrast"], monitors["clip_contrast_acc"] = clip_contrast(
+                scored, target[:, 1:], exclude_input=cfg.clip_contrast_no_input
+            )
             loss = loss + cfg.clip_contrast * terms["clip_contrast"]
         if cfg.prior_mean_weight > 0 and self.latent.inferred:
             pred_prior = self.predictor.from_features(features, self.latent.prior_mean_r(features, self.summaries), seq)

@@ -125,6 +125,12 @@ class ModelConfig:
     # target out of all target frames of the same clip (cosine / 0.1). What every frame of a clip shares (a still
     # background) cannot tell them apart, nor can what is unpredictable: only what moves predictably. 0 = off.
     clip_contrast: float = 0.0
+    # The contrast reaches the encoder through the targets only (model.target online), not the predictor: the
+    # prediction's own frame t is among the negatives, so through the predictor it pushes forecasts past the truth.
+    clip_contrast_detach: bool = False
+    # The prediction's input frame (what copy-last predicts) is left out of its negatives, so the contrast does not
+    # push forecasts away from "no change"; the next frames stay negatives, so it still penalises overshooting.
+    clip_contrast_no_input: bool = False
     ema_start: float = 0.996  # EMA momentum of the target encoder, cosine schedule ema_start -> ema_end
     ema_end: float = 1.0
     init_weights: str = ""  # optional local file with encoder weights (no hub downloads)
