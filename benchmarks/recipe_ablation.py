@@ -23,9 +23,19 @@ ROWS: dict[str, list[str]] = {
     "ema": [],  # the demo recipe: EMA target, no anti-collapse term
     "ema+sigreg": ["model.sigreg_weight=0.09"],
     "online+sigreg": ONLINE,  # LeWM: no EMA, no stop-gradient
-    "online+sigreg+std_t": [*ONLINE, "model.temporal_std_weight=1"],
     "ema+contrast": ["model.clip_contrast=1"],
     "online+sigreg+contrast": [*ONLINE, "model.clip_contrast=1"],
+    "online+sigreg+contrast3": [*ONLINE, "model.clip_contrast=3"],
+    "online+sigreg+contrast0.3": [*ONLINE, "model.clip_contrast=0.3"],
+    "online+sigreg+contrast(targets only)": [*ONLINE, "model.clip_contrast=1", "model.clip_contrast_detach=true"],
+    "online+sigreg+contrast(no input neg.)": [*ONLINE, "model.clip_contrast=1", "model.clip_contrast_no_input=true"],
+    "online+sigreg+contrast+keypoints": [
+        *ONLINE,
+        "model.clip_contrast=1",
+        "model.frame_head=keypoints",
+        "model.frame_dim=32",
+        "model.keypoint_cells=8",
+    ],  # fmt: skip
     "ema95+recon(detached)": [
         "model.recon_weight=300",
         "model.recon_mask=0.1",
@@ -81,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     table = {}
     for row in args.rows:
         overrides = ["model.latent=none", f"seed={args.seed}", *ROWS[row], *args.overrides]
-        table[row] = row_figures(train_and_evaluate(out / row.replace("+", "_"), config, overrides, data, []))
+        folder = "".join(c if c.isalnum() or c in ".-" else "_" for c in row)
+        table[row] = row_figures(train_and_evaluate(out / folder, config, overrides, data, []))
         cells = " | ".join(_cell(key, value) for key, value in table[row].items())
         lines.append(f"| {row} | {cells} |")
     print("\n".join(lines))
