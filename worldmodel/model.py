@@ -99,7 +99,7 @@ class WorldModel(nn.Module):
                 "model.clip_contrast_detach leaves the contrast only the targets to train, which the EMA target "
                 "encoder does not pass on: set model.target=online"
             )
-        for key in ("sigreg_weight", "temporal_std_weight", "clip_contrast"):
+        for key in ("sigreg_weight", "clip_contrast"):
             if getattr(cfg, key) < 0:
                 raise ValueError(f"model.{key} must be >= 0 (0 = off), got {getattr(cfg, key)}")
         self.sigreg_seed = 0  # the SIGReg directions' seed; the trainer sets it every step (same on every rank)
@@ -215,7 +215,7 @@ class WorldModel(nn.Module):
         Returns {"loss": scalar, "terms": {name: scalar}, "monitors": {name: scalar}}; loss = pred + beta * reg
         (+ prior_mean_weight * pred_prior, the prediction with r at the prior mean, for inferred latents when
         model.prior_mean_weight > 0; + recon_weight * recon when model.recon_weight > 0; + sigreg_weight * sigreg
-        and temporal_std_weight * temporal_std when those are > 0; + rollout_weight * rollout when
+        and clip_contrast * clip_contrast when those are > 0; + rollout_weight * rollout when
         model.rollout_steps > 0).
         """
         cfg = self.cfg
@@ -268,10 +268,6 @@ class WorldModel(nn.Module):
             # 12 frames, 5.4 against 0.6), and the frames of one clip then count as a cluster unless they differ
             terms["sigreg"] = sigreg(rearrange(frame_emb, "b t d -> 1 (b t) d"), seed=self.sigreg_seed)
             loss = loss + cfg.sigreg_weight * terms["sigreg"]
-        if cfg.temporal_std_weight > 0:
-            std_t = frame_emb.float().var(dim=1, unbiased=False).add(1e-4).sqrt()  # [B, D]: over the clip's frames
-            terms["temporal_std"] = F.relu(1.0 - std_t).mean()
-            loss = loss + cfg.temporal_std_weight * terms["temporal_std"]
         if cfg.rollout_steps > 0:
             terms["rollout"] = self._rollout_term(tokens, target, action)
             loss = loss + cfg.rollout_weight * terms["rollout"]

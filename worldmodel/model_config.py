@@ -118,9 +118,6 @@ class ModelConfig:
     # head's output, before normalisation; token grids: their mean) to be an isotropic Gaussian over the global batch,
     # all frames of all clips as one sample set (LeWM: per time step, at batch 128). LeWM's weight is 0.09. 0 = off.
     sigreg_weight: float = 0.0
-    # Within-clip pressure: the weight of a hinge max(0, 1 - std over the clip's frames) per embedding dim (PLDM's
-    # std_t), so that a still background cannot fill the embedding. 0 = off.
-    temporal_std_weight: float = 0.0
     # Within-clip contrast: the weight of a cross-entropy that asks each prediction to pick its true next frame's
     # target out of all target frames of the same clip (cosine / 0.1). What every frame of a clip shares (a still
     # background) cannot tell them apart, nor can what is unpredictable: only what moves predictably. 0 = off.
