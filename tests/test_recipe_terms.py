@@ -33,6 +33,15 @@ def test_clip_contrast_rewards_predictions_that_tell_a_clip_s_frames_apart():
     assert clip_contrast(shared, shared)[0] > good
 
 
+def test_clip_contrast_without_the_input_frame_does_not_punish_a_copy_last_forecast():
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randn(3, 6, 1, 16, generator=gen)
+    copy_last = torch.cat([torch.randn(3, 1, 1, 16, generator=gen), target[:, :-1]], dim=1)  # prediction t = target t-1
+    with_input, _ = clip_contrast(copy_last, target)
+    without_input, _ = clip_contrast(copy_last, target, exclude_input=True)
+    assert with_input > 5.0 and without_input < with_input - 3.0
+
+
 def test_within_clip_share_is_zero_for_still_clips_and_one_for_clips_that_differ_only_in_time():
     gen = torch.Generator().manual_seed(0)
     still = torch.randn(8, 1, 16, generator=gen).expand(8, 5, 16)

@@ -56,6 +56,7 @@ def clip_contrast(
 ) -> tuple[Tensor, Tensor]:
     """Within-clip InfoNCE: predictions [B, T, N, D] against the targets [B, T, N, D] they predict; each prediction
     must pick its own target among the T targets of its clip (cosine of the flattened token grids / temperature).
+    `exclude_input`: prediction t's input frame (target t-1, what copy-last predicts) is not among its negatives.
     Returns (scalar cross-entropy, top-1 accuracy, detached); chance is 1 / T."""
     p = F.normalize(pred.float().flatten(2), dim=-1)  # [B, T, N*D]
     z = F.normalize(target.float().flatten(2), dim=-1)
