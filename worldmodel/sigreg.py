@@ -22,6 +22,8 @@ the same ones without communicating, and a resumed run draws what the uninterrup
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -33,7 +35,9 @@ def _global_sum(x: Tensor) -> Tensor:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         from torch.distributed.nn.functional import all_reduce
 
-        return all_reduce(x)
+        with warnings.catch_warnings():  # deprecated for the functional collectives, which do not differentiate here
+            warnings.simplefilter("ignore", FutureWarning)
+            return all_reduce(x)
     return x
 
 
