@@ -35,7 +35,7 @@ def _global_sum(x: Tensor) -> Tensor:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         from torch.distributed.nn.functional import all_reduce
 
-        with warnings.catch_warnings():  # deprecated for the functional collectives, which do not differentiate here
+        with warnings.catch_warnings():  # deprecated in torch 2.x, still the documented autograd-aware all-reduce
             warnings.simplefilter("ignore", FutureWarning)
             return all_reduce(x)
     return x
