@@ -88,7 +88,8 @@ def test_workers_with_reencoding_give_the_same_samples(videos, tmp_path):
             continue
         indices = list(range(decoder.info(a).num_frames))
         fa, fb = decoder.decode(a, indices), decoder.decode(b, indices)
-        assert fa.shape[1:] == (32, 32, 3) and np.abs(fa.astype(int) - fb).mean() < 1.0, name
+        # codec noise: up to 1.27 levels seen on a loaded machine (carphone.mp4); another video's frames differ by tens
+        assert fa.shape[1:] == (32, 32, 3) and np.abs(fa.astype(int) - fb).mean() < 2.0, name
 
 
 def test_two_jobs_and_the_merge_equal_a_single_run(videos, tmp_path, capsys):
