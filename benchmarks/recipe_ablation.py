@@ -36,13 +36,6 @@ ROWS: dict[str, list[str]] = {
         "model.frame_dim=32",
         "model.keypoint_cells=8",
     ],  # fmt: skip
-    "ema95+recon(detached)": [
-        "model.recon_weight=300",
-        "model.recon_mask=0.1",
-        "model.pred_trains_encoder=false",
-        "model.ema_start=0.95",
-        "model.ema_end=0.95",
-    ],  # fmt: skip
 }
 WORLD_DATA = {"push": ("push_world", "configs/demo.yaml"), "pusht": ("pusht", "configs/pusht.yaml")}
 WORLD_DATA["digits"] = ("moving_digits", "configs/demo.yaml")

@@ -100,16 +100,14 @@ def test_push_config_points_at_the_push_world_and_its_keypoint_model_trains_a_st
     assert cfg.model.recon_weight > 0 and torch.isfinite(out["terms"]["recon"])  # the conditional reconstruction
 
 
-def test_recon_weight_needs_a_frame_embedding_and_a_non_negative_weight():
-    """model.recon_weight rebuilds frames from the frame embedding (keypoints or the linear head's): with a token
-    grid, or a negative weight, the model refuses to build with a message naming the key."""
-    from worldmodel.encoder import EmbeddingDecoder
+def test_recon_weight_needs_the_keypoint_head_and_a_non_negative_weight():
+    """model.recon_weight rebuilds frames from keypoints: with the linear head, or a negative weight, the model
+    refuses to build with a message naming the key."""
     from worldmodel.model import WorldModel
 
     small = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 1, "num_heads": 3, "latent": "none"}
-    with pytest.raises(ValueError, match="needs model.granularity=frame"):
-        WorldModel(ModelConfig(**small, granularity="tokens", recon_weight=1.0))
-    assert isinstance(WorldModel(ModelConfig(**small, recon_weight=1.0)).decoder, EmbeddingDecoder)
+    with pytest.raises(ValueError, match="needs model.frame_head=keypoints"):
+        WorldModel(ModelConfig(**small, recon_weight=1.0))
     with pytest.raises(ValueError, match="recon_weight must be >= 0"):
         WorldModel(ModelConfig(**small, frame_head="keypoints", recon_weight=-1.0))
     with pytest.raises(

@@ -1,5 +1,5 @@
 """The terms the one-recipe work measures: SIGReg in the model, targets from the online encoder, the within-clip
-contrast and share, and the conditional reconstruction for the linear frame head."""
+contrast and share."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 from test_model import tiny_cfg
 
 from data_pipeline.make_moving_digits import simulate
-from worldmodel.encoder import EmbeddingDecoder, preprocess
 from worldmodel.model import WorldModel, clip_contrast, within_clip_share
 from worldmodel.sigreg import gaussian_level
 
@@ -80,13 +79,3 @@ def test_sigreg_pulls_a_narrow_encoder_wider(frames):
         value.backward()
         optimiser.step()
     assert float(value.detach()) < 0.5 * first
-
-
-def test_the_embedding_decoder_rebuilds_a_frame_from_its_clip_s_first_and_the_embedding(frames):
-    x = preprocess(frames, 32)
-    decoder = EmbeddingDecoder(dim=8, size=32, channels=4)
-    embedding = torch.randn(6, 5, 1, 8, requires_grad=True)
-    loss = decoder.loss(embedding, x)
-    loss.backward()
-    assert embedding.grad[:, 1:].abs().sum() > 0 and embedding.grad[:, 0].abs().sum() == 0  # frame 0 is the reference
-    assert decoder.maps(embedding[:, 0, 0]).shape == (6, 4, 32, 32)

@@ -191,8 +191,7 @@ class KeypointDecoder(nn.Module):
         return gy[..., :, None] * gx[..., None, :]
 
     def forward(self, keypoints: Tensor, reference: Tensor) -> Tensor:
-        """keypoints [M, K, 2] (EmbeddingDecoder: embeddings [M, D]), reference frames float [M, C, size, size] ->
-        rebuilt frames [M, C, size, size]."""
+        """keypoints [M, K, 2], reference frames float [M, C, size, size] -> rebuilt frames [M, C, size, size]."""
         return reference + self.net(torch.cat([self.maps(keypoints.float()), reference.float()], dim=1))
 
     def blank(self, reference: Tensor) -> Tensor:
@@ -206,42 +205,18 @@ class KeypointDecoder(nn.Module):
         keep = keep.repeat_interleave(self.block, 2).repeat_interleave(self.block, 3)[..., :h, :w]
         return reference * keep
 
-    def codes(self, embedding: Tensor) -> Tensor:
-        """The frame embeddings [B, T, 2K] as what `maps` reads: keypoints [B, T, K, 2]."""
-        return embedding.unflatten(-1, (-1, 2))
-
     def loss(self, embedding: Tensor, x: Tensor) -> Tensor:
         """Mean squared error of rebuilding frames 1..T-1 of each clip from its frame 0 (the reference), blanked in
         part when `mask` > 0.
 
-        embedding: the frame head's output [B, T, 1, D] (keypoints: D = 2K, x0, y0, x1, y1, ...); x: frames float
-        [B, T, C, H, W] (`preprocess`) -> scalar.
+        embedding: the keypoint head's output [B, T, 1, 2K] (x0, y0, x1, y1, ...); x: frames float [B, T, C, H, W]
+        (`preprocess`) -> scalar.
         """
         frames = x[:, 1:].float()  # [B, T-1, C, H, W]
         reference = x[:, :1].float().expand_as(frames)
-        codes = self.codes(embedding[:, 1:, 0])
-        rebuilt = self(codes.flatten(0, 1), self.blank(reference.flatten(0, 1)))
+        keypoints = embedding[:, 1:, 0].unflatten(-1, (-1, 2))  # [B, T-1, K, 2]
+        rebuilt = self(keypoints.flatten(0, 1), self.blank(reference.flatten(0, 1)))
         return F.mse_loss(rebuilt, frames.flatten(0, 1))
-
-
-class EmbeddingDecoder(KeypointDecoder):
-    """The same conditional reconstruction for any frame embedding (the linear frame head): frame t is rebuilt from
-    the clip's first frame and z_t, which a linear map turns into `channels` maps of a quarter of the frame's side,
-    upsampled. The reference shows what stands still, so what z_t must carry is what changed since: within-clip
-    pressure on the embedding that needs no keypoint head."""
-
-    def __init__(self, dim: int, size: int, channels: int = 16, **kwargs):
-        super().__init__(channels, size, **kwargs)
-        self.coarse = max(size // 4, 1)
-        self.to_maps = nn.Linear(dim, channels * self.coarse**2)
-
-    def codes(self, embedding: Tensor) -> Tensor:
-        return embedding
-
-    def maps(self, z: Tensor) -> Tensor:
-        """z [M, D] -> maps [M, channels, size, size]."""
-        coarse = self.to_maps(z.float()).unflatten(-1, (-1, self.coarse, self.coarse))
-        return F.interpolate(coarse, size=(len(self.axis), len(self.axis)), mode="bilinear", align_corners=False)
 
 
 class FrameEncoder(nn.Module):

@@ -31,7 +31,6 @@ from einops import rearrange, reduce, repeat
 from torch import Tensor, nn
 
 from worldmodel.encoder import (
-    EmbeddingDecoder,
     FrameEncoder,
     KeypointDecoder,
     TokenNorm,
@@ -131,21 +130,16 @@ class WorldModel(nn.Module):
         self.latent = build_latent(cfg)
         self.decoder = None  # built last, so a model without it starts from the same weights as before it existed
         if cfg.recon_weight > 0:
-            if cfg.granularity != "frame":
+            if cfg.granularity != "frame" or cfg.frame_head != "keypoints":
                 raise ValueError(
-                    f"model.recon_weight={cfg.recon_weight} rebuilds frames from the frame embedding; it needs "
-                    f"model.granularity=frame (got {cfg.granularity})"
+                    f"model.recon_weight={cfg.recon_weight} rebuilds frames from keypoints; it needs "
+                    f"model.frame_head=keypoints and model.granularity=frame (got {cfg.frame_head}, {cfg.granularity})"
                 )
             with torch.random.fork_rng(devices=[]):  # the global generator is left as it was
                 torch.set_rng_state(decoder_rng)
-                if cfg.frame_head == "keypoints":
-                    self.decoder = KeypointDecoder(
-                        cfg.frame_dim // 2, cfg.img_size, cfg.recon_sigma, mask=cfg.recon_mask, block=cfg.patch_size
-                    )
-                else:
-                    self.decoder = EmbeddingDecoder(
-                        cfg.frame_dim, cfg.img_size, sigma=cfg.recon_sigma, mask=cfg.recon_mask, block=cfg.patch_size
-                    )
+                self.decoder = KeypointDecoder(
+                    cfg.frame_dim // 2, cfg.img_size, cfg.recon_sigma, mask=cfg.recon_mask, block=cfg.patch_size
+                )
             if cfg.recon_sigma_start < 0 or cfg.recon_sigma_steps < 0:
                 raise ValueError(
                     f"model.recon_sigma_start ({cfg.recon_sigma_start}) and model.recon_sigma_steps "
@@ -264,9 +258,8 @@ class WorldModel(nn.Module):
         # a still embedding shows here as a share near 0
         monitors["within_clip_share"] = within_clip_share(frame_emb.detach())
         if cfg.sigreg_weight > 0:
-            # one sample set of every frame of every clip: 16 clips per time step are too few for the statistic to
-            # see a low-rank embedding (rank 4 of 64 scores 0.94 against 0.54 for isotropic samples; pooled over the
-            # 12 frames, 5.4 against 0.6), and the frames of one clip then count as a cluster unless they differ
+            # one sample set of every frame of every clip: the clips of one time step are too few samples for the
+            # statistic to see a low-rank embedding (docs/results.md, "One recipe")
             terms["sigreg"] = sigreg(rearrange(frame_emb, "b t d -> 1 (b t) d"), seed=self.sigreg_seed)
             loss = loss + cfg.sigreg_weight * terms["sigreg"]
         if cfg.rollout_steps > 0:

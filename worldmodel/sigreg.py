@@ -15,9 +15,9 @@ the sums of cos and sin and the sample count are all-reduced with a differentiab
 after DDP averages the gradients over ranks so are the gradients (tests/test_sigreg.py runs two gloo processes).
 
 256 directions by default (LeWM: 1024 for a 192-d embedding; fresh ones every step, four times the 64 dims of the
-shipped configs; 1024 took 0.16 s a step on one core at the demo's batch, a third of the step). The directions
-come from a generator seeded by `seed` (the trainer passes the optimiser step), so every rank draws
-the same ones without communicating, and a resumed run draws what the uninterrupted one would.
+shipped configs, at a quarter of 1024's cost). The directions come from a generator seeded by `seed` (the trainer
+passes the optimiser step), so every rank draws the same ones without communicating, and a resumed run draws what
+the uninterrupted one would.
 """
 
 from __future__ import annotations
