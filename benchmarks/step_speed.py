@@ -134,13 +134,12 @@ def _synthetic_batches(cfg: ExperimentConfig, pin: bool) -> Iterator[dict]:
 
 
 def _pipeline_batches(cfg: ExperimentConfig) -> Iterator[dict]:
-    """Batches from data.train_shards through the training pipeline, epoch after epoch (one process, rank 0)."""
+    """Batches from data.train_shards through the training pipeline, one loader for every epoch as in the trainer
+    (one process, rank 0)."""
     from data_pipeline.stream import make_train_loader  # noqa: PLC0415  (not on the synthetic path)
 
-    epoch = 0
-    while True:
-        yield from make_train_loader(cfg.data, cfg.data.train_shards, seed=cfg.seed, epoch=epoch, rank=0, world_size=1)
-        epoch += 1
+    d = cfg.data
+    yield from make_train_loader(d, d.train_shards, seed=cfg.seed, epoch=0, rank=0, world_size=1, epochs=None)
 
 
 def _check_synthetic_oracle(cfg: ExperimentConfig) -> None:
@@ -176,6 +175,7 @@ def measure(
         compile_model,
         resolve_mixed_precision,
         set_tf32,
+        set_thread_budget,
         timm_fused_attention,
         use_fused_adamw,
     )
@@ -188,6 +188,7 @@ def measure(
     )
     device = accelerator.device
     cuda = device.type == "cuda"
+    threads_line = set_thread_budget(cfg.train.threads, 0 if synthetic else cfg.data.num_workers, 1)
     if synthetic:
         _check_synthetic_oracle(cfg)
         batches = _synthetic_batches(cfg, pin=cuda)
@@ -217,7 +218,8 @@ def measure(
     def forward_backward(batch: dict) -> None:
         action = batch["action"].to(device, non_blocking=True) if needs_actions else None
         with accelerator.accumulate(model):
-            out = model(batch["frames"].to(device, non_blocking=True), action=action, beta=beta)
+            # as the trainer's steps between log steps: no collapse monitors
+            out = model(batch["frames"].to(device, non_blocking=True), action=action, beta=beta, monitor=False)
             accelerator.backward(out["loss"])
 
     # FLOPs of one optimiser step, counted eagerly (before any compilation), then its gradients dropped
@@ -246,7 +248,7 @@ def measure(
                 phases["data_wait"] += loaded - start
                 phases["fwd_bwd"] += time.perf_counter() - loaded
         start = time.perf_counter()
-        float(accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf))
+        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)  # read at log steps only
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -301,6 +303,8 @@ def measure(
         "image_size": cfg.model.img_size,
         "patch_size": cfg.model.patch_size,
         "num_workers": None if synthetic else cfg.data.num_workers,
+        "torch_threads": torch.get_num_threads(),
+        "threads_rule": threads_line,
         "warmup_steps": warmup,
         "warmup_s": round(warmup_s, 3),
         "steps": steps,

@@ -35,9 +35,13 @@ class DataConfig:
     shuffle_buffer: int = 64  # samples held by the shuffle buffer (per worker)
     clips_per_video: int = 1  # clips cut from each decoded video (more = fewer decodes per clip)
     epoch_batches: int = 100  # batches per process per epoch; equal on every rank so no rank waits
+    # the trainer warns when more than this share of the latest ~1000 samples read were skipped (bad data)
+    max_skip_share: float = 0.05
     decoder: str = "decord"  # decord | pyav (decord falls back to pyav per video when it cannot read it)
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.max_skip_share <= 1.0:
+            raise ValueError(f"data.max_skip_share must be in [0, 1], got {self.max_skip_share}")
         if self.aspect not in ASPECTS:
             raise ValueError(f"data.aspect={self.aspect!r} is not one of {', '.join(ASPECTS)}")
         if self.random_crop and (self.aspect != "crop" or self.image_size <= 0):

@@ -342,6 +342,7 @@ class DecordDecoder:
         _set_native_logging("decord", self._decord)
         self._debug = decode_debug()
         self._fallback = PyAVDecoder()
+        self.fallbacks = 0  # videos handed to PyAV so far (the stream reports them as fallback/pyav)
 
     def _reader(self, data: bytes):
         """A decord VideoReader of `data`. Unless in debug mode, decord's report of data it cannot open (printed to
@@ -357,6 +358,7 @@ class DecordDecoder:
                 _fd2.passed_on(_without_open_report(bytes(held), data))
 
     def _fall_back(self, exc: Exception) -> PyAVDecoder:
+        self.fallbacks += 1
         if self._debug:
             log.debug("decord cannot read the video (%s); trying pyav", exc)
         return self._fallback

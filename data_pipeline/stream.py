@@ -4,8 +4,9 @@
       -> tar samples (only KEY.<video> and KEY.json are read) -> sample shuffle buffer
       -> decode + clip -> batch + collate
 
-Training (`make_train_loader`) gives every rank exactly `cfg.epoch_batches` batches per epoch: each worker cycles
-over its share of the shards (reshuffled per pass) until its part of the epoch is done, so no rank waits on another.
+Training (`make_train_loader`) gives every rank exactly `cfg.epoch_batches` batches per epoch, each tagged with its
+epoch; each worker cycles over its share of the shards (reshuffled per pass), so no rank waits on another. The
+trainer makes one loader per run: its workers, their open shards and their shuffle buffers last across epochs.
 Evaluation (`make_eval_loader`) is one finite, deterministic pass over the shards in order.
 
 Frames are resized to `cfg.image_size` on decode and made square by `cfg.aspect` (crop, the default: short side to
@@ -15,8 +16,9 @@ always takes the centre.
 
 Bad samples never stop the stream: they are skipped and counted by reason ("decode_error", "too_short",
 "bad_metadata", "shard_error"), and each batch carries `batch["skipped"]`, the counts of its worker since that
-worker's previous batch. The decoders' native libraries are quiet, so the counts are all a log shows of bad data;
-with `WORLDMODEL_DECODE_DEBUG=1` in the environment (the DataLoader workers inherit it) each skipped sample is also
+worker's previous batch, with `fallback/pyav`: videos decord could not read that PyAV decoded (not a skip). The
+decoders' native libraries are quiet, so the counts are all a log shows of bad data; with
+`WORLDMODEL_DECODE_DEBUG=1` in the environment (the DataLoader workers inherit it) each skipped sample is also
 logged (logger `data_pipeline.stream`, level WARNING) with its key, reason and error text, and FFmpeg and decord
 print their own detail (see data_pipeline/decoders.py). Nothing in a shard is unpickled or executed: only video
 bytes and JSON are read.
@@ -34,9 +36,10 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from itertools import islice
+from itertools import count, islice
 
 import numpy as np
+import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -50,6 +53,8 @@ from data_pipeline.write_shards import VIDEO_EXTENSIONS
 READ_EXTENSIONS = frozenset((*VIDEO_EXTENSIONS, "json"))
 
 log = logging.getLogger(__name__)
+
+FALLBACK_PYAV = "fallback/pyav"  # the key of `batch["skipped"]` that counts PyAV fallbacks, not skips
 
 
 class NoDecodableDataError(RuntimeError):
@@ -70,6 +75,7 @@ class _Reader:
         self.debug = decode_debug()  # log every skip with its reason and error text
         self.skipped: Counter[str] = Counter()
         self._skipped_lock = threading.Lock()  # shard errors are counted by the read-ahead thread
+        self._fallbacks_seen = 0  # the decoder's fallback count at the previous pop_skipped
         self.pass_samples = 0  # samples delivered in the current pass over the shards
         self.max_pass_samples = 0
         self.failure_streak = 0
@@ -101,8 +107,14 @@ class _Reader:
             )
 
     def pop_skipped(self) -> dict[str, int]:
+        """The skip counts by reason since the previous call, and `fallback/pyav`: the videos decord could not read
+        that PyAV decoded instead (not skips; counted so that a slow fallback path never goes unnoticed)."""
         with self._skipped_lock:
             counts, self.skipped = dict(self.skipped), Counter()
+        fallbacks = getattr(self.decoder, "fallbacks", 0)
+        if fallbacks > self._fallbacks_seen:
+            counts[FALLBACK_PYAV] = fallbacks - self._fallbacks_seen
+            self._fallbacks_seen = fallbacks
         return counts
 
 
@@ -284,7 +296,13 @@ def _worker() -> tuple[int, int]:
 
 
 class TrainClips(IterableDataset):
-    """One rank's training stream for one epoch: exactly `cfg.epoch_batches` batches over all its workers.
+    """One rank's training stream from epoch `epoch` on: exactly `cfg.epoch_batches` batches per epoch over all its
+    workers, for `epochs` epochs (None: for ever). Each batch carries its `epoch`.
+
+    One pipeline per worker for the whole stream: the shuffle buffer is filled once and the shard passes continue
+    across epoch boundaries, which are bookkeeping only. DataLoader (in order, the default) takes batch i of the
+    stream from worker i % num_workers, so worker w's k-th batch is batch w + k * num_workers of the stream and
+    belongs to epoch `epoch + (w + k * num_workers) // epoch_batches`: every epoch has exactly epoch_batches batches.
 
     `ring_slots`: frames buffers per DataLoader worker (see data_pipeline/batching.py); it does not change the stream.
     """
@@ -298,21 +316,25 @@ class TrainClips(IterableDataset):
         epoch: int,
         rank: int,
         world_size: int,
+        epochs: int | None = 1,
         ring_slots: int = RING_SLOTS,
     ):
         super().__init__()
+        if epochs is not None and epochs < 1:
+            raise ValueError(f"epochs must be >= 1 or None (for ever), got {epochs}")
         self.cfg, self.urls = cfg, urls
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
-        self.ring_slots = ring_slots
+        self.epochs, self.ring_slots = epochs, ring_slots
 
     def __len__(self) -> int:
-        return self.cfg.epoch_batches
+        if self.epochs is None:
+            raise TypeError("an endless training stream (epochs=None) has no length")
+        return self.cfg.epoch_batches * self.epochs
 
     def __iter__(self) -> Iterator[dict]:
         cfg = self.cfg
         worker, num_workers = _worker()
         slot = Slot(self.rank * num_workers + worker, self.world_size * num_workers)
-        my_batches = cfg.epoch_batches // num_workers + (worker < cfg.epoch_batches % num_workers)
         modulo = slot if uses_modulo(len(self.urls), slot) else None
         reader = _Reader(cfg)
         seeds = [self.seed, self.epoch, slot.index]
@@ -329,15 +351,25 @@ class TrainClips(IterableDataset):
             lambda plan_chunks: _decode_clips(plan_chunks, reader),
             lambda clips: batches(clips, reader.pop_skipped, cfg.batch_size, partial=False, ring_slots=self.ring_slots),
         )
-        yield from islice(pipeline, my_batches)
+        # this worker's batches' indices in the rank's stream (zip stops at the range's end before decoding more)
+        ends = self.epochs is not None
+        indices = range(worker, self.epochs * cfg.epoch_batches, num_workers) if ends else count(worker, num_workers)
+        for index, batch in zip(indices, pipeline, strict=False):
+            batch["epoch"] = self.epoch + index // cfg.epoch_batches
+            yield batch
 
 
-def make_train_loader(cfg: DataConfig, shards: str, *, seed: int, epoch: int, rank: int, world_size: int) -> DataLoader:
-    """The training DataLoader of one rank for one epoch: `cfg.epoch_batches` batches of `cfg.batch_size` clips.
+def make_train_loader(
+    cfg: DataConfig, shards: str, *, seed: int, epoch: int, rank: int, world_size: int, epochs: int | None = 1
+) -> DataLoader:
+    """The training DataLoader of one rank from epoch `epoch` on, for `epochs` epochs (None: for ever, the trainer's
+    one loader per run): `cfg.epoch_batches` batches of `cfg.batch_size` clips per epoch, each tagged with its
+    `epoch`. The workers and their shuffle buffers live as long as the loader's iterator.
 
-    Every rank gets the same number of batches. Shards are shuffled with (seed, epoch) identically on all ranks and
-    dealt round-robin to the world_size * num_workers reader slots (disjoint samples); with fewer shards than slots
-    every slot reads all shards and keeps every slots-th sample. The same (seed, epoch, rank) gives the same stream.
+    Every rank gets the same number of batches per epoch. Shards are shuffled with (seed, epoch) identically on all
+    ranks and dealt round-robin to the world_size * num_workers reader slots (disjoint samples); with fewer shards
+    than slots every slot reads all shards and keeps every slots-th sample. The same (seed, epoch, rank) gives the
+    same stream.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
@@ -350,17 +382,19 @@ def make_train_loader(cfg: DataConfig, shards: str, *, seed: int, epoch: int, ra
             "(data_pipeline.write_shards --samples-per-shard) to read each shard once.",
             stacklevel=2,
         )
-    dataset = TrainClips(cfg, urls, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
+    dataset = TrainClips(cfg, urls, seed=seed, epoch=epoch, rank=rank, world_size=world_size, epochs=epochs)
     return BatchLoader(dataset, num_workers=cfg.num_workers, worker_init_fn=_workers_leave_stopping_to_the_trainer)
 
 
 def _workers_leave_stopping_to_the_trainer(worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM/SIGINT/SIGUSR2 (the trainer's stop signals).
+    """DataLoader workers run torch on one thread (they decode on one core each: the trainer's thread budget counts
+    them so) and ignore SIGTERM/SIGINT/SIGUSR2 (the trainer's stop signals).
 
     Launchers (torch elastic, SLURM, Ctrl-C in a terminal) signal a trainer's whole process group; a worker killed
     that way makes the DataLoader raise in the trainer before it can checkpoint. The trainer shuts its workers down
     itself when it stops.
     """
+    torch.set_num_threads(1)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)

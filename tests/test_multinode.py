@@ -35,10 +35,10 @@ import worldmodel.trainer as trainer
 real_loader = trainer.make_train_loader
 
 
-def recording_loader(cfg, shards, *, seed, epoch, rank, world_size):
+def recording_loader(cfg, shards, *, seed, epoch, rank, world_size, epochs=1):
     log = Path(os.environ["KEYS_DIR"]) / f"keys-rank{{rank}}.jsonl"
-    for batch in real_loader(cfg, shards, seed=seed, epoch=epoch, rank=rank, world_size=world_size):
-        record = dict(epoch=epoch, rank=rank, world_size=world_size, node=int(os.environ["GROUP_RANK"]),
+    for batch in real_loader(cfg, shards, seed=seed, epoch=epoch, rank=rank, world_size=world_size, epochs=epochs):
+        record = dict(epoch=batch["epoch"], rank=rank, world_size=world_size, node=int(os.environ["GROUP_RANK"]),
                       keys=list(batch["key"]))
         with log.open("a") as f:
             f.write(json.dumps(record) + "\\n")

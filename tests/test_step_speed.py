@@ -20,7 +20,7 @@ FIELDS = {
     "clip_length", "image_size", "patch_size", "num_workers", "warmup_steps", "warmup_s", "steps", "step_s",
     "data_wait_s", "fwd_bwd_s", "optimizer_s", "ema_s", "data_wait_share", "flops_per_step", "attention_flop_share",
     "conv_flop_share", "tflops_s", "peak_tflops", "mfu", "clips_s", "frames_s", "peak_memory_gb", "peak_memory_kind",
-    "decode_fps_per_core", "decode_workers_needed",
+    "decode_fps_per_core", "decode_workers_needed", "torch_threads", "threads_rule",
 }  # fmt: skip
 # what the GPU machines lack: the decoders, the shard reader, and the evaluation's and logging's extras
 NOT_INSTALLED = (

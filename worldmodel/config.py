@@ -68,6 +68,12 @@ class TrainConfig:
     checkpoint_every: int = 250
     keep_checkpoints: int = 3  # newest K complete checkpoints are kept
     log_every: int = 10
+    # steps between the host's waits for the device (non-finite loss and stop checks); log and checkpoint steps are
+    # checks too. A non-finite loss stops the run at the next check, before any checkpoint.
+    check_every: int = 10
+    # torch intra-op threads per training process; 0: the cores this process may use (CPU affinity, Slurm's
+    # SLURM_CPUS_PER_TASK) shared among the machine's training processes, minus each one's decode workers (at least 1)
+    threads: int = 0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, no on CPU
     # speed options (worldmodel/train_setup.py; measured with benchmarks/step_speed.py, docs/architecture.md "GPU
     # path"); none of them changes what is computed beyond floating-point rounding
@@ -75,6 +81,13 @@ class TrainConfig:
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no C++ compiler needed, what tests use)
     tf32: bool = True  # CUDA only: TF32 for the fp32 matmuls autocast leaves (set_float32_matmul_precision high)
     fused_adamw: bool = True  # CUDA only: PyTorch's fused AdamW kernel
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "checkpoint_every", "log_every", "check_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.threads < 0:
+            raise ValueError(f"train.threads must be >= 0 (0: from the cores available), got {self.threads}")
 
 
 @dataclass

@@ -204,8 +204,10 @@ class WorldModel(nn.Module):
 
     # ---- training forward -------------------------------------------------------------------------------------
 
-    def forward(self, frames: Tensor, action: Tensor | None = None, beta: float = 0.0) -> dict:
-        """Training step. frames: uint8 [B, T, H, W, C]; action: float [B, T-1, A] (oracle); beta: regulariser weight.
+    def forward(self, frames: Tensor, action: Tensor | None = None, beta: float = 0.0, monitor: bool = True) -> dict:
+        """Training step. frames: uint8 [B, T, H, W, C]; action: float [B, T-1, A] (oracle); beta: regulariser weight;
+        monitor: compute the collapse monitors (within_clip_share, emb_std, emb_eff_rank, target_var,
+        target_eff_rank, drift; SVDs), which the trainer does at log steps only.
 
         Returns {"loss": scalar, "terms": {name: scalar}, "monitors": {name: scalar}}; loss = pred + beta * reg
         (+ prior_mean_weight * pred_prior, the prediction with r at the prior mean, for inferred latents when
@@ -255,8 +257,6 @@ class WorldModel(nn.Module):
             terms["recon"] = self.decoder.loss(raw, x)  # the raw keypoints, before the online TokenNorm
             loss = loss + cfg.recon_weight * terms["recon"]
         frame_emb = reduce(raw, "b t n d -> b t d", "mean")  # the frame embedding (token grids: their mean)
-        # a still embedding shows here as a share near 0
-        monitors["within_clip_share"] = within_clip_share(frame_emb.detach())
         if cfg.sigreg_weight > 0:
             # one sample set of every frame of every clip: the clips of one time step are too few samples for the
             # statistic to see a low-rank embedding (docs/results.md, "One recipe")
@@ -266,9 +266,11 @@ class WorldModel(nn.Module):
             terms["rollout"] = self._rollout_term(tokens, target, action)
             loss = loss + cfg.rollout_weight * terms["rollout"]
 
-        pooled = rearrange(reduce(raw, "b t n d -> b t d", "mean"), "b t d -> (b t) d")
-        monitors.update(emb_std=per_dim_std(pooled), emb_eff_rank=effective_rank(pooled))
-        monitors.update(target_health(target))
+        if monitor:
+            monitors["within_clip_share"] = within_clip_share(frame_emb.detach())  # a still embedding: near 0
+            pooled = rearrange(frame_emb.detach(), "b t d -> (b t) d")
+            monitors.update(emb_std=per_dim_std(pooled), emb_eff_rank=effective_rank(pooled))
+            monitors.update(target_health(target))
         monitors.update(latent_monitors)
         if self.training:
             self.norm.update(raw_target)

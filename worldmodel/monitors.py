@@ -20,12 +20,16 @@ def per_dim_std(x: Tensor) -> Tensor:
 def effective_rank(x: Tensor, eps: float = 1e-12) -> Tensor:
     """x: [M, D] -> exp(entropy of the normalised singular values) (RankMe), in [1, min(M, D)].
 
-    A constant embedding gives 1; isotropic embeddings give about min(M, D).
+    A constant embedding gives 1; isotropic embeddings give about min(M, D); NaN if x holds a non-finite value (the
+    SVD would fail, and the trainer finds a divergence only at its next check step; checking here would wait for the
+    device).
     """
+    x = x.detach().float()
+    finite = torch.isfinite(x)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        s = torch.linalg.svdvals(x.detach().float())
+        s = torch.linalg.svdvals(torch.where(finite, x, 0.0))
     p = s / (s.sum() + eps) + eps
-    return torch.exp(-(p * torch.log(p)).sum())
+    return torch.where(finite.all(), torch.exp(-(p * torch.log(p)).sum()), torch.nan)
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ optimizer and the speed options of the `train` section.
     train.tf32             CUDA only: TF32 for the fp32 matmuls autocast leaves (default true; cuDNN convolutions use
                            TF32 by default anyway)
     train.fused_adamw      CUDA only: AdamW's fused kernel, one launch for all parameters (default true)
+    train.threads          torch intra-op threads per training process (default 0: from the cores, `thread_budget`)
 
 Compilation is in place (`nn.Module.compile` for the encoders, compiled bound methods for the predictor's trunk
 and head), so parameter names, state dicts and checkpoints are the same as without it (no `_orig_mod.` prefixes),
@@ -18,6 +19,8 @@ the loss (its inputs are fp32 tokens), and the weights themselves, so the EMA ru
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
@@ -83,3 +86,43 @@ def timm_fused_attention(model: nn.Module) -> bool:
     `fused_attn`, on unless TIMM_FUSED_ATTN=0); the predictor's blocks always do."""
     flags = [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
     return bool(flags) and all(flags)
+
+
+def available_cores() -> int:
+    """The CPU cores this process may use: its CPU affinity (what Slurm's cgroup or `taskset` allows), capped by
+    SLURM_CPUS_PER_TASK when set; os.cpu_count() where affinity is unknown (macOS)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        cores = min(cores, int(slurm))
+    return max(1, cores)
+
+
+def thread_budget(requested: int, num_workers: int, local_processes: int, cores: int | None = None) -> int:
+    """Torch intra-op threads for one training process: `requested` if > 0; otherwise its share of `cores` (default
+    `available_cores()`) among the `local_processes` training processes of this machine, minus its `num_workers`
+    decode workers (each decodes on one core), at least 1. On 2 cores, 1 process with 1 worker: 1 thread."""
+    if requested > 0:
+        return requested
+    cores = available_cores() if cores is None else cores
+    return max(1, cores // max(1, local_processes) - num_workers)
+
+
+def set_thread_budget(requested: int, num_workers: int, world_size: int) -> str:
+    """Set torch's intra-op threads from `thread_budget` (train.threads, data.num_workers; the local process count
+    from LOCAL_WORLD_SIZE, as launchers set it, else `world_size`); returns the line to log."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    threads = thread_budget(requested, num_workers, local)
+    torch.set_num_threads(threads)
+    origin = (
+        "train.threads"
+        if requested > 0
+        else f"{available_cores()} cores / {local} training process(es) - {num_workers} decode worker(s)"
+    )
+    return (
+        f"threads: {threads} torch intra-op thread(s) per training process ({origin}), 1 per decode worker; "
+        "override with train.threads"
+    )
