@@ -233,8 +233,9 @@ def batches(
     are copied into the batch's frames buffer as soon as the clip is decoded, and dropped from the clip.
 
     In a DataLoader worker the buffer is a slot of the worker's `_FramesRing` of `ring_slots` slots and the batch's
-    `frames` is a `_SlotRef` to it (BatchLoader copies the frames out); a batch that finds no free slot gets a fresh
-    shared-memory tensor. In-process, `frames` is an ordinary tensor.
+    `frames` is a `_SlotRef` to it (BatchLoader copies the frames out); a batch that finds no free slot, or every
+    batch with `ring_slots=0`, gets a fresh shared-memory tensor (the memory path of torch's default collate, less
+    its stack copy). In-process, `frames` is an ordinary tensor.
     """
     info = get_worker_info()
     ring: _FramesRing | None = None
@@ -243,7 +244,7 @@ def batches(
         if not group:
             shape = (batch_size, *clip["frames"].shape)  # uint8 [B, T, H, W, C]
             taken = None
-            if info is not None:
+            if info is not None and ring_slots > 0:
                 if ring is None or math.prod(shape) > ring.slot_bytes:  # (frame sizes may differ if image_size=0)
                     ring = _FramesRing(info.id, ring_slots, math.prod(shape))
                 taken = ring.take(shape)

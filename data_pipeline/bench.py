@@ -2,9 +2,11 @@
 
     python -m data_pipeline.bench --shards 'data/moving_digits/train/shard-*.tar' [--workers 0 1 2] [--batches N]
         [--image-size 64] [--num-context 4] [--num-target 4] [--frame-step 1] [--batch-size 16] [--clips-per-video 1]
+        [--ring-slots 4 0]
 
 Frames are decoded at --image-size (0: as stored) into clips of --num-context + --num-target frames. Prints one JSON
-line per worker setting:
+line per (worker, ring) setting (ring_slots 0: each batch in a fresh shared-memory tensor, torch's default collate
+path, instead of the worker's frames ring):
     decoder_fps        frames/s of the decoder alone, one process, making the same decoder calls as the pipeline did
                        for the timed clips (same videos, same frames), from video bytes already in memory: the limit
                        for one process
@@ -21,20 +23,21 @@ The first batch of each pipeline run is not timed (worker start-up).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from dataclasses import replace
-from itertools import islice
 
 import numpy as np
 import psutil
 import webdataset as wds
 
+from data_pipeline.batching import RING_SLOTS, BatchLoader
 from data_pipeline.clips import clip_indices
 from data_pipeline.config import DataConfig
 from data_pipeline.decoders import get_decoder
 from data_pipeline.shardlist import expand_shards
-from data_pipeline.stream import make_train_loader
+from data_pipeline.stream import TrainClips, make_train_loader
 from data_pipeline.write_shards import VIDEO_EXTENSIONS
 
 
@@ -98,15 +101,23 @@ def decoder_rate(cfg: DataConfig, urls: list[str], clips: list[tuple[str, int]])
     return frames / (time.perf_counter() - begin), frames / cpu_interval(begin_cpu)
 
 
-def pipeline_rate(cfg: DataConfig, shards: str, batches: int) -> tuple[float, float, list[tuple[str, int]]]:
+def pipeline_rate(
+    cfg: DataConfig, shards: str, batches: int, ring_slots: int = RING_SLOTS
+) -> tuple[float, float, list[tuple[str, int]]]:
     """(wall, CPU) clips/s out of `make_train_loader` over `batches` batches, not counting the first (start-up), and
-    the (key, start) of the timed clips. CPU time counts the main process and its workers."""
-    loader = make_train_loader(replace(cfg, epoch_batches=batches + 2), shards, seed=0, epoch=0, rank=0, world_size=1)
+    the (key, start) of the timed clips. CPU time counts the main process and its workers. `ring_slots=0`: the
+    workers send each batch in a fresh shared-memory tensor (torch's default collate path) instead of their ring."""
+    cfg = replace(cfg, epoch_batches=batches + 2)
+    if ring_slots == RING_SLOTS:
+        loader = make_train_loader(cfg, shards, seed=0, epoch=0, rank=0, world_size=1)
+    else:
+        dataset = TrainClips(cfg, expand_shards(shards), seed=0, epoch=0, rank=0, world_size=1, ring_slots=ring_slots)
+        loader = BatchLoader(dataset, num_workers=cfg.num_workers)
     iterator = iter(loader)
     next(iterator)
     clips: list[tuple[str, int]] = []
     begin, begin_cpu = time.perf_counter(), _cpu_seconds()
-    for batch in islice(iterator, batches):
+    for batch in itertools.islice(iterator, batches):
         clips.extend(zip(batch["key"], batch["start"].tolist(), strict=True))
     wall, cpu = time.perf_counter() - begin, cpu_interval(begin_cpu)  # read while the workers still live
     del iterator
@@ -125,6 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-context", type=int, default=DataConfig.num_context)
     parser.add_argument("--num-target", type=int, default=DataConfig.num_target)
     parser.add_argument("--frame-step", type=int, default=DataConfig.frame_step)
+    parser.add_argument(
+        "--ring-slots",
+        type=int,
+        nargs="+",
+        default=[RING_SLOTS],
+        help=f"frames-ring slots per worker (default {RING_SLOTS}); 0: a fresh shared-memory tensor per batch, as "
+        "torch's default collate (list both, e.g. 4 0 4 0, to compare them back to back)",
+    )
     args = parser.parse_args(argv)
     cfg = DataConfig(
         batch_size=args.batch_size,
@@ -136,13 +155,16 @@ def main(argv: list[str] | None = None) -> int:
         frame_step=args.frame_step,
     )
     urls = expand_shards(args.shards)
-    for workers in args.workers:
-        clips_s, clips_cpu_s, clips = pipeline_rate(replace(cfg, num_workers=workers), args.shards, args.batches)
+    for workers, ring_slots in itertools.product(args.workers, args.ring_slots):
+        clips_s, clips_cpu_s, clips = pipeline_rate(
+            replace(cfg, num_workers=workers), args.shards, args.batches, ring_slots=ring_slots
+        )
         # right after the pipeline run (same machine load), the same decoder calls on the same clips
         limit, limit_cpu = decoder_rate(cfg, urls, clips)
         fps = clips_s * cfg.clip_length
         record = {
             "workers": workers,
+            "ring_slots": ring_slots,
             "decoder": cfg.decoder,
             "clip_length": cfg.clip_length,
             "image_size": cfg.image_size,

@@ -10,9 +10,10 @@ from data_pipeline.config import DataConfig
 
 def test_bench_prints_one_json_line_per_setting(digits_shards, capsys):
     shards = str(digits_shards / "train" / "shard-*.tar")
-    assert main(["--shards", shards, "--workers", "0", "1", "--batches", "2", "--batch-size", "4"]) == 0
+    args = ["--shards", shards, "--workers", "0", "1", "--batches", "2", "--batch-size", "4", "--ring-slots", "4", "0"]
+    assert main(args) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["workers"] for r in records] == [0, 1]
+    assert [(r["workers"], r["ring_slots"]) for r in records] == [(0, 4), (0, 0), (1, 4), (1, 0)]
     for r in records:
         assert r["decoder_fps"] > 0 and r["pipeline_clips_s"] > 0 and r["batch_size"] == 4
         assert abs(r["pipeline_fps"] - r["pipeline_clips_s"] * r["clip_length"]) < 1
