@@ -10,8 +10,10 @@ there), then times `--steps` real training steps and prints one JSON line:
     step_s, data_wait_s, fwd_bwd_s, optimizer_s, ema_s   mean seconds per optimiser step, split by phase: waiting for
                         the batch and copying it to the device; forward + backward over the micro-batches; gradient
                         clipping, AdamW, zero_grad and the LR scheduler; the EMA update of the target encoder. The
-                        device is synchronised at each phase boundary (the trainer synchronises once a step anyway,
-                        reading the loss and the gradient norm), so the phases add up to the step.
+                        device is synchronised at each phase boundary, so the phases add up to the step (the
+                        trainer waits for the device only at its check steps, every train.check_every steps, so the
+                        benchmark's per-phase syncs cost it a little on a GPU). The steps run as the trainer's steps
+                        between log steps: no collapse monitors.
     data_wait_share     data_wait_s / step_s
     flops_per_step      model FLOPs of one optimiser step (online encoder forward + backward, target encoder forward,
                         predictor, latents, loss), counted by torch.utils.flop_counter.FlopCounterMode on one eager
