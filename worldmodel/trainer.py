@@ -361,11 +361,12 @@ def _clip_groups(model: nn.Module) -> list[list[nn.Parameter]] | None:
 
 
 def is_check_step(cfg: ExperimentConfig, step: int) -> bool:
-    """Whether optimiser step `step` (1-based) waits for the device: every train.check_every steps, every log step,
-    every checkpoint step and the last, so that no checkpoint is written before a divergence is seen."""
+    """Whether optimiser step `step` (1-based) waits for the device: the first step (a broken set-up shows at once,
+    and the progress bar has a loss), every train.check_every steps, every log step, every checkpoint step and the
+    last, so that no checkpoint is written before a divergence is seen."""
     t = cfg.train
     every = (t.check_every, t.log_every, t.checkpoint_every)
-    return step == t.steps or any(step % n == 0 for n in every)
+    return step in (1, t.steps) or any(step % n == 0 for n in every)
 
 
 def is_log_step(cfg: ExperimentConfig, step: int) -> bool:
