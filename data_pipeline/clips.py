@@ -38,7 +38,7 @@ def clip_indices(start: int, clip_length: int, frame_step: int) -> np.ndarray:
 
 def _rows(meta: dict, key: str, expected: int, num_frames: int, lo: int, hi: int) -> np.ndarray | None:
     """Rows lo..hi-1 of `meta[key]` as float32, after checking that it has `expected` rows (only the rows a clip
-    needs are converted: cheaper per clip than the whole video's)."""
+    needs are converted: cheaper per clip than the whole video's) and that they are finite: MetadataError if not."""
     if key not in meta:
         return None
     rows = meta[key]
@@ -49,9 +49,19 @@ def _rows(meta: dict, key: str, expected: int, num_frames: int, lo: int, hi: int
             f"{key!r} has {found} for a video of {num_frames} frames; expected {expected} rows (one per {per})"
         )
     try:
-        return np.asarray(rows[lo:hi], dtype=np.float32)
-    except (TypeError, ValueError) as exc:
+        with np.errstate(over="ignore", invalid="ignore"):  # 1e308 -> inf, refused below with the reason
+            out = np.asarray(rows[lo:hi], dtype=np.float32)
+    except (TypeError, ValueError, OverflowError) as exc:
         raise MetadataError(f"{key!r} is not a rectangular array of numbers: {exc}") from exc
+    if len(out) and key != "events" and out.ndim != 2:
+        raise MetadataError(
+            f"{key!r} must be a list of rows of numbers ([rows][columns]); its rows have {out.ndim - 1} dims"
+        )
+    if not np.isfinite(out).all():
+        raise MetadataError(
+            f"{key!r} holds a number that is not finite as float32 (NaN, null, Infinity, or beyond 3.4e38)"
+        )
+    return out
 
 
 def cut_metadata(meta: dict, indices: np.ndarray) -> dict[str, np.ndarray]:

@@ -13,6 +13,10 @@ The program of each `pipe:` command (its first word, after `NAME=value` assignme
 for http(s) URLs, must be on PATH of the machine that runs the loader: `expand_shards` checks that at start-up, so a
 missing program is one clear error instead of every shard being skipped as a `shard_error`.
 
+It also warns (`check_folders`) about a local shard folder that may not be a finished dataset: one without
+index.json (being written, interrupted, or not made by data_pipeline.write_shards), one holding the job files of an
+unmerged `--num-jobs` run, and shards matched there that its index.json does not list (left by another run).
+
 A reader slot is one DataLoader worker of one rank: slot = rank * num_workers + worker, slots = world_size *
 num_workers. Every epoch the shard list is shuffled with (seed, epoch), identically on every rank. With at least as
 many shards as slots, slot k reads shuffled[k::slots] (disjoint shares). With fewer, every slot reads every shard
@@ -28,11 +32,15 @@ import shlex
 import shutil
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import braceexpand
 import numpy as np
+
+from data_pipeline.clips import MetadataError
+from data_pipeline.sidecar import INDEX_MAX_BYTES, load_json
 
 URL_SCHEMES = ("http://", "https://")
 
@@ -138,10 +146,60 @@ def _check_url(url: str, timeout: float = 10.0) -> None:
         raise ShardListError(f"shard URL {url!r} cannot be reached: {exc}") from exc
 
 
+def _listed_shards(index: str) -> set[str] | None:
+    """The shard names an index.json lists (None if it cannot be read as one)."""
+    try:
+        with open(index, "rb") as handle:
+            data = load_json(handle.read(INDEX_MAX_BYTES + 1), index, max_bytes=INDEX_MAX_BYTES)
+        return {str(shard["name"]) for shard in data["shards"]}
+    except (OSError, MetadataError, KeyError, TypeError):
+        return None
+
+
+def check_folders(paths: list[str]) -> list[str]:
+    """Warn (UserWarning) about each folder of local shards `paths` that may not be a finished dataset: no
+    index.json, job files of an unmerged --num-jobs run (job-*-of-*.json), or shards its index.json does not list.
+    Returns the warnings."""
+    by_folder: dict[str, list[str]] = {}
+    for path in paths:
+        path = path.removeprefix("file:")
+        by_folder.setdefault(os.path.dirname(os.path.abspath(path)), []).append(os.path.basename(path))
+    found = []
+    for folder, names in by_folder.items():
+        jobs = sorted(glob.glob(os.path.join(glob.escape(folder), "job-*-of-*.json")))
+        if jobs:
+            found.append(
+                f"{folder} holds job files of an unmerged --num-jobs run ({os.path.basename(jobs[0])}, ...): its "
+                "shards are not a finished dataset (jobs may be missing or unfinished); merge it first: python -m "
+                "data_pipeline.write_shards --merge FOLDER (the folder above train/ and val/)"
+            )
+        index = os.path.join(folder, "index.json")
+        listed = _listed_shards(index) if os.path.exists(index) else None
+        if listed is None:
+            if not jobs:
+                state = "an unreadable index.json" if os.path.exists(index) else "no index.json"
+                found.append(
+                    f"{folder} has {state}: it is being written, was interrupted, or was not made by "
+                    "data_pipeline.write_shards; its shards are read as they are (and the first usable sample of "
+                    "each reader fixes the sidecar widths)"
+                )
+            continue
+        extra = sorted(set(names) - listed)
+        if extra:
+            found.append(
+                f"{len(extra)} shard(s) matched in {folder} are not in its index.json (e.g. {extra[0]}): left by "
+                "another run? Their samples may be there twice; list only the shards index.json names"
+            )
+    for message in found:
+        warnings.warn(message, stacklevel=3)
+    return found
+
+
 def expand_shards(spec: str, *, check_urls: bool = True) -> list[str]:
     """Expand a shard spec into a list of shard URLs/paths, failing at start-up with a clear error when it is empty,
     a local shard or glob matches nothing, the program of a `pipe:` command (or curl for http(s)) is not installed
-    here, or (with `check_urls`) the first http(s) URL does not answer."""
+    here, or (with `check_urls`) the first http(s) URL does not answer. Warns about local folders that may not be a
+    finished dataset (`check_folders`)."""
     if not spec or not spec.strip():
         raise ShardListError("the shard list is empty; set data.train_shards / data.val_shards to a glob or URL")
     urls: list[str] = []
@@ -152,6 +210,7 @@ def expand_shards(spec: str, *, check_urls: bool = True) -> list[str]:
             else:
                 urls.extend(_expand_local(item))
     check_programs(urls)
+    check_folders([u for u in urls if not (u.startswith("pipe:") or u.startswith(URL_SCHEMES))])
     remote = [u for u in urls if u.startswith(URL_SCHEMES)]
     if check_urls and remote:
         _check_url(remote[0])

@@ -15,19 +15,21 @@ long side instead, drawn per clip from the clip generator (the same window for a
 always takes the centre.
 
 Bad samples never stop the stream: they are skipped and counted by reason ("decode_error", "too_short",
-"bad_metadata", "shard_error"), and each batch carries `batch["skipped"]`, the counts of its worker since that
-worker's previous batch, with `fallback/pyav`: videos decord could not read that PyAV decoded (not a skip). The
-decoders' native libraries are quiet, so the counts are all a log shows of bad data; with
-`WORLDMODEL_DECODE_DEBUG=1` in the environment (the DataLoader workers inherit it) each skipped sample is also
-logged (logger `data_pipeline.stream`, level WARNING) with its key, reason and error text, and FFmpeg and decord
-print their own detail (see data_pipeline/decoders.py). Nothing in a shard is unpickled or executed: only video
-bytes and JSON are read.
+"bad_metadata": KEY.json unreadable or breaking the sidecar schema of data_pipeline/sidecar.py, e.g. NaN rows or a
+string label; "schema_mismatch": a clip whose widths, column names or label names differ from the dataset's, so
+that a batch never drops a field because one clip differs; "shard_error"), and each batch carries
+`batch["skipped"]`, the counts of its worker since that worker's previous batch, with `fallback/pyav`: videos
+decord could not read that PyAV decoded (not a skip). The decoders' native libraries are quiet, so the counts are
+all a log shows of bad data; with `WORLDMODEL_DECODE_DEBUG=1` in the environment (the DataLoader workers inherit it)
+each skipped sample is also logged (logger `data_pipeline.stream`, level WARNING) with its key, reason and error
+text, and FFmpeg and decord print their own detail (see data_pipeline/decoders.py). Nothing in a shard is unpickled
+or executed: only video bytes and JSON are read.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import random
 import signal
 import threading
@@ -48,6 +50,16 @@ from data_pipeline.clips import MetadataError, clip_indices, clip_span, clip_sta
 from data_pipeline.config import DataConfig
 from data_pipeline.decoders import DecodeError, decode_debug, fit_to_square, get_decoder, stderr_not_held
 from data_pipeline.shardlist import Slot, expand_shards, slot_passes, uses_modulo
+from data_pipeline.sidecar import (
+    INDEX_MAX_BYTES,
+    MATRIX_FIELDS,
+    MAX_FRAMES,
+    NAME_FIELDS,
+    DatasetSchema,
+    check_labels,
+    check_names,
+    load_json,
+)
 from data_pipeline.write_shards import VIDEO_EXTENSIONS
 
 READ_EXTENSIONS = frozenset((*VIDEO_EXTENSIONS, "json"))
@@ -79,6 +91,56 @@ class _Reader:
         self.pass_samples = 0  # samples delivered in the current pass over the shards
         self.max_pass_samples = 0
         self.failure_streak = 0
+        # the sidecar schema (data_pipeline/sidecar.py) the clips of this reader's batches keep to: widths, column
+        # names and label names, from the index.json of local shard folders, else fixed by the first usable sample
+        self.schema = DatasetSchema()
+        self._required: dict[str, frozenset[str]] = {}  # folder -> the fields its index.json says every sample has
+
+    def _folder_fields(self, url: str) -> frozenset[str]:
+        """The fields every sample of local shard `url`'s folder has, by its index.json (read once per folder; its
+        widths and names join `schema`). Remote shards and folders without a usable index.json: none."""
+        if not url or url.startswith(("pipe:", "http://", "https://")):
+            return frozenset()
+        folder = os.path.dirname(url.removeprefix("file:")) or "."
+        if folder not in self._required:
+            self._required[folder] = frozenset()
+            path = os.path.join(folder, "index.json")
+            try:
+                with open(path, "rb") as handle:
+                    index = load_json(handle.read(INDEX_MAX_BYTES + 1), path, max_bytes=INDEX_MAX_BYTES)
+                declared = DatasetSchema.from_json(index.get("schema", {}) if isinstance(index, dict) else None)
+                total = index.get("total_samples")
+            except (OSError, MetadataError):
+                return frozenset()
+            try:
+                self.schema = self.schema.merged(declared)
+            except MetadataError as exc:
+                warnings.warn(
+                    f"{path}: its sidecar schema disagrees with that of the shards read before it ({exc}); its "
+                    "samples that disagree are skipped as schema_mismatch",
+                    stacklevel=2,
+                )
+            required = {f for f, entry in declared.fields.items() if entry.get("samples") == total and total}
+            self._required[folder] = frozenset(required)
+        return self._required[folder]
+
+    def schema_problem(self, plan: _Plan) -> str | None:
+        """Why planned sample `plan` breaks this reader's schema (a width, column names or label names other than
+        the dataset's, or a field its index.json says every sample has missing), or None."""
+        required = self._folder_fields(plan.url)
+        for sig in _clip_signatures(plan):
+            missing = sorted(required - set(sig))
+            if missing:
+                return f"its folder's index.json says every sample has {missing}; this one has not"
+            problem = self.schema.problem(sig)
+            if problem is not None:
+                return problem
+        return None
+
+    def learn(self, plan: _Plan) -> None:
+        """Fix in the schema what usable sample `plan` is the first to have."""
+        for sig in _clip_signatures(plan):
+            self.schema.add(sig, plan.key)
 
     def shard_error(self, exn: Exception) -> bool:
         """webdataset exception handler: a shard that cannot be opened or read is counted, and the stream goes on."""
@@ -169,16 +231,44 @@ def _video_entry(sample: dict) -> tuple[str, bytes] | None:
 
 
 def _parse_meta(sample: dict) -> dict:
+    """KEY.json read under the sidecar schema's limits (data_pipeline/sidecar.py: its size; standard JSON, no NaN or
+    Infinity token; too deep to parse is an error, not a RecursionError), an object with an integral `num_frames` in
+    [1, MAX_FRAMES]; MetadataError saying what is wrong. The rows are checked where a clip cuts them."""
     if "json" not in sample:
         raise MetadataError("the sample has no KEY.json")
-    try:
-        meta = json.loads(sample["json"])
-        num_frames = int(meta["num_frames"])
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise MetadataError(f"KEY.json is unreadable or lacks num_frames: {exc!r}") from exc
-    if num_frames < 1:
-        raise MetadataError(f"num_frames is {num_frames}")
+    meta = load_json(sample["json"], "KEY.json", walk=False)
+    if not isinstance(meta, dict):
+        raise MetadataError(f"KEY.json must be a JSON object, got {type(meta).__name__}")
+    num_frames = meta.get("num_frames")
+    if isinstance(num_frames, float) and num_frames.is_integer():
+        num_frames = meta["num_frames"] = int(num_frames)
+    if not isinstance(num_frames, int) or isinstance(num_frames, bool) or not 1 <= num_frames <= MAX_FRAMES:
+        raise MetadataError(f"KEY.json's num_frames is {num_frames!r}; it must be an integer in [1, {MAX_FRAMES}]")
     return meta
+
+
+def _labels(meta: dict) -> dict[str, int] | None:
+    """The sample's labels, checked (integers in int64's range: data_pipeline/sidecar.py) and in name order; None
+    when it has none."""
+    labels = meta.get("labels")
+    return None if labels is None else dict(sorted(check_labels(labels).items())) or None
+
+
+def _clip_signatures(plan: _Plan) -> Iterator[dict]:
+    """What each clip of `plan` holds, as data_pipeline/sidecar.py's `signature`: the widths of its rows, the
+    column names, `events`, the label names."""
+    for row in plan.rows or []:
+        sig: dict = {}
+        for field in MATRIX_FIELDS:
+            if field in row and row[field].ndim == 2 and len(row[field]):
+                sig[field] = int(row[field].shape[1])
+                if plan.meta.get(NAME_FIELDS[field]) is not None:
+                    sig[NAME_FIELDS[field]] = plan.meta[NAME_FIELDS[field]]
+        if "events" in row:
+            sig["events"] = True
+        if plan.labels is not None:
+            sig["labels"] = list(plan.labels)
+        yield sig
 
 
 @dataclass
@@ -188,7 +278,9 @@ class _Plan:
     key: str
     skip: str | None = None  # the skip reason, or None for a usable sample
     detail: str = ""  # why it is skipped: the error text
+    url: str = ""  # the shard it came from
     meta: dict | None = None
+    labels: dict[str, int] | None = None  # checked, in name order
     video: bytes = b""
     starts: np.ndarray | None = None  # int64 [clips]
     needed: list[int] | None = None  # the frames to decode: the sorted union of the clips' frames
@@ -200,10 +292,11 @@ class _Plan:
 
 def _plan(sample: dict, cfg: DataConfig, rng: np.random.Generator, clips_per_video: int) -> _Plan:
     """Parse a sample's JSON and pick its clips (this draws the clip starts from `rng`); nothing is decoded."""
-    plan = _Plan(sample.get("__key__", "?"))
+    plan = _Plan(sample.get("__key__", "?"), url=sample.get("__url__") or "")
     video = _video_entry(sample)
     try:
         plan.meta = _parse_meta(sample)
+        plan.labels = _labels(plan.meta)
         if video is None:
             raise MetadataError(f"the sample has no video entry (one of {VIDEO_EXTENSIONS})")
         plan.video = video[1]
@@ -219,6 +312,11 @@ def _plan(sample: dict, cfg: DataConfig, rng: np.random.Generator, clips_per_vid
         if cfg.random_crop:  # drawn only then, so the clip starts of other runs stay as they were
             plan.crops = rng.random(len(clips))
         plan.rows = [cut_metadata(plan.meta, idx) for idx in clips]
+        for field in MATRIX_FIELDS:
+            names = plan.meta.get(NAME_FIELDS[field])
+            if names is not None:
+                width = plan.rows[0][field].shape[-1] if field in plan.rows[0] else None
+                check_names(names, NAME_FIELDS[field], width)
     except MetadataError as exc:
         plan.skip, plan.detail = "bad_metadata", str(exc)
         return plan
@@ -264,11 +362,15 @@ def _decode_clips(plan_chunks: Iterable[list[_Plan]], reader: _Reader) -> Iterat
     aspect = "short" if cfg.random_crop else cfg.aspect  # random_crop: short side to image_size, cropped per clip
     for plans in plan_chunks:
         for plan in plans:
+            if plan.skip is None and (problem := reader.schema_problem(plan)) is not None:
+                plan.skip, plan.detail = "schema_mismatch", problem  # a batch never loses a field for one clip
             if plan.skip is None:
                 try:
                     plan.frames = reader.decoder.decode(plan.video, plan.needed, size=cfg.image_size, aspect=aspect)
                 except DecodeError as exc:
                     plan.skip, plan.detail = "decode_error", str(exc)
+                else:
+                    reader.learn(plan)
         for plan in plans:
             if plan.skip is not None:
                 reader.skip(plan.skip, plan.key, plan.detail)
@@ -282,7 +384,7 @@ def _decode_clips(plan_chunks: Iterable[list[_Plan]], reader: _Reader) -> Iterat
                 yield {
                     "frames": frames,
                     **row,
-                    "labels": meta.get("labels"),
+                    "labels": plan.labels,
                     "state_names": meta.get("state_names"),
                     "action_names": meta.get("action_names"),
                     "key": plan.key,
