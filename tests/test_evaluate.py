@@ -95,9 +95,15 @@ def test_evaluate_writes_metrics_report_and_pngs(evaluated):
     history = metrics["training_health"]  # from the run's metrics.jsonl, the same monitors during training
     assert history["step"] and len(history["drift"]) == len(history["step"]) == len(history["target_eff_rank"])
     assert any(n.startswith("latent-action probe: transitions 0..0") for n in metrics["notes"])
+    leakage = metrics["leakage"]  # an inferred r: the shuffled-r and transfer checks (leakage.py)
+    assert set(leakage["shuffle"]) == {"all", "event", "no_event"} and leakage["unpaired_clips"] == 0
+    assert leakage["shuffle"]["all"]["count"] == 8 * (4 + 2 - 1 - leakage["skipped_transitions"])
+    assert all(leakage["shuffle"]["all"][k] > 0 for k in ("own", "shuffled", "prior_mean"))
+    assert leakage["transfer"]["names"] == ["x0", "y0"] and leakage["transfer"]["num_clips"] == 4
     report = (out / "report.md").read_text()
     assert "copy_last" in report and "nearest-neighbour retrieval" in report
     assert "### Energy score, no-event-so-far steps" in report
+    assert "## Leakage and transfer of the inferred r" in report and "transfer (r_A on B)" in report
     pngs = sorted(out.glob("*.png"))
     assert {p.name for p in pngs} == set(metrics["plots"]) and "errors.png" in metrics["plots"]
     assert "probes.png" in metrics["plots"] and "strip-00.png" in metrics["plots"]

@@ -4,13 +4,16 @@ the token grids the frame strips retrieve pixels with.
 All predictions come from `model.rollout` (the function training uses); nothing here predicts on its own. The
 copy-last baseline is the one exception by design: it is the last context frame's target latents repeated; and so
 is `noisy_best_of_k` of a deterministic model (its own forecast plus noise of its own error spread, measured on the
-other clips of the batch: `rollout_metrics.loo_error_std`).
+other clips of the batch: `rollout_metrics.loo_error_std`). The leakage check's one-step predictions
+(`Collected.leakage`, inferred latents) are teacher forced, as in training: the predictor's `from_features` on the
+trunk features of the true frames (leakage.one_step_predictions).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +34,9 @@ from worldmodel.evaluation.rollout_metrics import (
     sample_errors,
     step_events,
 )
+
+if TYPE_CHECKING:
+    from worldmodel.evaluation.leakage import LeakageAccumulator
 
 # Which rollouts a model gets, whether it draws K futures, and what the latent-action probe reads all come from its
 # latent module (worldmodel/latents.py: `eval_modes`, `aliases`, `sampled`, `readouts`).
@@ -96,6 +102,8 @@ class Collected:
     # noisy_best_of_k: the deterministic forecast's errors [B, H, N, D] of the last batch (fitted on, never re-scored,
     # by a next batch of fewer than NOISE_FIT_CLIPS clips)
     last_errors: torch.Tensor | None = None
+    # the shuffled-r leakage check and the transfer check's predictions (inferred latents only; leakage.py)
+    leakage: LeakageAccumulator | None = None
 
     def stacked(self, name: str) -> np.ndarray | None:
         """The per-batch list `name` concatenated over clips, or None if never filled."""
@@ -129,7 +137,8 @@ def process_batch(
     batch: the pipeline's dict (frames uint8 [B, T, H, W, C], optional state [B, T, S], action [B, T-1, A],
     events [B, T-1], labels [B, L]). Errors are against model.encode_target of the true future frames; `generator`
     draws the prior samples (and the noise of `noisy_best_of_k`, the K-future baseline of a deterministic latent).
-    Predicted token grids are kept only for clips among the first `out.num_strips`.
+    Predicted token grids are kept only for clips among the first `out.num_strips`. With `out.leakage` set, the
+    batch also goes through the shuffled-r check (leakage.LeakageAccumulator.add).
     """
     frames = batch["frames"].to(device)
     online = model.encode(frames)  # [B, T, N, D]
@@ -178,6 +187,9 @@ def process_batch(
 
     if out.decoder is not None:
         _score_pixels(out, preds, samples, noisy, future, frames, num_context, step_event, num_strip)
+
+    if out.leakage is not None:
+        out.leakage.add(model, online, target, events, keep_features=batch.get("state") is not None)
 
     if latent.readouts:
         inferred = model.infer_latents(online, target)

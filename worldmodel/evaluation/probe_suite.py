@@ -20,6 +20,7 @@ import re
 
 import numpy as np
 from einops import rearrange
+from sklearn.pipeline import Pipeline
 
 from worldmodel.evaluation.probes import (
     auc,
@@ -34,9 +35,17 @@ from worldmodel.evaluation.probes import (
 POSITION_NAME = re.compile(r"^[xy]\d*$")  # state columns that are positions (x0, y0, x1, ...: pixels in both worlds)
 
 
-def _pairs(pooled: np.ndarray) -> np.ndarray:
-    """pooled [C, T, D] -> pair features [C, T-1, 2D] for frames 1..T-1."""
+def pair_features(pooled: np.ndarray) -> np.ndarray:
+    """pooled [C, T, D] -> pair features [C, T-1, 2D] for frames 1..T-1 (row t-1 is [z_{t-1}, z_t])."""
     return np.concatenate([pooled[:, :-1], pooled[:, 1:]], axis=-1)
+
+
+def pair_probe(target_pooled: np.ndarray, state: np.ndarray, fit: np.ndarray, ridge: float) -> Pipeline:
+    """The state probe: a ridge probe (`probes.fit_ridge`) from pair features [z_{t-1}, z_t] of the fit clips'
+    true frames to their state at t. target_pooled: [C, T, F]; state: [C, T, S]; fit: clip indices. Returns the
+    fitted pipeline (`.predict([m, 2F]) -> [m, S]`); `state_probes` reports it as `encoded` and reads the
+    rollouts with it."""
+    return fit_ridge(_rows(pair_features(target_pooled[fit])), _rows(state[fit, 1:]), ridge)
 
 
 def _rows(x: np.ndarray) -> np.ndarray:
@@ -66,8 +75,8 @@ def state_probes(
     single = ridge_r2(
         _rows(target_pooled[fit]), _rows(state[fit]), _rows(target_pooled[test]), _rows(state[test]), ridge
     )
-    pairs = _pairs(target_pooled)
-    probe = fit_ridge(_rows(pairs[fit]), _rows(state[fit, 1:]), ridge)
+    pairs = pair_features(target_pooled)
+    probe = pair_probe(target_pooled, state, fit, ridge)
     test_true = _rows(state[test, 1:])
     encoded_pred = probe.predict(_rows(pairs[test]))
     encoded = r2_score(test_true, encoded_pred)
@@ -81,7 +90,7 @@ def state_probes(
     for mode, pred in predicted_pooled.items():
         horizon = pred.shape[1]
         seq = np.concatenate([target_pooled[:, num_context - 1 : num_context], pred], axis=1)  # [C, 1 + H, D]
-        steps = [(state[test, num_context + h], probe.predict(_pairs(seq[test])[:, h])) for h in range(horizon)]
+        steps = [(state[test, num_context + h], probe.predict(pair_features(seq[test])[:, h])) for h in range(horizon)]
         per_step = np.stack([r2_score(y, y_hat) for y, y_hat in steps])  # [H, S]
         predicted[mode] = {name: nan_to_none(per_step[:, i]) for i, name in enumerate(state_names)}
         if positions:

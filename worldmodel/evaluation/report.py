@@ -202,6 +202,57 @@ def _latent_action_section(metrics: dict) -> list[str]:
     return out
 
 
+def _leakage_section(metrics: dict) -> list[str]:
+    """The shuffled-r and transfer tables of an inferred latent (metrics["leakage"]), or nothing."""
+    leakage = metrics.get("leakage")
+    if not leakage:
+        return []
+    out = [
+        "## Leakage and transfer of the inferred r",
+        "",
+        "One-step predictions of every transition t -> t+1 (teacher forced, as in training; t < "
+        f"{leakage['skipped_transitions']} left out: too little context for the velocity) with r = the clip's own "
+        "posterior mean (`own`), the "
+        "posterior mean of the same transition of another clip of the batch (`shuffled`, a seeded derangement), and "
+        "the prior mean; L1 against the target latents (the units of the rollout L1). An r that carries the "
+        "transition, not its clip or the future frame, gives `shuffled` >= prior mean (ratio >= 1); below 1, a "
+        "foreign r helps.",
+        "",
+        table(
+            ["split", "own r", "shuffled r", "prior-mean r", "shuffled / prior", "transitions"],
+            [
+                [split, e["own"], e["shuffled"], e["prior_mean"], e["shuffled_over_prior"], e["count"]]
+                for split, e in leakage["shuffle"].items()
+            ],
+        ),
+        "",
+    ]
+    transfer = leakage.get("transfer")
+    if transfer:
+        disp, surprise = transfer["displacement"], transfer["surprise"]
+        rows = [
+            [
+                n,
+                *(disp[k][n] for k in ("transfer", "own", "prior_mean")),
+                *(surprise[k][n] for k in ("transfer", "own")),
+            ]
+            for n in transfer["names"]
+        ]
+        out += [
+            f"Transfer ({transfer['count']} transitions of {transfer['num_clips']} held-out clips B): r of clip A's "
+            "transition applied to B's context; correlation, per position, of B's displacement read by the state "
+            "probe (predicted next frame minus B's frame) with A's true displacement; `own r`: B's own r against "
+            "B's move (upper reference); `prior mean`: against A's move (lower reference). `surprise`: the shift r "
+            "gives B's forecast over the prior mean's, against A's (or B's) true position minus its prior forecast.",
+            "",
+            table(
+                ["state", "transfer (r_A on B)", "own r", "prior mean", "surprise: transfer", "surprise: own r"], rows
+            ),
+            "",
+        ]
+    return out
+
+
 def _collapse_section(metrics: dict) -> list[str]:
     collapse = metrics.get("collapse") or {}
     if not collapse:
@@ -333,6 +384,7 @@ def render_report(metrics: dict) -> str:
     out += _error_section(metrics)
     out += _probe_section(metrics)
     out += _latent_action_section(metrics)
+    out += _leakage_section(metrics)
     out += _collapse_section(metrics)
     if metrics.get("plots"):
         out += ["## Figures", "", metrics["pixels"], ""]

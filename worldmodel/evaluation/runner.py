@@ -14,13 +14,19 @@ decoded-XX.gif). metrics.json, in short (full schema: docs/metrics_schema.md):
      "probes": {"num_fit_clips", "num_test_clips", "encoded": {state: r2}, "encoded_single_frame": {state: r2},
                 "predicted": {mode: {state: [H]}}, "labels": {label: accuracy}},
      "latent_action": {"headline", "features": {name: {...}}, "detector": {...}} | null,
+     "leakage": {"derangement_seed", "skipped_transitions", "num_clips", "unpaired_clips",
+                 "shuffle": {"all" | "event" | "no_event": {"own", "shuffled", "prior_mean", "shuffled_over_prior",
+                                                           "count"}},
+                 "transfer": {"names", "num_clips", "count", "displacement": {"transfer" | "own" | "prior_mean":
+                              {state: corr}}, "surprise": {"transfer" | "own": {state: corr}}} | null} | null,
      "collapse": {"online" | "target": {"emb_std", "emb_eff_rank", "dim", "num_frames"}},
      "pixels", "plots", "notes"}
 
 modes: copy_last always; prediction (+ the same as prior_mean), noisy_best_of_k for none; prior_mean, posterior,
 zero, best_of_k, mean_of_k for adassl_v / adassl_s; action, zero, noisy_best_of_k for oracle. l2 is a mean squared
 difference; energy_score is in RMS-error units (a deterministic mode's is its RMS error); spread_skill only on the
-K-future modes (best_of_k, mean_of_k, noisy_best_of_k: the ensemble's).
+K-future modes (best_of_k, mean_of_k, noisy_best_of_k: the ensemble's). leakage: the shuffled-r and transfer
+checks of an inferred r (adassl_v / adassl_s; null for none and oracle; worldmodel/evaluation/leakage.py).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from worldmodel.evaluation.collect import (
     Collected,
     process_batch,
 )
+from worldmodel.evaluation.leakage import LeakageAccumulator, leakage_metrics
 from worldmodel.evaluation.pixel_decoder import PIXEL_METRICS, fit_or_load
 from worldmodel.evaluation.plots import nearest_frames, plot_errors, plot_probes, plot_strip, write_rollout_gif
 from worldmodel.evaluation.probe_suite import label_probes, latent_action_probes, state_probes
@@ -151,6 +158,7 @@ def evaluate_run(
         probe_cells=cfg.eval.probe_grid,
         decoder=decoder,
         pixels=ErrorAccumulator(horizon, PIXEL_METRICS) if pixels else None,
+        leakage=LeakageAccumulator(seed=seed, probe_cells=cfg.eval.probe_grid) if model.latent.inferred else None,
     )
     for batch in tqdm(loader, total=math.ceil(num_clips / batch_size), desc="evaluate", disable=not progress):
         process_batch(
@@ -200,6 +208,7 @@ def evaluate_run(
             "clips has no other clip to fit its noise on"
         )
     metrics["probes"], metrics["latent_action"] = run_probes(collected, cfg, metrics, seed, model.latent.readouts)
+    metrics["leakage"] = run_leakage(collected, cfg, metrics, seed)
     metrics["collapse"] = collapse_stats(collected)
     metrics["training_health"] = training_health(run_dir / "metrics.jsonl")
     out_dir = run_dir / "eval"
@@ -282,6 +291,30 @@ def run_probes(
         f"{MIN_CONTEXT_FRAMES} frames, so r must carry the velocity whether or not there was a kick)"
     )
     return probes, latent_action
+
+
+def run_leakage(collected: Collected, cfg: ExperimentConfig, metrics: dict, seed: int) -> dict | None:
+    """The leakage section (leakage.leakage_metrics): the shuffled-r check, and the transfer check on the probe's
+    held-out clips when every clip has a state; None for a latent without a posterior (none, oracle). Notes go to
+    metrics["notes"]."""
+    if collected.leakage is None:
+        return None
+    present = _present(collected, metrics["num_clips"])
+    fit = test = state = None
+    if "state" in present and metrics["num_clips"] >= 4:
+        fit, test = split_clips(metrics["num_clips"], seed)  # the state probes' split (run_probes)
+        state = collected.stacked("state")
+    out, notes = leakage_metrics(
+        collected.leakage,
+        collected.stacked("target_probe"),
+        state,
+        collected.names.get("state_names"),
+        fit,
+        test,
+        cfg.eval.probe_ridge,
+    )
+    metrics["notes"].extend(notes)
+    return out
 
 
 def collapse_stats(collected: Collected) -> dict:
