@@ -158,7 +158,7 @@ def test_crash_while_writing_leaves_the_previous_checkpoint_loadable(tmp_path, c
     with caplog.at_level(logging.WARNING):
         assert latest_checkpoint(tmp_path) == good
     assert "model.safetensors has" in caplog.text and "step-00000003" in caplog.text
-    with pytest.raises(ValueError, match="incomplete: model.safetensors"):
+    with pytest.raises(ValueError, match="incomplete or corrupt: model.safetensors"):
         load_checkpoint(bad, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, rank=0)
     restored, *_ = _make(seed=5)
     load_model_state(restored, good)

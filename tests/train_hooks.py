@@ -3,6 +3,8 @@
 The hooks live here, on the test side, not in the user's config. Set by environment variables:
 
 - HOOK_NAN_AT_STEP=N: rank 0's N-th training forward returns a NaN loss (a divergence on one rank only).
+- HOOK_RAISE_AT_STEP=N: rank 0's N-th training forward raises OSError (an unexpected failure, e.g. a lost device
+  or disk, which is not a divergence).
 - HOOK_DUMP_STATE=1: each rank writes RUN_DIR/debug/resumed-rank{r}.pt right after loading a checkpoint, and
   RUN_DIR/debug/final-rank{r}.pt at every checkpoint it saves (so after a run, its last one), each holding
   {"model": state dict, "optimizer": state dict}: what the tests compare across ranks and with the checkpoints.
@@ -46,6 +48,19 @@ if os.environ.get("HOOK_NAN_AT_STEP"):
         return out
 
     WorldModel.forward = forward_with_nan
+
+if os.environ.get("HOOK_RAISE_AT_STEP"):
+    raise_at, forwards = int(os.environ["HOOK_RAISE_AT_STEP"]), [0]
+    forward_before_raise = WorldModel.forward
+
+    def forward_that_raises(self, *args, **kwargs):
+        if self.training:
+            forwards[0] += 1
+            if forwards[0] == raise_at and _rank() == 0:
+                raise OSError(f"HOOK_RAISE_AT_STEP: injected failure in training forward {raise_at}")
+        return forward_before_raise(self, *args, **kwargs)
+
+    WorldModel.forward = forward_that_raises
 
 if os.environ.get("HOOK_DUMP_STATE") == "1":
     real_load, real_save = trainer.ckpt.load_checkpoint, trainer._save

@@ -1,4 +1,4 @@
-"""Atomic full-state checkpoints.
+"""Atomic full-state checkpoints, each with a manifest of sha256 digests.
 
 On-disk layout (see docs/architecture.md, "Checkpoints"):
 
@@ -8,16 +8,26 @@ On-disk layout (see docs/architecture.md, "Checkpoints"):
       scheduler.pt          LR scheduler state_dict()
       scaler.pt             AMP grad scaler state_dict() (only when fp16 uses one)
       rng-rank{r}.pt        python / numpy / torch (/ cuda) RNG states of rank r
-      state.json            {"step", "epoch", "seed", "world_size", ..., "files": {name: bytes}}
+      state.json            {"step", "epoch", "seed", "world_size", ..., "files": {name: bytes}, "manifest": ...}
+      manifest.json         {"format": 1, "algorithm": "sha256", "files": {name: {"bytes", "sha256"}}}, every
+                            other file of the directory (state.json included); written last, atomically
 
 RUN_DIR/finished.json, the completion marker, is written (atomically) once the run has reached train.steps and
 saved its final checkpoint: {"step", "checkpoint"}. A run without it is unfinished (still training, stopped by a
 signal, crashed), whatever its checkpoints hold; scripts and schedulers read this file, not the exit status.
 
 A checkpoint is written into `checkpoints/.tmp-step-XXXXXXXX` and renamed to `step-XXXXXXXX` only once every file
-is on disk, with `state.json` written last; a `step-*` directory therefore always holds a complete checkpoint.
-`latest_checkpoint` additionally checks every file against the sizes recorded in `state.json`, so a checkpoint
-truncated behind our back (a full disk, a lost page cache) is skipped rather than loaded.
+is on disk, with `manifest.json` written last; a `step-*` directory therefore always holds a complete checkpoint.
+`verify_checkpoint` checks every file against the manifest (size, then sha256), so a checkpoint truncated or changed
+behind our back (a full disk, a lost page cache, a flipped bit) is never loaded: `latest_checkpoint` skips it with
+a warning and returns the next older one. A checkpoint written before manifests existed (state.json without a
+"manifest" entry) is accepted with a warning, verified by the sizes state.json records, as it always was; one whose
+state.json says it has a manifest but has none fails verification.
+
+Re-saving a step that exists (a resumed run stopped at once) renames the old directory to `.old-step-X`, the new
+one into place, then deletes the old one. A crash between the two renames leaves no `step-X`: the next save and
+`--resume auto` (`recover_interrupted_saves`, on the main process only) first rename the newest copy that verifies
+(`.tmp-step-X`, complete since its manifest is written last, else `.old-step-X`) back to `step-X`.
 
 No pickled modules: weights are safetensors, everything else is `torch.save` of plain state dicts read back with
 `weights_only=True`.
@@ -25,6 +35,7 @@ No pickled modules: weights are safetensors, everything else is `torch.save` of 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -43,7 +54,18 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 FINISHED = "finished.json"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+CORRUPT_PREFIX = ".corrupt-"  # checkpoints moved aside by `quarantine_checkpoint`; never resumed, never pruned
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+_INTERRUPTED_DIR = re.compile(r"^\.(tmp|old)-(step-\d{8})$")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")  # what a manifest may name: a file of the directory
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_warned_legacy: set[Path] = set()
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory fails verification: a file missing, truncated or changed since it was written."""
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
@@ -111,6 +133,34 @@ def _write(path: Path, write_fn) -> None:
         os.fsync(f.fileno())
 
 
+def _fsync_dir(path: Path) -> None:
+    dir_fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's content, hex."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _write_manifest(folder: Path) -> None:
+    """manifest.json of every other file of `folder`, written last and atomically (a temporary file renamed)."""
+    files = {
+        p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
+    manifest = {"format": MANIFEST_FORMAT, "algorithm": "sha256", "files": files}
+    tmp = folder / f".{MANIFEST}.tmp"
+    _write(tmp, lambda p: p.write_text(json.dumps(manifest, indent=2)))
+    os.replace(tmp, folder / MANIFEST)
+    _fsync_dir(folder)
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -127,10 +177,12 @@ def save_checkpoint(
 
     Called on one process (rank 0). `model` is the unwrapped model; `rng_states[r]` is rank r's
     `rng_state_bytes()`; `meta` is merged into state.json (epoch, seed, ...). Returns the checkpoint directory.
+    A save interrupted between the two renames of a re-save is recovered first (`recover_interrupted_saves`).
     """
     final = checkpoint_dir(run_dir, step)
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_saves(run_dir)
     for stale in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:  # left by a run that died while writing
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-{final.name}"
@@ -144,23 +196,23 @@ def save_checkpoint(
     for rank, rng in enumerate(rng_states):
         _write(tmp / f"rng-rank{rank}.pt", lambda p, rng=rng: p.write_bytes(rng))
     files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-    state = {**meta, "step": step, "world_size": len(rng_states), "files": files}
+    state = {**meta, "step": step, "world_size": len(rng_states), "files": files, "manifest": MANIFEST}
     _write(tmp / "state.json", lambda p: p.write_text(json.dumps(state, indent=2)))
+    _write_manifest(tmp)  # last: a directory with a manifest that verifies is complete
 
-    if final.exists():  # the same step saved again (e.g. a resumed run stopped at once): replace it atomically
+    if final.exists():  # the same step saved again (e.g. a resumed run stopped at once): replace it
+        # a crash between these two renames leaves .old-step-X and .tmp-step-X (both complete) and no step-X:
+        # recover_interrupted_saves puts the newer one back in place
         old = root / f".old-{final.name}"
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
         tmp.rename(final)
+        _fsync_dir(root)
         shutil.rmtree(old)
     else:
         tmp.rename(final)
-    dir_fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    _prune(root, keep)
+    _fsync_dir(root)
+    _prune(root, keep, final)
     return final
 
 
@@ -172,9 +224,15 @@ def _step_dirs(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _prune(root: Path, keep: int) -> None:
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """Every RUN_DIR/checkpoints/step-* directory, oldest first, by name only (nothing verified)."""
+    return [path for _, path in _step_dirs(Path(run_dir) / CHECKPOINTS)]
+
+
+def _prune(root: Path, keep: int, just_saved: Path) -> None:
     for _, path in _step_dirs(root)[:-keep]:
-        shutil.rmtree(path)
+        if path != just_saved:  # never the checkpoint just written, whatever newer step-* directories exist
+            shutil.rmtree(path)
 
 
 def read_state(ckpt_dir: str | Path) -> dict[str, Any]:
@@ -182,13 +240,77 @@ def read_state(ckpt_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(ckpt_dir) / "state.json").read_text())
 
 
-def verify_checkpoint(ckpt_dir: str | Path) -> str | None:
-    """None if the checkpoint is complete, else a sentence saying what is wrong with it."""
-    ckpt_dir = Path(ckpt_dir)
+def read_manifest(ckpt_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """The checkpoint's manifest as {file name: {"bytes": int, "sha256": hex}}; raises CheckpointError when
+    manifest.json is unreadable, truncated or malformed (a name that is not a plain file name, a bad digest, ...)."""
+    path = Path(ckpt_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{MANIFEST} is unreadable ({err})") from err
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or manifest.get("algorithm") != "sha256":
+        raise CheckpointError(f"{MANIFEST} is malformed (no sha256 'files' table)")
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise CheckpointError(
+            f"{MANIFEST} has format {manifest.get('format')!r:.40}; this version reads {MANIFEST_FORMAT}"
+        )
+    for name, entry in files.items():
+        if (
+            not _FILE_NAME.match(name)
+            or name == MANIFEST
+            or not isinstance(entry, dict)
+            or type(entry.get("bytes")) is not int
+            or not isinstance(entry.get("sha256"), str)
+            or not _SHA256.match(entry["sha256"])
+        ):
+            raise CheckpointError(f"{MANIFEST} is malformed (entry {name!r}: {entry!r:.120})")
+    return files
+
+
+def _verify_against_manifest(ckpt_dir: Path) -> str | None:
+    try:
+        entries = read_manifest(ckpt_dir)
+    except CheckpointError as err:
+        return str(err)
+    for required in ("state.json", "model.safetensors"):
+        if required not in entries:
+            return f"{MANIFEST} lists no {required}"
+    for name, entry in entries.items():  # sizes first: cheap, and they name a truncation as such
+        path = ckpt_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != entry["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, {MANIFEST} records {entry['bytes']}"
+    for name, entry in entries.items():
+        try:
+            digest = file_sha256(ckpt_dir / name)
+        except OSError as err:
+            return f"{name} is unreadable ({err})"
+        if digest != entry["sha256"]:
+            return f"{name} does not match its sha256 in {MANIFEST} (its content changed after it was written)"
+    try:
+        state = read_state(ckpt_dir)
+    except (OSError, ValueError) as err:
+        return f"state.json is unreadable ({err})"
+    listed = state.get("files", {}) if isinstance(state, dict) else None
+    if not isinstance(listed, dict):
+        return "state.json is malformed (no 'files' table)"
+    missing = sorted(set(listed) - set(entries))
+    if missing:
+        return f"state.json lists {', '.join(missing)}, which {MANIFEST} does not"
+    return None
+
+
+def _verify_by_sizes(ckpt_dir: Path) -> str | None:
     try:
         state = read_state(ckpt_dir)
     except (OSError, ValueError) as err:
         return f"state.json is missing or unreadable ({err})"
+    if not isinstance(state, dict) or not isinstance(state.get("files", {}), dict):
+        return "state.json is malformed (not an object with a 'files' table)"
+    if state.get("manifest"):
+        return f"{MANIFEST} is missing (state.json says one was written)"
     for name, size in state.get("files", {}).items():
         path = ckpt_dir / name
         if not path.is_file():
@@ -197,21 +319,115 @@ def verify_checkpoint(ckpt_dir: str | Path) -> str | None:
             return f"{name} has {path.stat().st_size} bytes, state.json recorded {size}"
     if "model.safetensors" not in state.get("files", {}):
         return "state.json lists no model.safetensors"
+    if ckpt_dir not in _warned_legacy:
+        _warned_legacy.add(ckpt_dir)
+        log.warning(
+            "checkpoint %s has no %s (written before checkpoints had one): verified by file sizes only, not by content",
+            ckpt_dir,
+            MANIFEST,
+        )
     return None
+
+
+def verify_checkpoint(ckpt_dir: str | Path) -> str | None:
+    """None if the checkpoint is complete and intact, else a sentence saying what is wrong with it.
+
+    With a manifest.json: every file it lists exists with its size and sha256, and it lists state.json,
+    model.safetensors and every file state.json lists. Without one (a checkpoint older than manifests): the sizes
+    state.json records, with a warning; but a state.json that says a manifest was written fails without it.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return f"{ckpt_dir} is not a directory"
+    if (ckpt_dir / MANIFEST).exists():
+        return _verify_against_manifest(ckpt_dir)
+    return _verify_by_sizes(ckpt_dir)
+
+
+def newest_verified(run_dir: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest checkpoint directory of the run that verifies, or None; [(newer directory, what failed), ...],
+    newest first). Nothing is logged or moved."""
+    failed: list[tuple[Path, str]] = []
+    for path in reversed(checkpoint_dirs(run_dir)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path, failed
+        failed.append((path, problem))
+    return None, failed
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint directory of a run (RUN_DIR/checkpoints/step-*), or None if there is none.
+    """The newest complete and intact checkpoint directory of a run (RUN_DIR/checkpoints/step-*), or None.
 
-    Temporary directories of interrupted writes are never considered; a `step-*` directory whose files do not
-    match its state.json is skipped with a warning and the next older one is returned.
+    Temporary directories of interrupted writes are never considered; a `step-*` directory that fails
+    `verify_checkpoint` is skipped with a warning naming what failed, and the next older one is returned.
+    Read-only: a checkpoint left only as `.old-step-*` / `.tmp-step-*` by an interrupted re-save is named in a
+    warning, and put back by `recover_interrupted_saves` (the next save, or `train.py --resume auto`).
     """
-    for _, path in reversed(_step_dirs(Path(run_dir) / CHECKPOINTS)):
-        problem = verify_checkpoint(path)
-        if problem is None:
-            return path
-        log.warning("skipping incomplete checkpoint %s: %s", path, problem)
-    return None
+    newest, failed = newest_verified(run_dir)
+    for path, problem in failed:
+        log.warning("skipping checkpoint %s, which fails verification: %s", path, problem)
+    for name in _interrupted_saves(Path(run_dir) / CHECKPOINTS, renames_only=True):
+        log.warning(
+            "%s exists only as .old-%s (a re-save interrupted between its two renames); `train.py --resume auto` "
+            "puts it back in place",
+            name,
+            name,
+        )
+    return newest
+
+
+def _interrupted_saves(root: Path, *, renames_only: bool) -> list[str]:
+    """Names `step-X` for which no `step-X` directory exists but `.old-step-X` does (a re-save interrupted between
+    its two renames) or, unless `renames_only`, `.tmp-step-X` does (a save interrupted before its rename)."""
+    if not root.is_dir():
+        return []
+    found = set()
+    for path in root.iterdir():
+        m = _INTERRUPTED_DIR.match(path.name)
+        if m and path.is_dir() and not (root / m[2]).exists() and (m[1] == "old" or not renames_only):
+            found.add(m[2])
+    return sorted(found)
+
+
+def recover_interrupted_saves(run_dir: str | Path) -> list[Path]:
+    """Put back the checkpoints that an interrupted save left only as `.tmp-step-X` / `.old-step-X` (no
+    `step-X`): the newer copy (`.tmp`, complete once its manifest exists) if it verifies, else the older one.
+    Returns the directories restored. Call it only where no save can be in progress (the writer itself, or the
+    main process before training starts): it renames directories."""
+    root = Path(run_dir) / CHECKPOINTS
+    restored = []
+    for name in _interrupted_saves(root, renames_only=False):
+        final, problems = root / name, []
+        for candidate in (root / f".tmp-{name}", root / f".old-{name}"):
+            if not candidate.is_dir():
+                continue
+            problem = verify_checkpoint(candidate)
+            if problem is None:
+                candidate.rename(final)
+                _fsync_dir(root)
+                log.warning("recovered %s from %s (a save interrupted between its renames)", final, candidate)
+                restored.append(final)
+                break
+            problems.append(f"{candidate.name}: {problem}")
+        else:
+            if (root / f".old-{name}").is_dir():  # a lone .tmp is an ordinary interrupted write: nothing was lost
+                log.warning("could not recover %s from an interrupted re-save: %s", final, "; ".join(problems))
+    return restored
+
+
+def quarantine_checkpoint(ckpt_dir: str | Path) -> Path:
+    """Move a checkpoint that failed verification aside, to `checkpoints/.corrupt-step-X` (`.corrupt-step-X.N` if
+    taken), where neither resume nor pruning looks; returns the new path. Kept for inspection, never deleted."""
+    ckpt_dir = Path(ckpt_dir)
+    target = ckpt_dir.with_name(f"{CORRUPT_PREFIX}{ckpt_dir.name}")
+    n = 0
+    while target.exists():
+        n += 1
+        target = ckpt_dir.with_name(f"{CORRUPT_PREFIX}{ckpt_dir.name}.{n}")
+    ckpt_dir.rename(target)
+    _fsync_dir(ckpt_dir.parent)
+    return target
 
 
 def load_model_state(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
@@ -238,20 +454,21 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore the full training state saved by `save_checkpoint`; returns state.json.
 
-    The RNG states of `rank` are restored when the checkpoint has them (it was written by at least rank + 1
-    processes); otherwise the caller should reseed, and the returned dict has "rng_restored": False.
+    The checkpoint is verified first (`verify_checkpoint`; CheckpointError names what failed). The RNG states of
+    `rank` are restored when the checkpoint has them (it was written by at least rank + 1 processes); otherwise the
+    caller should reseed, and the returned dict has "rng_restored": False.
     """
     ckpt_dir = Path(ckpt_dir)
     problem = verify_checkpoint(ckpt_dir)
     if problem is not None:
-        raise ValueError(f"checkpoint {ckpt_dir} is incomplete: {problem}")
+        raise CheckpointError(f"checkpoint {ckpt_dir} is incomplete or corrupt: {problem}")
     state = read_state(ckpt_dir)
     load_model_state(model, ckpt_dir)
     optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", weights_only=True, map_location="cpu"))
     scheduler.load_state_dict(torch.load(ckpt_dir / "scheduler.pt", weights_only=True))
     if scaler is not None:
         if not (ckpt_dir / "scaler.pt").is_file():
-            raise ValueError(f"checkpoint {ckpt_dir} has no scaler.pt but this run uses fp16 loss scaling")
+            raise CheckpointError(f"checkpoint {ckpt_dir} has no scaler.pt but this run uses fp16 loss scaling")
         scaler.load_state_dict(torch.load(ckpt_dir / "scaler.pt", weights_only=True))
     rng_path = ckpt_dir / f"rng-rank{rank}.pt"
     state["rng_restored"] = rng_path.is_file()

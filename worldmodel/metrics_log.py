@@ -3,26 +3,69 @@
 Only the main process writes; on other ranks every method is a no-op, so the train loop calls them unconditionally.
 One JSONL line per logged step, e.g.
 `{"step": 100, "epoch": 2, "loss": 0.41, "pred": 0.40, "reg": 1.2, "lr": 4.9e-4, "grad_norm": 0.8, ...}`;
-the same scalars go to RUN_DIR/tb under `train/<name>`.
+the same scalars go to RUN_DIR/tb under `train/<name>`. On resume, metrics.jsonl loses the records after the
+checkpoint and any line that is not a complete record (the last one torn by a kill), with a warning, and is
+rewritten atomically.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+log = logging.getLogger(__name__)
+
+
+def _record_step(line: str) -> int | None:
+    """The step of one metrics.jsonl line, or None when the line is not a complete record."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if type(step) is int else None
+
 
 def _trim_jsonl(path: Path, last_step: int) -> None:
     """Drop records after `last_step` (logged by a run that died after its last checkpoint), so a resumed run
-    does not leave two different histories in one file."""
+    does not leave two different histories in one file.
+
+    A line that is not a complete record is dropped with a warning: the last one torn by a kill mid-write, or any
+    other. The file is rewritten atomically (a temporary file renamed over it), so a kill here loses nothing.
+    """
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    lines = [raw.decode("utf-8", errors="replace") for raw in path.read_bytes().splitlines()]
+    kept, bad = [], []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        step = _record_step(line)
+        if step is None:
+            bad.append(number)
+        elif step <= last_step:
+            kept.append(line)
+    if bad == [len(lines)]:
+        log.warning("%s: dropped its torn last line %d (a kill while it was written)", path, bad[0])
+    elif bad:
+        log.warning("%s: dropped %d line(s) that are not complete JSON records: %s", path, len(bad), bad[:20])
+    write_atomically(path, "".join(line + "\n" for line in kept))
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one step: written to a temporary file beside it, flushed, then renamed over it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 class MetricsLog:

@@ -3,8 +3,9 @@ fact on the frozen world model, so that rollouts can be looked at and every mode
 
 It never changes the world model: the target encoder's outputs (`WorldModel.encode_target`, [B, T, N, D]) are
 computed under no grad and the decoder learns pixels from them on the run's training shards. Its checkpoint lives in
-RUN_DIR/pixel_decoder/ (decoder.safetensors + decoder.json, written into a temporary folder and renamed), tied to
-the world-model checkpoint step it was trained on; the next evaluation of the same checkpoint reuses it.
+RUN_DIR/pixel_decoder/ (decoder.safetensors + decoder.json with the weights' sha256, written into a temporary folder
+and renamed), tied to the world-model checkpoint step it was trained on; the next evaluation of the same checkpoint
+reuses it, and trains it again (with a warning) when the store is corrupt on disk.
 
 Architecture. The latent grid of one frame, [N, D], becomes a small feature map: with model.granularity=frame
 (N = 1) a linear layer to width x base x base (base = img_size / 8, at least 1), with granularity tokens the patch
@@ -17,9 +18,11 @@ measures).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -162,28 +165,60 @@ def decoder_dir(run_dir: str | Path) -> Path:
 
 def load_decoder(run_dir: str | Path, checkpoint_step: int, device: torch.device) -> tuple[PixelDecoder, dict] | None:
     """The run's pixel decoder and its record (decoder.json) if one was trained on the world model's checkpoint at
-    `checkpoint_step`; None otherwise (never trained, trained on another checkpoint or with another ARCHITECTURE)."""
+    `checkpoint_step`; None otherwise (never trained, trained on another checkpoint or with another ARCHITECTURE).
+
+    A store that is corrupt on disk (decoder.json unreadable or malformed, decoder.safetensors unreadable or not the
+    bytes whose sha256 decoder.json records) is also None, with a warning: the decoder is derived data, so the
+    caller trains it again. A store written before the digest was recorded is loaded if it loads.
+    """
     folder = decoder_dir(run_dir)
-    meta_path = folder / "decoder.json"
-    if not meta_path.is_file() or not (folder / "decoder.safetensors").is_file():
+    meta_path, weights = folder / "decoder.json", folder / "decoder.safetensors"
+    if not meta_path.is_file() or not weights.is_file():
         return None
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_bytes())
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        return _corrupt_store(folder, f"decoder.json is unreadable ({err})")
     if meta.get("checkpoint_step") != checkpoint_step or meta.get("architecture") != ARCHITECTURE:
         return None
-    decoder = PixelDecoder(PixelDecoderSpec(**meta["spec"]))
-    load_model(decoder, str(folder / "decoder.safetensors"), device=str(device))
+    digest = meta.pop("sha256", None)
+    if digest is not None:
+        try:
+            actual = _sha256(weights)
+        except OSError as err:
+            return _corrupt_store(folder, f"decoder.safetensors is unreadable ({err})")
+        if actual != digest:
+            return _corrupt_store(folder, "decoder.safetensors does not match the sha256 decoder.json records")
+    try:
+        decoder = PixelDecoder(PixelDecoderSpec(**meta["spec"]))
+        load_model(decoder, str(weights), device=str(device))
+    except Exception as err:  # a malformed spec or weights file: safetensors and torch raise several kinds
+        return _corrupt_store(folder, f"it does not load ({type(err).__name__}: {err})")
     return decoder.to(device).eval(), meta
 
 
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _corrupt_store(folder: Path, problem: str) -> None:
+    print(f"warning: the pixel decoder in {folder} is corrupt: {problem}; training it again", file=sys.stderr)
+    return None
+
+
 def save_decoder(run_dir: str | Path, decoder: PixelDecoder, meta: dict) -> Path:
-    """Write decoder.safetensors + decoder.json into RUN_DIR/pixel_decoder atomically (a temporary folder renamed
-    over the old one); returns the folder."""
+    """Write decoder.safetensors + decoder.json (with the weights' sha256) into RUN_DIR/pixel_decoder atomically (a
+    temporary folder renamed over the old one); returns the folder."""
     folder = decoder_dir(run_dir)
     tmp = folder.with_name(f".{DECODER_DIR}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_model(decoder, str(tmp / "decoder.safetensors"))
-    (tmp / "decoder.json").write_text(json.dumps({**meta, "spec": asdict(decoder.spec)}, indent=2))
+    record = {**meta, "spec": asdict(decoder.spec), "sha256": _sha256(tmp / "decoder.safetensors")}
+    (tmp / "decoder.json").write_text(json.dumps(record, indent=2))
     old = folder.with_name(f".{DECODER_DIR}.old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
