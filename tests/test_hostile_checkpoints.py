@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_docker import dockerignore_patterns, is_ignored
+from test_train import _args as train_args
 from torch import nn
 
 from worldmodel.checkpoint import (
@@ -287,17 +288,8 @@ def test_a_torn_last_metrics_line_is_dropped_with_a_warning_and_the_file_rewritt
 
 
 def _args(run_dir: Path, shards: Path, *overrides: str, resume: str | None = None, script: str = "train.py"):
-    args = [
-        sys.executable,
-        script,
-        "--config",
-        "configs/tiny.yaml",
-        f"run_dir={run_dir}",
-        f"data.train_shards={shards}/train/shard-*.tar",
-        f"data.val_shards={shards}/val/shard-*.tar",
-        *overrides,
-    ]
-    return args + (["--resume", resume] if resume else [])
+    """The python command of test_train's train.py arguments."""
+    return [sys.executable, *train_args(run_dir, shards, *overrides, resume=resume, script=script)]
 
 
 def _run(args: list[str], **hooks: str) -> subprocess.CompletedProcess:
