@@ -243,13 +243,12 @@ def run_record(metrics: dict, stamp: dict, run: str, position_r2: dict[str, floa
     """One run's entry of results/TABLE.json: its stamp and the figures the views need, from its eval/metrics.json
     (`metrics`). `position_r2`: {entity index as a string: benchmarks.runs.probe_mean(metrics, "position", index)},
     computed by the caller so that this module never imports the model. Raises ResultsError when the metrics are
-    another method's or seed's than the stamp says."""
-    for key, stamped in (("latent", stamp["method"]), ("seed", stamp["seed"])):
-        if key in metrics and metrics[key] != stamped:
-            raise ResultsError(
-                f"{run}: eval/metrics.json has {key} {metrics[key]!r} but stamp.json says {stamped!r}; delete the run "
-                "folder and run `python -m benchmarks.results` again"
-            )
+    another method's than the stamp says (metrics.json's `seed` is the evaluation's, not the training's)."""
+    if "latent" in metrics and metrics["latent"] != stamp["method"]:
+        raise ResultsError(
+            f"{run}: eval/metrics.json has latent {metrics['latent']!r} but stamp.json says {stamp['method']!r}; "
+            "delete the run folder and run `python -m benchmarks.results` again"
+        )
     modes = {}
     for mode in MODES:
         node = _get(metrics, "modes", mode)
