@@ -59,6 +59,9 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         finished = train(cfg, resume=args.resume)
+    except ConfigError as err:  # a combination of keys only the model's constructors check (trainer)
+        print(f"config error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     except (ResumeError, LaunchError, ShardListError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE

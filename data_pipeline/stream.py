@@ -60,6 +60,7 @@ from data_pipeline.sidecar import (
     check_names,
     load_json,
 )
+from data_pipeline.tar_reader import tar_samples
 from data_pipeline.write_shards import VIDEO_EXTENSIONS
 
 READ_EXTENSIONS = frozenset((*VIDEO_EXTENSIONS, "json"))
@@ -191,11 +192,19 @@ def _open_shards(sources: Iterable[dict], handler: Callable[[Exception], bool]) 
 
 
 def _tar_samples(sources: Iterable[dict], handler: Callable[[Exception], bool]) -> Iterator[dict]:
-    """The samples of the shards `sources` ({"url": ...}): webdataset's tarfile_to_samples, opening shards with
-    `_open_shards` and reading only the entries of the shard format (KEY.<video>, KEY.json)."""
-    streams = _open_shards(sources, handler)
-    files = wds.tariterators.tar_file_expander(streams, handler=handler, select_files=_format_entries_only)
-    return wds.tariterators.group_by_keys(files, handler=handler)
+    """The samples of the shards `sources` ({"url": ...}), opened by `_open_shards` and read by
+    `data_pipeline.tar_reader` (only the entries of the shard format: KEY.<video>, KEY.json). A shard that cannot be
+    read to its end goes to `handler` (counted by the pipeline's): its samples before the damage are kept."""
+    for source in _open_shards(sources, handler):
+        stream = source["stream"]
+        try:
+            yield from tar_samples(stream, source["url"], _format_entries_only)
+        except Exception as exn:  # noqa: BLE001 - any read error of one shard is the handler's to count
+            exn.args = (f"{exn.args[0] if exn.args else exn} @ {source['url']}", *exn.args[1:])
+            if not handler(exn):
+                raise
+        finally:
+            stream.close()
 
 
 def _urls(passes: Iterable[list[str]], reader: _Reader, empty_passes_allowed: int) -> Iterator[dict]:

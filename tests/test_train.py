@@ -122,6 +122,26 @@ def test_unknown_config_key_fails_fast_listing_valid_keys(tmp_path):
     assert not (tmp_path / "config.yaml").exists()
 
 
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        ("model.pred_cond_depth=99", "model.pred_cond_depth=99 must be in [1, model.pred_depth - 1]"),
+        ("model.recon_mask=0.1", "model.recon_mask=0.1 and model.recon_sigma_start=0.0 shape the reconstruction"),
+        ("model.frame_dim=33 model.frame_head=keypoints", "needs an even model.frame_dim"),
+        ("model.rollout_steps=6", "model.rollout_steps=6 needs clips of more frames than that"),
+    ],
+)
+def test_a_bad_combination_of_keys_exits_2_with_one_line_before_start_up(tmp_path, override, says):
+    """Combinations only the model's constructors check stop before the process group, the data and the run folder
+    (checked on the meta device): exit 2, one line, no traceback; the shards named do not even exist."""
+    missing = tmp_path / "no-shards"
+    result = _run(_python(*_args(tmp_path / "run", missing, *override.split())))
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("config error: ") and says in lines[0], result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow  # two gloo processes
 def test_nan_on_one_rank_stops_both_and_keeps_the_last_good_checkpoint(digits_shards, tmp_path):
     run = tmp_path / "run"

@@ -176,6 +176,11 @@ def _check_choices(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"model.img_size={cfg.model.img_size} is not a multiple of model.patch_size")
     if cfg.eval.horizon > cfg.data.num_target:
         raise ConfigError(f"eval.horizon={cfg.eval.horizon} exceeds data.num_target={cfg.data.num_target}")
+    if cfg.model.rollout_steps >= cfg.data.clip_length:
+        raise ConfigError(
+            f"model.rollout_steps={cfg.model.rollout_steps} needs clips of more frames than that; data.num_context + "
+            f"data.num_target = {cfg.data.clip_length}"
+        )
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

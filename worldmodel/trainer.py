@@ -29,7 +29,7 @@ import math
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -39,7 +39,7 @@ from torch import nn
 
 from data_pipeline.stream import FALLBACK_PYAV, make_train_loader
 from worldmodel import checkpoint as ckpt
-from worldmodel.config import ExperimentConfig, save_config
+from worldmodel.config import ConfigError, ExperimentConfig, save_config
 from worldmodel.latents import latent_class
 from worldmodel.launch import EXIT_STOPPED, StopRequest, agreed_resume_dir, check_world_size
 from worldmodel.metrics_log import MetricsLog
@@ -193,12 +193,26 @@ def _diverged(
     )
 
 
+def check_model_config(cfg: ExperimentConfig) -> None:
+    """Build the model once on torch's meta device (no memory, no data; well under a second) so that every check
+    its constructors make on combinations of model keys runs before a process group, a loader or a worker starts:
+    ConfigError (train.py: exit 2, one line) instead of a traceback after start-up. An action width the data will
+    give (model.action_dim=0 with the oracle) is taken as 1 for the check."""
+    model_cfg = replace(cfg.model, action_dim=cfg.model.action_dim or 1)
+    try:
+        with torch.device("meta"):
+            WorldModel(model_cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def train(cfg: ExperimentConfig, resume: str | None = None) -> bool:
     """Train `cfg` from scratch, or continue from a checkpoint (`resume`: "auto" or a checkpoint directory).
 
     Returns True when the run has reached cfg.train.steps (and RUN_DIR/finished.json exists), False after a
     SIGTERM/Ctrl-C checkpoint; raises TrainingDiverged on a non-finite loss. Every rank returns or raises together.
     """
+    check_model_config(cfg)  # a bad combination of model keys stops here, before any process group or worker
     stop = StopRequest()  # first: a signal during setup (process group, data, model) must not kill the rank
     try:
         return _train(cfg, resume, stop)
