@@ -100,13 +100,27 @@ def test_evaluate_writes_metrics_report_and_pngs(evaluated):
     assert leakage["shuffle"]["all"]["count"] == 8 * (4 + 2 - 1 - leakage["skipped_transitions"])
     assert all(leakage["shuffle"]["all"][k] > 0 for k in ("own", "shuffled", "prior_mean"))
     assert leakage["transfer"]["names"] == ["x0", "y0"] and leakage["transfer"]["num_clips"] == 4
+    health = metrics["rollout_health"]  # where rollouts break: all clips, the deterministic modes and one sample
+    assert health["num_clips"] == 8 and set(health["modes"]) == {
+        *ADASSL_MODES - {"best_of_k", "mean_of_k"},
+        "prior_sample",
+    }
+    assert len(health["target"]["eff_rank"]) == horizon and all(r >= 1.0 for r in health["target"]["eff_rank"])
+    assert all(r > 0 for e in health["modes"].values() for r in e["norm_ratio"])
+    position = probes["position_error"]["splits"]  # per split, on the probe's 4 test clips
+    assert {"prior_mean", "copy_last", "copy_last_read", "best_of_k", "prior_sample"} <= set(position)
+    assert set(position["prior_mean"]) == {"all", "event", "no_event", "no_event_so_far"}
+    assert position["prior_mean"]["all"]["count"] == [4] * horizon
+    assert position["prior_mean"]["all"]["rmse"] == pytest.approx(probes["position_error"]["predicted"]["prior_mean"])
     report = (out / "report.md").read_text()
     assert "copy_last" in report and "nearest-neighbour retrieval" in report
+    assert "## Where rollouts break" in report and "### Probe-read position error, no-event-so-far steps" in report
     assert "### Energy score, no-event-so-far steps" in report
     assert "## Leakage and transfer of the inferred r" in report and "transfer (r_A on B)" in report
     pngs = sorted(out.glob("*.png"))
     assert {p.name for p in pngs} == set(metrics["plots"]) and "errors.png" in metrics["plots"]
     assert "probes.png" in metrics["plots"] and "strip-00.png" in metrics["plots"]
+    assert "rollout_health.png" in metrics["plots"]
     for png in pngs:
         with Image.open(png) as image:
             image.verify()
@@ -167,6 +181,7 @@ def test_shards_without_state_skip_probes_with_notes(evaluated, tmp_path):
     metrics = evaluate_run(run, str(bare / "*.tar"), num_clips=6, progress=False)
     assert set(metrics["modes"]["copy_last"]) == {"all"}  # no events: no split
     assert "encoded" not in metrics["probes"] and "labels" not in metrics["probes"]
+    assert metrics["rollout_health"]["num_clips"] == 6 and "rollout_health.png" in metrics["plots"]
     notes = " ".join(metrics["notes"])
     assert "no `state` field" in notes and "no `events` field" in notes and "no `action` field" in notes
     assert "action_r2" not in metrics["latent_action"]["features"]["innovation"]

@@ -46,6 +46,8 @@ MIN_CONTEXT_FRAMES = 2
 MAX_STRIP_SAMPLES = 4  # sampled futures drawn per frame strip
 STRIP_MODES = ("prediction", "prior_mean", "posterior", "action")  # deterministic rows a frame strip may draw
 NOISE_FIT_CLIPS = 8  # noisy_best_of_k: a batch of fewer clips also fits its noise std on the batch before it
+HEALTH_TARGET = "target"  # Collected.health_* key of the true future's target latents
+HEALTH_SAMPLE = "prior_sample"  # ... and of one sampled future (the first), as the probes read it
 
 
 def pool(tokens: torch.Tensor) -> torch.Tensor:
@@ -86,6 +88,10 @@ class Collected:
     online_pooled: list[np.ndarray] = field(default_factory=list)  # [B, T, D]
     target_probe: list[np.ndarray] = field(default_factory=list)  # [B, T, F] probe features (grid_pool)
     predicted_pooled: dict[str, list[np.ndarray]] = field(default_factory=dict)  # mode -> [B, H, F] (grid_pool)
+    # rollout health (rollout_metrics.rollout_health): per mode (HEALTH_SAMPLE: the first sampled future) and for the
+    # true future (HEALTH_TARGET) the mean square over patches and dims [B, H] and the mean over patches [B, H, D]
+    health_sq: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    health_mean: dict[str, list[np.ndarray]] = field(default_factory=dict)
     frames: list[np.ndarray] = field(default_factory=list)  # uint8 [B, T, H, W, C]
     target_tokens: list[np.ndarray] = field(default_factory=list)  # float16 [B, T, N, D], the retrieval bank
     strip_tokens: dict[str, list[np.ndarray]] = field(default_factory=dict)  # STRIP_MODES -> float16 [b, H, N, D]
@@ -160,9 +166,11 @@ def process_batch(
         preds[name] = model.rollout(context, horizon, mode, **kwargs)[0]
     for alias, name in latent.aliases.items():
         preds[alias] = preds[name]  # the same numbers under the name other runs use
+    _keep_health(out, HEALTH_TARGET, future)
     for name, pred in preds.items():
         out.errors.add(name, forecast_errors(pred, future), step_event)
         out.predicted_pooled.setdefault(name, []).append(_np(grid_pool(pred, out.probe_cells)))
+        _keep_health(out, name, pred)
         if name in STRIP_MODES and num_strip:
             out.strip_tokens.setdefault(name, []).append(_np16(pred[:num_strip]))
 
@@ -176,7 +184,8 @@ def process_batch(
         pooled = grid_pool(samples, out.probe_cells)  # [K, B, H, F]
         batch_index = torch.arange(pooled.shape[1], device=pooled.device)
         out.predicted_pooled.setdefault("best_of_k", []).append(_np(pooled[best, batch_index]))
-        out.predicted_pooled.setdefault("prior_sample", []).append(_np(pooled[0]))
+        out.predicted_pooled.setdefault(HEALTH_SAMPLE, []).append(_np(pooled[0]))
+        _keep_health(out, HEALTH_SAMPLE, samples[0])
         if num_strip:
             out.strip_samples.append(_np16(samples[:MAX_STRIP_SAMPLES, :num_strip].transpose(0, 1)))
 
@@ -208,6 +217,13 @@ def process_batch(
     for key in ("state_names", "label_names", "action_names"):
         if batch.get(key) is not None:
             out.names.setdefault(key, list(batch[key]))
+
+
+def _keep_health(out: Collected, name: str, tokens: torch.Tensor) -> None:
+    """Keep what `rollout_metrics.rollout_health` needs of latents [B, H, N, D]: their mean square over patches and
+    dims [B, H] and their mean over patches [B, H, D]."""
+    out.health_sq.setdefault(name, []).append(_np(tokens.float().square().mean(dim=(-2, -1))))
+    out.health_mean.setdefault(name, []).append(_np(pool(tokens)))
 
 
 def _noisy_baseline(

@@ -1,5 +1,5 @@
-"""Figures of an evaluation: error against horizon, probe R² against horizon, frame strips (PNG) and decoded
-rollouts (animated GIF).
+"""Figures of an evaluation: error against horizon, probe R² against horizon, where rollouts break (probe-read
+position error, norm ratio and rank against horizon), frame strips (PNG) and decoded rollouts (animated GIF).
 
 Predicted latents have no pixels of their own. Decoded strips and GIFs show them through the run's pixel decoder
 (worldmodel/evaluation/pixel_decoder.py). A retrieval strip shows, for each predicted token grid, the real eval-set
@@ -37,21 +37,76 @@ def plot_errors(
 
     modes: the metrics.json "modes" section ({mode: {split: {metric: [H]}}}), or the "decoded" one.
     """
-    splits = [s for s in SPLIT_TITLES if any(s in entry for entry in modes.values())]
+    splits = _splits(modes)
     fig, axes = plt.subplots(1, len(splits), figsize=(4.5 * len(splits), 3.5), squeeze=False, sharey=True)
-    for ax, split in zip(axes[0], splits, strict=True):
-        for mode, entry in modes.items():
-            if split not in entry:
-                continue
-            values = [np.nan if v is None else v for v in entry[split][metric]]
-            style = {"color": "black", "linestyle": "--"} if mode == "copy_last" else {}
-            ax.plot(range(1, len(values) + 1), values, marker="o", label=mode, **style)
-        ax.set_title(SPLIT_TITLES[split])
-        ax.set_xlabel("horizon step")
-        ax.set_xticks(range(1, len(values) + 1))
-        ax.grid(alpha=0.3)
+    _split_panels(axes[0], splits, modes, metric)
     axes[0][0].set_ylabel(ylabel.format(metric=metric))
     axes[0][-1].legend(fontsize=8)
+    _save(fig, path)
+
+
+def _splits(modes: dict[str, dict]) -> list[str]:
+    """The splits of SPLIT_TITLES that some mode has."""
+    return [s for s in SPLIT_TITLES if any(s in entry for entry in modes.values())]
+
+
+BASELINE_STYLES = {  # the copy-last baselines: black, dashed (latent copy) and dotted (its probe reading)
+    "copy_last": {"color": "black", "linestyle": "--"},
+    "copy_last_read": {"color": "black", "linestyle": ":"},
+}
+
+
+def _horizon_line(ax: plt.Axes, values: list[float | None], label: str, **style) -> None:
+    """One line of values [H] against horizon step (None: a gap); the copy-last baselines in BASELINE_STYLES."""
+    values = [np.nan if v is None else v for v in values]
+    style = {"marker": "o", **style, **BASELINE_STYLES.get(label, {})}
+    ax.plot(range(1, len(values) + 1), values, label=label, **style)
+    ax.set_xlabel("horizon step")
+    ax.set_xticks(range(1, len(values) + 1))
+    ax.grid(alpha=0.3)
+
+
+def _split_panels(axes, splits: list[str], modes: dict[str, dict], metric: str, colors: dict | None = None) -> None:
+    """Into one axis per split: `metric` [H] against horizon step, one line per mode that has the split (in
+    `colors[mode]` when given)."""
+    for ax, split in zip(axes, splits, strict=True):
+        for mode, entry in modes.items():
+            if split in entry:
+                _horizon_line(ax, entry[split][metric], mode, **({"color": colors[mode]} if colors else {}))
+        ax.set_title(SPLIT_TITLES[split])
+
+
+def plot_rollout_health(health: dict, position: dict[str, dict] | None, path: str | Path) -> None:
+    """Where rollouts break. Top row (when `position` is given): the state probe's position error against horizon
+    step, one panel per split, one line per mode. Bottom row: the predicted latents' RMS over the targets' (1 =
+    the scale holds) and the effective rank of their patch-means over the clips, the targets' rank in gray.
+
+    health: metrics["rollout_health"]; position: metrics["probes"]["position_error"]["splits"] ({mode: {split:
+    {"rmse": [H]}}}) or None (shards without a position state).
+    """
+    splits = _splits(position) if position else []
+    names = list(dict.fromkeys([*(position or {}), *health["modes"]]))  # one colour per mode in every panel
+    colors = {name: f"C{i % 10}" for i, name in enumerate(names)}
+    cols = max(2, len(splits))
+    rows = 2 if splits else 1
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.5 * rows), squeeze=False)
+    if splits:
+        _split_panels(axes[0], splits, position, "rmse", colors)
+        for ax in axes[0][1 : len(splits)]:
+            ax.sharey(axes[0][0])
+        axes[0][0].set_ylabel("probe-read position RMSE (state units)")
+        axes[0][len(splits) - 1].legend(fontsize=7)
+    ratio_ax, rank_ax = axes[-1][0], axes[-1][1]
+    for mode, entry in health["modes"].items():
+        _horizon_line(ratio_ax, entry["norm_ratio"], mode, color=colors[mode])
+        _horizon_line(rank_ax, entry["eff_rank"], mode, color=colors[mode])
+    ratio_ax.axhline(1.0, color="gray", linestyle=":")
+    _horizon_line(rank_ax, health["target"]["eff_rank"], "target", color="gray", linestyle=":", marker="s")
+    ratio_ax.set_title("RMS norm, predicted over target")
+    rank_ax.set_title("effective rank over clips (patch means)")
+    rank_ax.legend(fontsize=7)
+    for ax in [*axes[-1][2:], *(axes[0][len(splits) :] if splits else [])]:
+        ax.axis("off")
     _save(fig, path)
 
 

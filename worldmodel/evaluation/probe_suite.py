@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import torch
 from einops import rearrange
 from sklearn.pipeline import Pipeline
 
@@ -31,6 +32,7 @@ from worldmodel.evaluation.probes import (
     r2_score,
     ridge_r2,
 )
+from worldmodel.evaluation.rollout_metrics import split_masks, step_events
 
 POSITION_NAME = re.compile(r"^[xy]\d*$")  # state columns that are positions (x0, y0, x1, ...: pixels in both worlds)
 
@@ -52,6 +54,9 @@ def _rows(x: np.ndarray) -> np.ndarray:
     return rearrange(x, "c t f -> (c t) f")
 
 
+COPY_LAST_READ = "copy_last_read"  # position_error.splits row: the probe's reading of the last context frame, held
+
+
 def state_probes(
     target_pooled: np.ndarray,
     predicted_pooled: dict[str, np.ndarray],
@@ -61,16 +66,21 @@ def state_probes(
     fit: np.ndarray,
     test: np.ndarray,
     ridge: float,
+    events: np.ndarray | None = None,
 ) -> dict:
     """R² of ridge probes from pooled latents to ground-truth state, on held-out clips, and the position error.
 
     target_pooled: [C, T, D] target latents of the true frames; predicted_pooled: {mode: [C, H, D]};
-    state: [C, T, S]; fit, test: clip indices. Returns {"encoded": {name: r2}, "encoded_single_frame":
-    {name: r2}, "predicted": {mode: {name: [H]}}, "position_error": {...} or absent}; an R² is None where the
-    test state is constant. position_error (state columns named x, y, x0, y0, ...: positions, in pixels for the
-    built-in worlds): {"names": [...], "encoded": RMSE of the pair probe on true frames, "predicted": {mode: [H]}},
-    the root mean squared error over those columns and the test clips, in state units: a yardstick every model
-    shares, since each is read by a probe fitted on its own encoded true frames.
+    state: [C, T, S]; fit, test: clip indices; events: [C, T-1] per-transition 0/1 flags, or None. Returns
+    {"encoded": {name: r2}, "encoded_single_frame": {name: r2}, "predicted": {mode: {name: [H]}},
+    "position_error": {...} or absent}; an R² is None where the test state is constant. position_error (state
+    columns named x, y, x0, y0, ...: positions, in pixels for the built-in worlds): {"names": [...], "encoded":
+    RMSE of the pair probe on true frames, "predicted": {mode: [H]}, "splits": {mode: {split: {"rmse": [H],
+    "count": [H]}}}}, the root mean squared error over those columns and the test clips, in state units: a
+    yardstick every model shares, since each is read by a probe fitted on its own encoded true frames. `splits`
+    has the same per split of `rollout_metrics.SPLITS` (only `all` without events; its `all` is `predicted`), and
+    the row COPY_LAST_READ: the probe's reading of the last context frame (on its true pair, num_context >= 2)
+    held for every step, copy-last in state space.
     """
     single = ridge_r2(
         _rows(target_pooled[fit]), _rows(state[fit]), _rows(target_pooled[test]), _rows(state[test]), ridge
@@ -82,31 +92,48 @@ def state_probes(
     encoded = r2_score(test_true, encoded_pred)
     positions = [i for i, name in enumerate(state_names) if POSITION_NAME.match(name)]
 
-    def position_rmse(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-        return float(np.sqrt(((y_true[:, positions] - y_pred[:, positions]) ** 2).mean()))
-
-    predicted: dict[str, dict[str, list]] = {}
-    predicted_error: dict[str, list[float]] = {}
+    readings = {}  # mode -> the probe's reading of each test clip at each step [n, H, S]
     for mode, pred in predicted_pooled.items():
-        horizon = pred.shape[1]
         seq = np.concatenate([target_pooled[:, num_context - 1 : num_context], pred], axis=1)  # [C, 1 + H, D]
-        steps = [(state[test, num_context + h], probe.predict(pair_features(seq[test])[:, h])) for h in range(horizon)]
-        per_step = np.stack([r2_score(y, y_hat) for y, y_hat in steps])  # [H, S]
+        pair = pair_features(seq[test])  # [n, H, 2D]
+        readings[mode] = probe.predict(_rows(pair)).reshape(*pair.shape[:2], -1)
+    horizon = next(iter(readings.values())).shape[1] if readings else 0
+    truth = state[test, num_context : num_context + horizon]  # [n, H, S]
+    predicted = {}
+    for mode, reading in readings.items():
+        per_step = np.stack([r2_score(truth[:, h], reading[:, h]) for h in range(horizon)])  # [H, S]
         predicted[mode] = {name: nan_to_none(per_step[:, i]) for i, name in enumerate(state_names)}
-        if positions:
-            predicted_error[mode] = [position_rmse(y, y_hat) for y, y_hat in steps]
     out = {
         "encoded": dict(zip(state_names, nan_to_none(encoded), strict=True)),
         "encoded_single_frame": dict(zip(state_names, nan_to_none(single), strict=True)),
         "predicted": predicted,
     }
-    if positions:
-        out["position_error"] = {
-            "names": [state_names[i] for i in positions],
-            "encoded": position_rmse(test_true, encoded_pred),
-            "predicted": predicted_error,
-        }
+    if not positions:
+        return out
+    if readings and num_context >= 2:  # row num_context - 2 of the pairs is [z_{Tc-2}, z_{Tc-1}]
+        last = probe.predict(pairs[test, num_context - 2])  # [n, S]
+        readings[COPY_LAST_READ] = np.repeat(last[:, None], horizon, axis=1)
+    sq = {mode: ((r - truth)[..., positions] ** 2).mean(axis=-1) for mode, r in readings.items()}  # [n, H]
+    step_event = None if events is None else step_events(torch.from_numpy(events[test]), num_context, horizon)
+    masks = {split: m.numpy() for split, m in split_masks((len(test), horizon), step_event).items()}
+    out["position_error"] = {
+        "names": [state_names[i] for i in positions],
+        "encoded": float(np.sqrt(((test_true - encoded_pred)[:, positions] ** 2).mean())),
+        "predicted": {mode: np.sqrt(e.mean(axis=0)).tolist() for mode, e in sq.items() if mode in predicted},
+        "splits": {mode: {split: _masked_rmse(e, m) for split, m in masks.items()} for mode, e in sq.items()},
+    }
     return out
+
+
+def _masked_rmse(sq: np.ndarray, mask: np.ndarray) -> dict[str, list]:
+    """sq: per-clip squared errors [n, H]; mask: bool [n, H] -> {"rmse": [H] (None where no clip counts), "count":
+    [H]}."""
+    count = mask.sum(axis=0)
+    total = np.where(mask, sq, 0.0).sum(axis=0)
+    return {
+        "rmse": [float(np.sqrt(t / c)) if c else None for t, c in zip(total, count, strict=True)],
+        "count": [int(c) for c in count],
+    }
 
 
 def label_probes(

@@ -158,6 +158,73 @@ def _probe_section(metrics: dict) -> list[str]:
     return out
 
 
+BREAK_STEPS = (1, 2, 4, 8)  # the horizon steps the "Where rollouts break" tables show (all are in metrics.json)
+
+
+def _rollout_health_section(metrics: dict) -> list[str]:
+    """The section "Where rollouts break": the norm ratio and rank of the predicted latents
+    (metrics["rollout_health"]) and the probe-read position error per split
+    (metrics["probes"]["position_error"]["splits"]), at BREAK_STEPS."""
+    health = metrics.get("rollout_health")
+    if not health:
+        return []
+    steps = [h for h in BREAK_STEPS if h <= metrics["horizon"]]
+    header = [f"h={h}" for h in steps]
+
+    def at(values: list) -> list:
+        return [values[h - 1] for h in steps]
+
+    out = [
+        "## Where rollouts break",
+        "",
+        f"Drift of the predicted embedding, all {health['num_clips']} clips: the predicted latents' RMS over the true "
+        "targets' RMS at that step (1: the scale holds; below 1 the rollout shrinks towards a mean, a blur of "
+        "futures), and the effective rank of their patch means over the clips against the targets' (a rollout that "
+        "forgets what tells clips apart loses rank). Sampled latents: `prior_sample`, the first sampled future. "
+        "All steps: metrics.json and rollout_health.png.",
+        "",
+        "RMS norm, predicted over target:",
+        "",
+        table(["mode", *header], [[f"`{m}`", *at(e["norm_ratio"])] for m, e in health["modes"].items()]),
+        "",
+        "Effective rank of the patch means over the clips:",
+        "",
+        table(
+            ["mode", *header],
+            [["target", *at(health["target"]["eff_rank"])]]
+            + [[f"`{m}`", *at(e["eff_rank"])] for m, e in health["modes"].items()],
+        ),
+        "",
+    ]
+    probes = metrics.get("probes") or {}
+    position = probes.get("position_error") or {}
+    if not position.get("splits"):
+        return out
+    out += [
+        "Positions read along the rollout by the state probe of the Probes section (fitted on the "
+        f"{probes['num_fit_clips']} fit clips' true frames, scored on the {probes['num_test_clips']} test clips): "
+        f"RMSE over {', '.join(position['names'])} in state units; the probe's own error on true frames is "
+        f"{fmt(position['encoded'])}. `copy_last_read`: the probe's reading of the last context frame, "
+        f"held (copy-last in state space). {SPLIT_HELP}",
+        "",
+    ]
+    splits = next(iter(position["splits"].values()))
+    for split in SPLITS:
+        if split not in splits:
+            continue
+        counts = at(splits[split]["count"])
+        if not any(counts):
+            continue
+        rows = [[f"`{m}`", *at(e[split]["rmse"])] for m, e in position["splits"].items()]
+        out += [
+            f"### Probe-read position error, {split.replace('_', '-')} steps (test clips per step: {counts})",
+            "",
+            table(["mode", *header], rows),
+            "",
+        ]
+    return out
+
+
 def _latent_action_section(metrics: dict) -> list[str]:
     latent = metrics.get("latent_action")
     if not latent:
@@ -383,6 +450,7 @@ def render_report(metrics: dict) -> str:
     out += _decoded_section(metrics)
     out += _error_section(metrics)
     out += _probe_section(metrics)
+    out += _rollout_health_section(metrics)
     out += _latent_action_section(metrics)
     out += _leakage_section(metrics)
     out += _collapse_section(metrics)

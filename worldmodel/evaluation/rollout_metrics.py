@@ -36,15 +36,22 @@ made with the answer has no proper score of its own: the `energy_score` and `spr
 whose per-dimension std (per step h, patch n and dim d) is that of the model's own errors on *other* clips
 (`loo_error_std`: the other clips of the same eval batch), scored by `sample_errors` exactly as `best_of_k`: the
 noise-matched baseline that any best-of-K of a stochastic model is to be read against.
+
+`rollout_health` (not split, all clips): per step, the predicted latents' RMS over the targets' RMS and the effective
+rank of their patch-means over the clips against the targets': where a rollout shrinks or loses what tells clips
+apart.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import reduce
+
+from worldmodel.monitors import effective_rank
 
 METRICS = ("l1", "l2", "cos")
 SPLITS = ("all", "event", "no_event", "no_event_so_far")
@@ -235,6 +242,59 @@ def no_event_so_far(step_event: torch.Tensor) -> torch.Tensor:
     return ~(step_event.int().cummax(dim=1).values.bool())
 
 
+def split_masks(
+    shape: tuple[int, ...], step_event: torch.Tensor | None, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Which clip counts at which step in each split of SPLITS: {split: bool [B, H]}.
+
+    shape: (B, H); step_event: bool [B, H] (`step_events`) or None (no event metadata: `all` only).
+    """
+    masks = {"all": torch.ones(shape, dtype=torch.bool, device=device)}
+    if step_event is not None:
+        masks["event"] = step_event.bool()
+        masks["no_event"] = ~masks["event"]
+        masks["no_event_so_far"] = no_event_so_far(masks["event"])
+    return masks
+
+
+def rollout_health(
+    pred_sq: dict[str, np.ndarray],
+    pred_mean: dict[str, np.ndarray],
+    target_sq: np.ndarray,
+    target_mean: np.ndarray,
+) -> dict:
+    """Per-step drift of each mode's predicted latents against the true targets' (all clips, no split).
+
+    pred_sq: {mode: [C, H]} each clip's mean square over patches and dims of the predicted latents at each step;
+    pred_mean: {mode: [C, H, D]} their mean over patches; target_sq [C, H], target_mean [C, H, D]: the same of the
+    true future frames' target latents. Returns {"target": {"rms": [H], "eff_rank": [H]}, "modes": {mode:
+    {"norm_ratio": [H], "eff_rank": [H]}}}: `rms` = sqrt(mean over clips of the mean square); `norm_ratio` = the
+    mode's rms over the target's at that step (1 = the scale holds; below 1 the rollout shrinks towards the mean,
+    e.g. a blur of possible futures); `eff_rank` = `monitors.effective_rank` of the [C, D] patch-means over the
+    clips at that step (against the target's: a rollout that forgets what tells clips apart loses rank). None where
+    not computable (a zero target norm, a non-finite value).
+    """
+
+    def rms(sq: np.ndarray) -> np.ndarray:
+        return np.sqrt(np.asarray(sq, dtype=np.float64).mean(axis=0))  # [H]
+
+    def ranks(mean: np.ndarray) -> list[float | None]:
+        values = [
+            float(effective_rank(torch.from_numpy(np.ascontiguousarray(mean[:, h])))) for h in range(mean.shape[1])
+        ]
+        return [v if math.isfinite(v) else None for v in values]
+
+    target_rms = rms(target_sq)
+    modes = {}
+    for mode, sq in pred_sq.items():
+        ratio = rms(sq) / np.where(target_rms > 0, target_rms, np.nan)
+        modes[mode] = {
+            "norm_ratio": [float(r) if math.isfinite(r) else None for r in ratio],
+            "eff_rank": ranks(pred_mean[mode]),
+        }
+    return {"target": {"rms": [float(r) for r in target_rms], "eff_rank": ranks(target_mean)}, "modes": modes}
+
+
 class ErrorAccumulator:
     """Sums per-step errors over batches, overall and split by the event flags of the steps' transitions (SPLITS).
 
@@ -256,11 +316,7 @@ class ErrorAccumulator:
         if missing:
             raise KeyError(f"errors of mode {mode!r} lack {missing}")
         first = errors[self.metrics[0]]
-        masks = {"all": torch.ones_like(first, dtype=torch.bool)}
-        if step_event is not None:
-            masks["event"] = step_event.to(first.device)
-            masks["no_event"] = ~masks["event"]
-            masks["no_event_so_far"] = no_event_so_far(masks["event"])
+        masks = split_masks(first.shape, None if step_event is None else step_event.to(first.device), first.device)
         sums = self.sums.setdefault(mode, {})
         counts = self.counts.setdefault(mode, {})
         names = [*self.metrics, *(name for name in errors if name not in self.metrics)]

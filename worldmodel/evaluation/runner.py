@@ -1,8 +1,8 @@
 """`evaluate.py --run RUN_DIR --shards GLOB`: load a trained run, roll it out on held-out shards, write the results.
 
 Writes RUN_DIR/eval/metrics.json, RUN_DIR/eval/report.md and figures beside them (errors.png, probes.png when
-the shards carry state, strip-XX.png per example; with `pixels` also psnr.png, decoded-strip-XX.png and
-decoded-XX.gif). metrics.json, in short (full schema: docs/metrics_schema.md):
+the shards carry state, rollout_health.png, strip-XX.png per example; with `pixels` also psnr.png,
+decoded-strip-XX.png and decoded-XX.gif). metrics.json, in short (full schema: docs/metrics_schema.md):
 
     {"run", "checkpoint", "checkpoint_step", "train_steps", "finished", "latent", "objective", "shards", "seed",
      "num_context", "horizon", "num_samples", "num_clips",
@@ -12,7 +12,11 @@ decoded-XX.gif). metrics.json, in short (full schema: docs/metrics_schema.md):
                                                             "count": [H]}}}} | null,
      "diversity": [H] | null,
      "probes": {"num_fit_clips", "num_test_clips", "encoded": {state: r2}, "encoded_single_frame": {state: r2},
-                "predicted": {mode: {state: [H]}}, "labels": {label: accuracy}},
+                "predicted": {mode: {state: [H]}}, "labels": {label: accuracy},
+                "position_error": {"names", "encoded", "predicted": {mode: [H]},
+                                   "splits": {mode | "copy_last_read": {split: {"rmse": [H], "count": [H]}}}}},
+     "rollout_health": {"num_clips", "target": {"rms": [H], "eff_rank": [H]},
+                        "modes": {mode | "prior_sample": {"norm_ratio": [H], "eff_rank": [H]}}},
      "latent_action": {"headline", "features": {name: {...}}, "detector": {...}} | null,
      "leakage": {"derangement_seed", "skipped_transitions", "num_clips", "unpaired_clips",
                  "shuffle": {"all" | "event" | "no_event": {"own", "shuffled", "prior_mean", "shuffled_over_prior",
@@ -27,6 +31,10 @@ zero, best_of_k, mean_of_k for adassl_v / adassl_s; action, zero, noisy_best_of_
 difference; energy_score is in RMS-error units (a deterministic mode's is its RMS error); spread_skill only on the
 K-future modes (best_of_k, mean_of_k, noisy_best_of_k: the ensemble's). leakage: the shuffled-r and transfer
 checks of an inferred r (adassl_v / adassl_s; null for none and oracle; worldmodel/evaluation/leakage.py).
+rollout_health (where a rollout breaks; all clips, no split): per step, each mode's predicted latents' RMS over the
+true targets' and the effective rank of their patch-means over the clips (rollout_metrics.rollout_health; sampled
+latents: `prior_sample`, the first sampled future). probes.position_error.splits: the state probe's position RMSE
+along each rollout per split, on the probe's test clips, with `copy_last_read` (the last context frame's reading).
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ from worldmodel.checkpoint import latest_checkpoint, load_model_state, read_fini
 from worldmodel.config import ExperimentConfig, load_config
 from worldmodel.evaluation import EvaluationError
 from worldmodel.evaluation.collect import (
+    HEALTH_TARGET,
     MIN_CONTEXT_FRAMES,
     STRIP_MODES,
     Collected,
@@ -54,11 +63,18 @@ from worldmodel.evaluation.collect import (
 )
 from worldmodel.evaluation.leakage import LeakageAccumulator, leakage_metrics
 from worldmodel.evaluation.pixel_decoder import PIXEL_METRICS, fit_or_load
-from worldmodel.evaluation.plots import nearest_frames, plot_errors, plot_probes, plot_strip, write_rollout_gif
+from worldmodel.evaluation.plots import (
+    nearest_frames,
+    plot_errors,
+    plot_probes,
+    plot_rollout_health,
+    plot_strip,
+    write_rollout_gif,
+)
 from worldmodel.evaluation.probe_suite import label_probes, latent_action_probes, state_probes
 from worldmodel.evaluation.probes import split_clips
 from worldmodel.evaluation.report import render_report
-from worldmodel.evaluation.rollout_metrics import ErrorAccumulator
+from worldmodel.evaluation.rollout_metrics import ErrorAccumulator, rollout_health
 from worldmodel.model import WorldModel
 from worldmodel.monitors import TARGET_HEALTH_KEYS, effective_rank, per_dim_std, target_health
 
@@ -189,6 +205,7 @@ def evaluate_run(
         "num_samples": num_samples,
         "num_clips": int(sum(len(f) for f in collected.frames)),
         "modes": collected.errors.result(),
+        "rollout_health": rollout_health_section(collected),
         "diversity": collected.diversity.result(),
         "decoded": None if decoder is None else {"decoder": decoder_record, "modes": collected.pixels.result()},
         "notes": [unfinished_note] if unfinished_note else [],
@@ -259,6 +276,7 @@ def run_probes(
                 fit,
                 test,
                 cfg.eval.probe_ridge,
+                collected.stacked("events") if "events" in present else None,
             )
         )
     else:
@@ -291,6 +309,15 @@ def run_probes(
         f"{MIN_CONTEXT_FRAMES} frames, so r must carry the velocity whether or not there was a kick)"
     )
     return probes, latent_action
+
+
+def rollout_health_section(collected: Collected) -> dict:
+    """metrics["rollout_health"]: `rollout_metrics.rollout_health` of every kept rollout (collect.Collected.health_*)
+    over all eval clips, with their number."""
+    sq = {name: np.concatenate(parts) for name, parts in collected.health_sq.items()}  # [C, H]
+    mean = {name: np.concatenate(parts) for name, parts in collected.health_mean.items()}  # [C, H, D]
+    target_sq, target_mean = sq.pop(HEALTH_TARGET), mean.pop(HEALTH_TARGET)
+    return {"num_clips": len(target_sq), **rollout_health(sq, mean, target_sq, target_mean)}
 
 
 def run_leakage(collected: Collected, cfg: ExperimentConfig, metrics: dict, seed: int) -> dict | None:
@@ -359,6 +386,9 @@ def write_plots(collected: Collected, metrics: dict, out_dir: Path) -> list[str]
     if metrics["probes"].get("predicted"):
         plot_probes(metrics["probes"]["predicted"], metrics["probes"]["encoded"], out_dir / "probes.png")
         written.append("probes.png")
+    position = metrics["probes"].get("position_error", {}).get("splits")
+    plot_rollout_health(metrics["rollout_health"], position, out_dir / "rollout_health.png")
+    written.append("rollout_health.png")
     frames = collected.stacked("frames")  # uint8 [C, T, H, W, C]
     bank = torch.from_numpy(rearrange(collected.stacked("target_tokens"), "c t n d -> (c t) n d"))  # float16
     flat_frames = rearrange(frames, "c t h w ch -> (c t) h w ch")
