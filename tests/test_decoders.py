@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from shard_helpers import read_samples, write_tar
 
-from data_pipeline.decoders import DEBUG_ENV, DECODERS, DecodeError, _require, get_decoder
+from data_pipeline.decoders import DEBUG_ENV, DECODERS, DecodeError, _fd2, _require, get_decoder
 from data_pipeline.encode import encode_h264
 from data_pipeline.make_moving_digits import simulate
 
@@ -216,3 +216,18 @@ def test_pipe_shard_commands_keep_the_real_stderr(hostile_shard):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == [str(damaged + 2)]  # every sample of the shard was read
     assert "the pipe command speaks" in result.stderr
+
+
+def test_fd2_capture_returns_only_what_each_block_wrote():
+    """The capture file is reused without truncation: a short report after a long one must not carry the long one's
+    tail, and a block that writes nothing returns nothing."""
+    first, second, third = bytearray(), bytearray(), bytearray()
+    with _fd2.held(first):
+        os.write(2, b"a long native report " * 50)
+    with _fd2.held(second):
+        os.write(2, b"short")
+    with _fd2.held(third):
+        pass
+    assert bytes(first) == b"a long native report " * 50
+    assert bytes(second) == b"short"
+    assert bytes(third) == b""
