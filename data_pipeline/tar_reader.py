@@ -88,6 +88,12 @@ def _number(field: bytes, what: str) -> int:
         raise TarFormatError(f"bad {what} field {field!r} in a tar header") from None
 
 
+def _signed_sum(header: bytes) -> int:
+    """The header checksum as some old tar writers computed it, over signed bytes (tarfile accepts it too)."""
+    signed = [b - 256 if b > 127 else b for b in header]
+    return sum(signed[:148]) + 256 + sum(signed[156:])
+
+
 def _pax(data: bytes) -> dict[str, str]:
     """The records of a pax extended header: 'LENGTH KEY=VALUE\\n' each."""
     out, pos = {}, 0
@@ -124,7 +130,7 @@ def tar_members(stream: BinaryIO, select: Callable[[str], bool] | None = None) -
         if header.count(0) == BLOCK:
             return  # end-of-archive marker
         checksum = _number(header[148:156], "checksum")
-        if checksum != sum(header[:148]) + 256 + sum(header[156:]):
+        if checksum != sum(header[:148]) + 256 + sum(header[156:]) and checksum != _signed_sum(header):
             raise TarFormatError("a tar header's checksum does not match (corrupt or not a tar archive)")
         size = _number(header[124:136], "size")
         kind = header[156:157]

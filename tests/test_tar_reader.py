@@ -95,3 +95,12 @@ def test_numbers_octal_and_base256() -> None:
     assert _number(b"\x80" + (9 * 2**30).to_bytes(11, "big"), "size") == 9 * 2**30
     with pytest.raises(TarFormatError, match="size"):
         _number(b"12x4\0", "size")
+
+
+def test_a_checksum_over_signed_bytes_is_accepted() -> None:
+    """Some old writers summed the header as signed bytes; tarfile accepts that, so does the reader."""
+    raw = bytearray(_archive([("é" * 20 + ".json", b"{}")], tarfile.USTAR_FORMAT))
+    header = bytes(raw[:148]) + b" " * 8 + bytes(raw[156:512])
+    signed = sum(b - 256 if b > 127 else b for b in header)
+    raw[148:156] = f"{signed:06o}\0 ".encode()
+    assert [name for name, _ in tar_members(io.BytesIO(bytes(raw)))] == ["é" * 20 + ".json"]
