@@ -137,7 +137,7 @@ class _Fd2Capture:
                 file = tempfile.TemporaryFile(buffering=0)  # noqa: SIM115 (kept open for the process's life)
                 self._file = (os.getpid(), file)
             file = self._file[1]
-            file.seek(0)  # not truncated (a syscall of ~80 us per decoded video): only what this block writes is read
+            file.seek(0)  # not truncated (a syscall per decoded video): only what this block writes is read back
             if sys.stderr is not None:
                 sys.stderr.flush()  # Python's own pending text goes out first, to the real stderr
             try:

@@ -2,10 +2,10 @@
 
 The shards are plain tar files (POSIX ustar members, pax extended headers where a name or a size needs them, as
 Python's tarfile writes them; GNU long names read too). Python's `tarfile` in stream mode builds a TarInfo object per
-member, parses every header field, and reads in 10 KiB blocks; for shards of small videos this was about a third of
-the pipeline's per-clip reading cost. This reader parses only what a sample needs (name, size, type) from headers
-read with the data in large blocks, skips what the filter rejects without copying it, and groups members into
-samples as webdataset's `group_by_keys` does (key = the name up to the first dot of its last path component).
+member, parses every header field, and reads in 10 KiB blocks, which costs per sample on shards of small videos.
+This reader parses only what a sample needs (name, size, type) from headers read with the data in large blocks,
+skips what the filter rejects without copying it, and groups members into samples as webdataset's `group_by_keys`
+does (key = the name up to the first dot of its last path component).
 
 Errors: a truncated stream, a bad header checksum or size, or a key that repeats a field raise `TarFormatError`
 (a ValueError) naming the shard and member; the caller decides whether to count and go on (the pipeline's shard

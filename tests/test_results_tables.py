@@ -4,6 +4,7 @@ No training: every run here is a hand-made metrics dict."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks import results as R
+from benchmarks import results_stamps as S
+from benchmarks import results_views as V
 
 ROOT = Path(__file__).resolve().parent.parent
 CODE, CONFIG, COMMIT = "c0de" * 16, "cf" * 32, "abcdef1" + "0" * 33
@@ -105,7 +108,7 @@ def test_views_are_ratios_to_the_same_runs_copy_last_mean_and_std_over_seeds():
     results = digits_results()
     assert results["commit"] == COMMIT and results["code_dirty"] is False  # the runs' clean commit, not HEAD's
     assert set(results["runs"][0]["modes"]["copy_last"]) == {"no_event", "event", "no_event_so_far"}
-    headline = R.render_view(results, "headline").split("\n")
+    headline = V.render_view(results, "headline").split("\n")
     assert headline[0].startswith("| energy score / copy-last (lower is better) | h=1 no event | h=4 no event |")
     assert headline[2] == "| JEPA |" + " 0.500 ± 0.100 |" * 9
     assert headline[3] == "| JEPA + matched noise, K futures |" + " **0.450 ± 0.000** |" * 9  # the best honest row
@@ -116,11 +119,11 @@ def test_views_are_ratios_to_the_same_runs_copy_last_mean_and_std_over_seeds():
         "",
         "`python -m benchmarks.results --table digits` at commit abcdef1 (code hash c0dec0de), seeds 0 1 2",
     ]
-    l1 = R.render_view(results, "l1")
+    l1 = V.render_view(results, "l1")
     assert "| JEPA |" + " **0.500 ± 0.100** |" * 9 in l1  # L1: 2 for copy-last, 2 x the ES ratio for JEPA
     assert "| AdaSSL-V best of K (chosen with the truth) | 0.800 ± 0.000 |" in l1  # ranked against nothing
     assert "| JEPA + matched noise, best of K (chosen with the truth) | 0.450 ± 0.000 |" in l1
-    latent = R.render_view(results, "latent").split("\n")
+    latent = V.render_view(results, "latent").split("\n")
     assert latent[0] == (
         "| model | KL event AUC | shuffled / prior (all) | shuffled / prior (event) | transfer corr. | own r corr. "
         "| position R² digit |"
@@ -131,8 +134,8 @@ def test_views_are_ratios_to_the_same_runs_copy_last_mean_and_std_over_seeds():
 
 
 def test_a_seed_without_a_figure_is_counted_not_hidden():
-    assert R.mean_std([0.4, None, 0.6], 3) == ("0.500 ± 0.141 (n=2)", pytest.approx(0.5))
-    assert R.mean_std([None, float("nan")], 3) == ("n/a", None)
+    assert V.mean_std([0.4, None, 0.6], 3) == ("0.500 ± 0.141 (n=2)", pytest.approx(0.5))
+    assert V.mean_std([None, float("nan")], 3) == ("n/a", None)
 
 
 def test_check_passes_on_rendered_blocks_and_names_a_hand_edited_one(tmp_path, capsys):
@@ -213,7 +216,7 @@ def test_a_marker_for_a_table_without_results_or_an_unknown_view_fails(tmp_path,
 
 
 def test_a_table_whose_runs_carry_two_code_hashes_is_refused(tmp_path, capsys):
-    with pytest.raises(R.ResultsError, match="mixes 2 code hashes.*never mixes"):
+    with pytest.raises(S.ResultsError, match="mixes 2 code hashes.*never mixes"):
         digits_results(code_of=lambda method, seed: "beef" * 16 if method == "adassl_v" else CODE)
     mixed = digits_results()
     mixed["runs"][0]["code_hash"] = "beef" * 16  # a hand-edited results file
@@ -222,26 +225,26 @@ def test_a_table_whose_runs_carry_two_code_hashes_is_refused(tmp_path, capsys):
     assert "results/digits.json mixes 2 code hashes (beefbeef, c0dec0de)" in capsys.readouterr().err
     missing = digits_results()
     missing["runs"].pop()
-    with pytest.raises(R.ResultsError, match="for methods"):
+    with pytest.raises(S.ResultsError, match="for methods"):
         R.validate_results(missing, "results/digits.json")
 
 
 def test_a_run_is_reused_only_with_todays_hashes_and_a_stale_one_is_moved_aside(tmp_path):
     expected = {"table": "digits", "method": "none", "seed": 0, "code_hash": CODE, "config_hash": CONFIG}
-    assert R.stale_reason(stamp("none", 0), expected) is None
-    assert R.stale_reason(stamp("none", 0, status="training"), expected) is None  # resumed
-    assert "code_hash is beefbeef, today's is c0dec0de" in R.stale_reason(stamp("none", 0, code="beef" * 16), expected)
-    assert "config_hash" in R.stale_reason(stamp("none", 0, config_hash="0" * 64), expected)
-    assert "seed is 1" in R.stale_reason(stamp("none", 1), expected)
-    assert "no readable stamp.json" in R.stale_reason(None, expected)
+    assert S.stale_reason(stamp("none", 0), expected) is None
+    assert S.stale_reason(stamp("none", 0, status="training"), expected) is None  # resumed
+    assert "code_hash is beefbeef, today's is c0dec0de" in S.stale_reason(stamp("none", 0, code="beef" * 16), expected)
+    assert "config_hash" in S.stale_reason(stamp("none", 0, config_hash="0" * 64), expected)
+    assert "seed is 1" in S.stale_reason(stamp("none", 1), expected)
+    assert "no readable stamp.json" in S.stale_reason(None, expected)
 
     run_dir = tmp_path / "none-seed0"
-    R.write_stamp(run_dir, stamp("none", 0, code="beef" * 16))
-    assert R.read_stamp(run_dir)["code_hash"] == "beef" * 16
-    assert R.move_aside(run_dir) == tmp_path / ".stale-none-seed0-1" and not run_dir.exists()
+    S.write_stamp(run_dir, stamp("none", 0, code="beef" * 16))
+    assert S.read_stamp(run_dir)["code_hash"] == "beef" * 16
+    assert S.move_aside(run_dir) == tmp_path / ".stale-none-seed0-1" and not run_dir.exists()
     run_dir.mkdir()
-    assert R.move_aside(run_dir) == tmp_path / ".stale-none-seed0-2"
-    assert R.read_stamp(run_dir) is None
+    assert S.move_aside(run_dir) == tmp_path / ".stale-none-seed0-2"
+    assert S.read_stamp(run_dir) is None
 
 
 def _git(root: Path, *args: str) -> None:
@@ -264,43 +267,43 @@ def test_the_code_hash_ignores_docs_and_tests_and_follows_the_model(tmp_path):
     _git(tmp_path, "init", "-q")
     _git(tmp_path, "add", ".")
     _git(tmp_path, "commit", "-qm", "first")
-    assert R.code_files(tmp_path) == ["train.py", "worldmodel/model.py"]
-    before = R.code_hash(tmp_path)
-    assert R.git_state(tmp_path)["dirty"] is False and R.git_state(tmp_path)["code_dirty"] is False
+    assert S.code_files(tmp_path) == ["train.py", "worldmodel/model.py"]
+    before = S.code_hash(tmp_path)
+    assert S.git_state(tmp_path)["dirty"] is False and S.git_state(tmp_path)["code_dirty"] is False
 
     (tmp_path / "docs/results.md").write_text("# r, edited\n")
     (tmp_path / "tests/test_a.py").write_text("def test(): pass\n")
     (tmp_path / "README.md").write_text("new\n")
     _git(tmp_path, "commit", "-qam", "docs and tests")
-    assert R.code_hash(tmp_path) == before
+    assert S.code_hash(tmp_path) == before
 
     (tmp_path / "worldmodel/model.py").write_text("x = 2\n")
-    assert R.code_hash(tmp_path) != before
-    state = R.git_state(tmp_path)
+    assert S.code_hash(tmp_path) != before
+    state = S.git_state(tmp_path)
     assert state["dirty"] and state["code_dirty"] and len(state["commit"]) == 40
     (tmp_path / "worldmodel/model.py").write_text("x = 1\n")
-    assert R.code_hash(tmp_path) == before
+    assert S.code_hash(tmp_path) == before
     (tmp_path / "worldmodel/new.py").write_text("")  # untracked but not ignored: counts
-    assert R.code_hash(tmp_path) != before and R.git_state(tmp_path)["code_dirty"]
+    assert S.code_hash(tmp_path) != before and S.git_state(tmp_path)["code_dirty"]
 
 
 def test_the_config_hash_follows_config_overrides_and_data_but_not_seeds(tmp_path):
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs/demo.yaml").write_text("seed: 0\n")
     table = R.TABLES["digits"]
-    base = R.config_hash(table, tmp_path)
-    assert R.config_hash(R.dataclasses.replace(table, seeds=(0, 1, 2, 3), methods=("none",)), tmp_path) == base
-    assert R.config_hash(R.dataclasses.replace(table, overrides=("model.beta=1",)), tmp_path) != base
-    assert R.config_hash(R.dataclasses.replace(table, eval_args=("--horizon", "4")), tmp_path) != base
+    base = S.config_hash(table, tmp_path)
+    assert S.config_hash(dataclasses.replace(table, seeds=(0, 1, 2, 3), methods=("none",)), tmp_path) == base
+    assert S.config_hash(dataclasses.replace(table, overrides=("model.beta=1",)), tmp_path) != base
+    assert S.config_hash(dataclasses.replace(table, eval_args=("--horizon", "4")), tmp_path) != base
     data = tmp_path / "data"
     (data / "val").mkdir(parents=True)
     (data / "val" / "index.json").write_text('{"total_samples": 256}')
-    with_data = R.config_hash(table, tmp_path, data)
+    with_data = S.config_hash(table, tmp_path, data)
     assert with_data != base
     (data / "val" / "index.json").write_text('{"total_samples": 512}')
-    assert R.config_hash(table, tmp_path, data) != with_data
+    assert S.config_hash(table, tmp_path, data) != with_data
     (tmp_path / "configs/demo.yaml").write_text("seed: 1\n")
-    assert R.config_hash(table, tmp_path) != base
+    assert S.config_hash(table, tmp_path) != base
 
 
 def test_the_repositorys_marked_tables_match_its_results():
@@ -333,14 +336,14 @@ def test_a_table_is_made_once_then_reused_and_a_stale_run_is_moved_aside_and_red
     assert R.main(["--table", "digits", "--root", str(tmp_path)]) == 0
     assert len(trained) == 9 and "| JEPA |" + " 0.500 ± 0.100 |" * 9 in readme.read_text()
     runs = tmp_path / "runs" / "results" / "digits"
-    first = R.read_stamp(runs / "none-seed0")
-    assert first["status"] == "evaluated" and first["code_hash"] == R.code_hash(ROOT)
+    first = S.read_stamp(runs / "none-seed0")
+    assert first["status"] == "evaluated" and first["code_hash"] == S.code_hash(ROOT)
     assert first["overrides"] == ["model.latent=none", "seed=0", *R.TABLES["digits"].overrides]
     written = R.load_results(tmp_path / "results" / "digits.json")
     assert written["code_hash"] == first["code_hash"] and written["runs"][0]["run"] == "runs/results/digits/none-seed0"
 
     trained.clear()
-    R.write_stamp(runs / "oracle-seed2", {**R.read_stamp(runs / "oracle-seed2"), "code_hash": "beef" * 16})
+    S.write_stamp(runs / "oracle-seed2", {**S.read_stamp(runs / "oracle-seed2"), "code_hash": "beef" * 16})
     assert R.main(["--table", "digits", "--root", str(tmp_path)]) == 0
     assert trained == ["oracle-seed2"]  # the other eight are reused as they are
     assert (runs / ".stale-oracle-seed2-1" / "eval" / "metrics.json").is_file()
