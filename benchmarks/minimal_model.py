@@ -1,6 +1,6 @@
 """The smallest frame-level JEPA that should forecast the default data, with the project's choices as switches.
 
-    python -m benchmarks.minimal_model [--steps 1000] [--predictor mlp|project] [--target-norm ...] [--latent ...]
+    python -m benchmarks.minimal_model [--steps 1000] [--predictor mlp|project] [--latent ...]
 
 Clips are decoded once by the project's pipeline (`make_eval_loader`) and held in memory; the encoder is the
 project's `FrameEncoder` (timm ViT + frame head), the target its EMA copy normalised by `TokenNorm`. The predictor is
@@ -106,9 +106,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--predictor", choices=("mlp", "project"), default="mlp")
-    p.add_argument(
-        "--target-norm", choices=("center_layernorm", "layernorm", "standardize"), default="center_layernorm"
-    )
     p.add_argument("--granularity", choices=("frame", "tokens"), default="frame")
     p.add_argument("--prediction", choices=("absolute", "residual", "residual_detached_target"), default="absolute")
     p.add_argument("--loss", choices=("l1", "mse"), default="l1")
@@ -184,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     target_encoder = copy.deepcopy(encoder).requires_grad_(False)
     width = cfg.frame_dim if args.granularity == "frame" else cfg.embed_dim
     n = 1 if args.granularity == "frame" else (size // args.patch) ** 2
-    norm, online_norm = TokenNorm(width, args.target_norm, 0.9), TokenNorm(width, args.target_norm, 0.9)
+    norm, online_norm = TokenNorm(width, 0.9), TokenNorm(width, 0.9)
     d_r = 4 if args.latent == "adassl_v" else 0
     if args.predictor == "mlp":  # [z_{t-1}, z_t, r] -> z_{t+1}, per token
         predictor = mlp(2 * width + d_r, 256, width)

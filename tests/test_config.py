@@ -47,7 +47,7 @@ def test_unknown_key_names_the_valid_keys():
         ("model.latent=vae", "model.latent='vae' is not one of none, adassl_v, adassl_s, oracle"),
         ("train.mixed_precision=fp8", "train.mixed_precision='fp8' is not one of"),
         ("model.granularity=pixels", "model.granularity=.pixels. is not one of frame, tokens"),
-        ("model.beta_delay_steps=-1", "model.beta_delay_steps=-1 must be >= 0"),
+        ("model.beta_warmup_steps=-1", "model.beta_warmup_steps=-1 must be >= 0"),
         ("model.beta=-0.1", "model.beta=-0.1 must be >= 0"),
         ("lr", "must look like section.key=value"),
     ],
@@ -68,14 +68,13 @@ def test_mixed_precision_auto_is_bf16_only_with_cuda():
     assert resolve_mixed_precision("fp16") == "fp16"
 
 
-def test_a_run_config_written_before_removed_keys_still_loads():
-    """model.in_chans and the train.debug_* test hooks were removed: their old values load, others are errors."""
-    cfg = config_from_dict(
-        {"model": {"in_chans": 3}, "train": {"debug_nan_at_step": 0, "debug_dump_state": False, "steps": 5}}
-    )
-    assert cfg.train.steps == 5 and not hasattr(cfg.model, "in_chans")
-    with pytest.raises(ConfigError, match="model.in_chans=1: the key was removed"):
-        config_from_dict({"model": {"in_chans": 1}})
+def test_a_removed_key_is_an_unknown_key_even_at_its_old_default():
+    """A config written before a key was removed (a run's config.yaml) no longer loads: the key is unknown and the
+    error names the valid keys."""
+    removed = [("model", "objective", "jepa"), ("model", "in_chans", 3), ("train", "debug_dump_state", False)]
+    for section, key, old in removed:
+        with pytest.raises(ConfigError, match=rf"unknown config key\(s\) {section}\.{key} .*valid keys: {section}\."):
+            config_from_dict({section: {key: old}})
 
 
 def test_push_config_points_at_the_push_world_and_its_keypoint_model_trains_a_step():

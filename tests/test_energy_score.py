@@ -199,7 +199,6 @@ def test_report_and_compare_show_the_energy_score_and_the_new_split():
         "run": "r",
         "checkpoint_step": 1,
         "latent": "none",
-        "objective": "jepa",
         "shards": "s",
         "num_clips": 4,
         "num_context": 4,

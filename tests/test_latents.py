@@ -143,14 +143,12 @@ def test_adassl_v_kl_is_exactly_zero_at_initialisation():
     assert torch.equal(out["mu_q"], out["mu_p"])
 
 
-def test_every_configurable_latent_and_objective_has_its_class():
-    """The config's choices (Literal types in model_config) and the registries of behaviour name the same kinds."""
+def test_every_configurable_latent_has_its_class():
+    """The config's choices (the Literal type in model_config) and the registry of behaviour name the same kinds."""
     from worldmodel.latents import LATENT_CLASSES
-    from worldmodel.model_config import LATENTS, OBJECTIVES
-    from worldmodel.objectives import OBJECTIVE_CLASSES
+    from worldmodel.model_config import LATENTS
 
     assert tuple(LATENT_CLASSES) == LATENTS
-    assert tuple(OBJECTIVE_CLASSES) == OBJECTIVES
     assert all(cls.name == name for name, cls in LATENT_CLASSES.items())
 
 

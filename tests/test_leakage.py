@@ -230,7 +230,6 @@ def test_evaluation_pass_fills_the_leakage_section(latent):
             "run": "r",
             "checkpoint_step": 0,
             "latent": latent,
-            "objective": "jepa",
             "shards": "s",
             "num_clips": 8,
             "num_context": 4,

@@ -129,7 +129,7 @@ def test_report_section_and_plot(tmp_path):
         with Image.open(tmp_path / name) as image:
             image.verify()
     metrics = {
-        "run": "r", "finished": True, "checkpoint_step": 1, "latent": "none", "objective": "l1", "shards": "s",
+        "run": "r", "finished": True, "checkpoint_step": 1, "latent": "none", "shards": "s",
         "num_clips": 16, "num_context": 2, "horizon": horizon, "num_samples": 1, "modes": {}, "rollout_health": health,
         "probes": {"num_fit_clips": 8, "num_test_clips": 8,
                    "position_error": {"names": ["x0", "y0"], "encoded": 0.5, "splits": position}},

@@ -37,15 +37,6 @@ def test_beta_warms_up_linearly_then_stays():
     assert beta_at(0, beta=0.01, warmup_steps=0) == pytest.approx(0.01)
 
 
-def test_beta_is_exactly_zero_during_the_delay_then_ramps():
-    kw = dict(beta=0.01, warmup_steps=100, delay_steps=300)
-    assert [beta_at(s, **kw) for s in (0, 150, 299, 300)] == [0.0, 0.0, 0.0, 0.0]
-    assert beta_at(350, **kw) == pytest.approx(0.005)
-    assert beta_at(400, **kw) == pytest.approx(0.01)
-    assert beta_at(300, beta=0.01, warmup_steps=0, delay_steps=300) == pytest.approx(0.01)
-    assert beta_at(299, beta=0.01, warmup_steps=0, delay_steps=300) == 0.0
-
-
 def test_recon_sigma_falls_geometrically_from_the_start_to_the_final_width_then_stays():
     """model.recon_sigma_start -> recon_sigma over recon_sigma_steps (geometric: halfway is the geometric mean),
     the final width after that, and a constant width when the schedule is off (start 0 or steps 0)."""

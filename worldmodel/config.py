@@ -24,18 +24,14 @@ from data_pipeline.config import DataConfig
 from worldmodel.model_config import (  # the model's own section, re-exported here
     GRANULARITIES,
     LATENTS,
-    OBJECTIVES,
     PREDICTIONS,
-    TOKEN_NORMS,
     ModelConfig,
 )
 
 __all__ = [  # the model's names, re-exported so that `from worldmodel.config import ...` keeps working
     "GRANULARITIES",
     "LATENTS",
-    "OBJECTIVES",
     "PREDICTIONS",
-    "TOKEN_NORMS",
     "ConfigError",
     "ExperimentConfig",
     "ModelConfig",
@@ -155,7 +151,6 @@ def _check_choices(cfg: ExperimentConfig) -> None:
     non_negative = {
         "model.beta": cfg.model.beta,
         "model.beta_warmup_steps": cfg.model.beta_warmup_steps,
-        "model.beta_delay_steps": cfg.model.beta_delay_steps,
         "model.prior_mean_weight": cfg.model.prior_mean_weight,
         "model.prior_anchor": cfg.model.prior_anchor,
     }
@@ -265,22 +260,8 @@ def _set_dotted(tree: dict[str, Any], key: str, raw: str) -> None:
     node[parts[-1]] = value
 
 
-# keys that were removed, with the one value they could take: configs written before (a run's config.yaml) still
-# load when they hold that value; any other value is an error
-RETIRED_KEYS = {("model", "in_chans"): 3, ("train", "debug_nan_at_step"): 0, ("train", "debug_dump_state"): False}
-
-
 def config_from_dict(tree: dict[str, Any]) -> ExperimentConfig:
     """Build and validate an ExperimentConfig from a nested dict (as read from YAML)."""
-    for (section, key), only in RETIRED_KEYS.items():
-        values = tree.get(section)
-        if isinstance(values, dict) and key in values:
-            if values[key] != only:
-                raise ConfigError(
-                    f"{section}.{key}={values[key]!r}: the key was removed (test hooks live in tests/train_hooks.py; "
-                    f"the only value accepted for old configs is {only!r}); delete it from the config"
-                )
-            tree = {**tree, section: {k: v for k, v in values.items() if k != key}}
     cfg = _build(ExperimentConfig, tree, "")
     _check_choices(cfg)
     return cfg

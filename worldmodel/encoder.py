@@ -11,9 +11,9 @@ grid of one token, [B, T, 1, frame_dim]. Everything downstream (predictor, laten
 [B, T, N, D] and works on either granularity. Why frame is the default: per-patch targets of 8-px patches change
 far more between frames than the motion does; a frame embedding learns the motion at CPU budget.
 
-`TokenNorm` is the single definition of "normalised tokens": a parameter-free layer norm over D, optionally after
-subtracting a running mean of the target tokens (DINO-style centring): with a plain layer-normed EMA target a small
-model collapses within 100 steps, and centring prevents it.
+`TokenNorm` is the single definition of "normalised tokens": a parameter-free layer norm over D after subtracting a
+running mean of the tokens (DINO-style centring): with a plain layer-normed EMA target a small model collapses
+within 100 steps, and centring prevents it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from einops import rearrange
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from worldmodel.model_config import CHANNELS, GRANULARITIES, TOKEN_NORMS, ModelConfig
+from worldmodel.model_config import CHANNELS, GRANULARITIES, ModelConfig
 
 
 def preprocess(frames: Tensor, img_size: int) -> Tensor:
@@ -281,45 +281,29 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
 
 
 class TokenNorm(nn.Module):
-    """Normalised tokens, one of two `mode`s (no learned parameters; both centred, because a plain layer norm
-    without centring loses most dims, effective rank 4-17 of 96):
+    """Normalised tokens: subtract a running mean [D], then layer norm over D (DINO-style centring; no learned
+    parameters). Centred, because a plain layer norm without centring loses most dims, effective rank 4-17 of 96.
 
-    - `center_layernorm`: subtract a running mean [D], then layer norm over D (DINO-style centring);
-    - `standardize`: subtract the running mean [D] and divide by the running std [D] (batch-norm statistics, no
-      per-token rescaling). Tokens close to the mean (a plain background) stay close to zero instead of having
-      their small residuals blown up to unit norm by a per-token layer norm, so the loss weighs the patches that
-      carry content, and no dimension can shrink to a constant unnoticed.
-
-    The running statistics (`center`, `var`, buffers [D]) are updated by `update` (momentum `momentum`, averaged
-    over processes when torch.distributed is initialised). The model keeps one TokenNorm per token space (online
-    and target), each with its own statistics: the two encoders' raw means differ.
+    The running mean (`center`, a buffer [D]) is updated by `update` (momentum `momentum`, averaged over processes
+    when torch.distributed is initialised). The model keeps one TokenNorm per token space (online and target), each
+    with its own statistics: the two encoders' raw means differ.
     """
 
-    def __init__(self, dim: int, mode: str, momentum: float, eps: float = 1e-5):
+    def __init__(self, dim: int, momentum: float):
         super().__init__()
-        if mode not in TOKEN_NORMS:
-            raise ValueError(f"model.target_norm={mode!r} is not one of {', '.join(TOKEN_NORMS)}")
-        self.mode = mode
         self.momentum = momentum
-        self.eps = eps
         self.register_buffer("center", torch.zeros(dim))
-        self.register_buffer("var", torch.ones(dim))
 
     def forward(self, tokens: Tensor) -> Tensor:
         """tokens: [..., D] -> normalised [..., D] (float32)."""
         x = tokens.float() - self.center
-        if self.mode == "center_layernorm":
-            return F.layer_norm(x, x.shape[-1:])
-        return x * torch.rsqrt(self.var + self.eps)
+        return F.layer_norm(x, x.shape[-1:])
 
     @torch.no_grad()
     def update(self, tokens: Tensor) -> None:
-        """Move the running mean and variance toward the statistics of `tokens` [..., D]."""
-        flat = tokens.detach().float().reshape(-1, tokens.shape[-1])
-        moments = torch.stack([flat.mean(0), flat.pow(2).mean(0)])  # [2, D]: E[x], E[x^2]
+        """Move the running mean toward the mean of `tokens` [..., D]."""
+        mean = tokens.detach().float().reshape(-1, tokens.shape[-1]).mean(0)  # [D]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(moments)
-            moments /= torch.distributed.get_world_size()
-        mean, var = moments[0], (moments[1] - moments[0] ** 2).clamp_min(0.0)
+            torch.distributed.all_reduce(mean)
+            mean /= torch.distributed.get_world_size()
         self.center.mul_(self.momentum).add_(mean, alpha=1.0 - self.momentum)
-        self.var.mul_(self.momentum).add_(var, alpha=1.0 - self.momentum)

@@ -1,11 +1,11 @@
 """WorldModel: the one interface train.py and evaluate.py share (docs/architecture.md, "WorldModel").
 
 Spaces. `encode` returns the online encoder's output (the predictor's inputs) and `encode_target` the training
-targets: the EMA target encoder's output (objective `jepa`), or the online encoder's under no grad (`infonce`, which
-needs no EMA; the target encoder still exists and `update_target` still moves it, unused). With
+targets: the EMA target encoder's output (`model.target=ema`, the default), or the online encoder's
+(`model.target=online`; the target encoder still exists and `update_target` still moves it, unused). With
 `model.granularity=frame` (default) each frame is one embedding, [B, T, 1, frame_dim]; with `tokens` the patch grid,
-[B, T, N, embed_dim]. Each space is normalised by its own `TokenNorm` (`model.target_norm`, centred by default;
-running statistics, no parameters): the two encoders' raw means differ.
+[B, T, N, embed_dim]. Each space is normalised by its own `TokenNorm` (centred, then layer-normed; a running mean,
+no parameters): the two encoders' raw means differ.
 
 Prediction. The predictor's output at t is frame t+1's target embedding (absolute, or its input at t plus a change
 with `model.prediction=residual`). The residual's base is the predictor's own input, with gradient, never a
@@ -42,7 +42,7 @@ from worldmodel.encoder import (
 from worldmodel.latents import ROLLOUT_MODES, build_latent, latent_class
 from worldmodel.model_config import ModelConfig
 from worldmodel.monitors import effective_rank, per_dim_std, target_health
-from worldmodel.objectives import build_objective
+from worldmodel.objectives import copy_last_loss, jepa_loss
 from worldmodel.predictor import Predictor, expand_cond
 from worldmodel.sigreg import sigreg
 from worldmodel.summaries import Summaries, summaries_of
@@ -80,16 +80,15 @@ def within_clip_share(frame_emb: Tensor) -> Tensor:
 
 
 class WorldModel(nn.Module):
-    """ViT encoder + EMA target encoder + latent module + frame-causal predictor + objective, from a ModelConfig."""
+    """ViT encoder + EMA target encoder + latent module + frame-causal predictor + JEPA loss, from a ModelConfig."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         kind = latent_class(cfg.latent)  # ValueError for an unknown name
-        self.objective = build_objective(cfg.objective, cfg.loss, cfg.temperature)
         self.cfg = cfg
         # targets from the EMA target encoder (no grad), or from the online encoder with gradient (model.target online)
-        self.ema_target = self.objective.ema_target and cfg.target == "ema"
-        if cfg.target == "online" and cfg.sigreg_weight <= 0 and cfg.objective == "jepa":
+        self.ema_target = cfg.target == "ema"
+        if cfg.target == "online" and cfg.sigreg_weight <= 0:
             raise ValueError(
                 "model.target=online regresses the online encoder on itself, which collapses to a constant without "
                 "an anti-collapse term: set model.sigreg_weight > 0 (LeWM: 0.09) or model.target=ema"
@@ -110,8 +109,8 @@ class WorldModel(nn.Module):
         # bit, and their rollouts are compared in one latent space
         decoder_rng = torch.get_rng_state()
         num_tokens, width = output_shape(cfg)  # per frame: (1, frame_dim) or (patches, embed_dim)
-        self.norm = TokenNorm(width, cfg.target_norm, cfg.center_momentum)  # target tokens
-        self.online_norm = TokenNorm(width, cfg.target_norm, cfg.center_momentum)
+        self.norm = TokenNorm(width, cfg.center_momentum)  # target tokens
+        self.online_norm = TokenNorm(width, cfg.center_momentum)
         self.predictor = Predictor(
             embed_dim=width,
             num_patches=num_tokens,
@@ -121,7 +120,6 @@ class WorldModel(nn.Module):
             cond_depth=cfg.pred_cond_depth,
             num_heads=cfg.pred_num_heads,
             cond_dim=cfg.latent_dim if kind.conditions else 0,
-            conditioning=cfg.conditioning,
             motion=cfg.pred_motion,
             residual=cfg.prediction == "residual",
         )
@@ -237,11 +235,9 @@ class WorldModel(nn.Module):
         r, latent_terms, latent_monitors = self.latent.train_r(features, seq, target, action, self.summaries)
         pred = self.predictor.from_features(features, r, seq)
         terms: dict[str, Tensor] = {}
-        terms["pred"], monitors = self.objective.loss(pred, target[:, 1:])
+        terms["pred"] = jepa_loss(pred, target[:, 1:], cfg.loss)
         terms.update(latent_terms)
-        copy_last = self.objective.copy_last(target)  # the bar `pred` must get below to be useful
-        if copy_last is not None:
-            monitors["copy_last"] = copy_last
+        monitors = {"copy_last": copy_last_loss(target, cfg.loss)}  # the bar `pred` must get below to be useful
         loss = terms["pred"] + beta * terms["reg"]
         if cfg.clip_contrast > 0:
             scored = pred.detach() if cfg.clip_contrast_detach else pred
@@ -251,7 +247,7 @@ class WorldModel(nn.Module):
             loss = loss + cfg.clip_contrast * terms["clip_contrast"]
         if cfg.prior_mean_weight > 0 and self.latent.inferred:
             pred_prior = self.predictor.from_features(features, self.latent.prior_mean_r(features, self.summaries), seq)
-            terms["pred_prior"] = self.objective.loss(pred_prior, target[:, 1:])[0]
+            terms["pred_prior"] = jepa_loss(pred_prior, target[:, 1:], cfg.loss)
             loss = loss + cfg.prior_mean_weight * terms["pred_prior"]
         if self.decoder is not None:
             terms["recon"] = self.decoder.loss(raw, x)  # the raw keypoints, before the online TokenNorm
@@ -294,7 +290,7 @@ class WorldModel(nn.Module):
             future_tokens=target[:, context:],
             actions=future_actions,
         )[0]
-        return self.objective.loss(pred, target[:, context:])[0]
+        return jepa_loss(pred, target[:, context:], self.cfg.loss)
 
     # ---- rollout -----------------------------------------------------------------------------------------------
 

@@ -12,29 +12,24 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 # Every choice is defined once, as the Literal type of its key: worldmodel/config.py validates a value against it,
-# and the tuples below are read from it. A latent's or objective's behaviour lives in its class (latents.py,
-# objectives.py), registered under the same name (a test checks that the registries match these lists).
+# and the tuples below are read from it. A latent's behaviour lives in its class (latents.py), registered under the
+# same name (a test checks that the registry matches LATENTS).
 Latent = Literal["none", "adassl_v", "adassl_s", "oracle"]
-Objective = Literal["jepa", "infonce"]
-TokenNormMode = Literal["center_layernorm", "standardize"]  # model.target_norm (worldmodel/encoder.py TokenNorm)
 Granularity = Literal["frame", "tokens"]  # model.granularity (worldmodel/encoder.py FrameEncoder)
 FrameHead = Literal["linear", "keypoints"]  # model.frame_head (worldmodel/encoder.py FrameEncoder)
 Prediction = Literal["absolute", "residual"]  # model.prediction (worldmodel/predictor.py Predictor)
-Conditioning = Literal["adaln", "token"]  # model.conditioning (worldmodel/predictor.py)
 Loss = Literal["l1", "smooth_l1"]  # model.loss (worldmodel/objectives.py jepa_loss)
 Target = Literal["ema", "online"]  # model.target (worldmodel/model.py)
 
 CHANNELS = 3  # frames are RGB: the decoders and the shard writer always give three channels
 LATENTS: tuple[str, ...] = get_args(Latent)
-OBJECTIVES: tuple[str, ...] = get_args(Objective)
-TOKEN_NORMS: tuple[str, ...] = get_args(TokenNormMode)
 GRANULARITIES: tuple[str, ...] = get_args(Granularity)
 PREDICTIONS: tuple[str, ...] = get_args(Prediction)
 
 
 @dataclass
 class ModelConfig:
-    """The world model: encoder, predictor, latent module and objective.
+    """The world model: encoder, predictor, latent module and prediction loss.
 
     Loss normalisation (read `beta` against it): the JEPA prediction loss is a *mean* over batch, predicted
     frames, patches and embedding dims; the AdaSSL-V regulariser is KL *summed* over the latent dims and averaged
@@ -42,7 +37,6 @@ class ModelConfig:
     """
 
     latent: Latent = "adassl_v"
-    objective: Objective = "jepa"
     img_size: int = 64
     patch_size: int = 8
     embed_dim: int = 192  # encoder width
@@ -82,7 +76,6 @@ class ModelConfig:
     pred_num_heads: int = 3
     pred_cond_depth: int = 2  # last predictor blocks: frame-local, conditioned on r; the rest is the causal trunk
     max_frames: int = 16  # longest clip the predictor's frame embedding supports
-    conditioning: Conditioning = "adaln"  # how r (or an action) enters the predictor
     # absolute: position t outputs frame t+1's target embedding; residual: its input at t plus a predicted change
     prediction: Prediction = "residual"
     pred_motion: bool = True  # the predictor reads [x_t, x_t - x_{t-1}], so velocity is there from the first step
@@ -90,8 +83,7 @@ class ModelConfig:
     summary_dim: int = 128  # width of the pooled summaries s_t and s+_t
     action_dim: int = 0  # oracle only: width of the action rows (0 = take it from the data at start-up)
     beta: float = 0.01  # weight of the latent regulariser (see the normalisation above)
-    beta_warmup_steps: int = 500  # beta rises linearly from 0 over these steps (after the delay)
-    beta_delay_steps: int = 0  # beta is exactly 0 for these first steps (see schedules.beta_at: why)
+    beta_warmup_steps: int = 500  # beta rises linearly from 0 over these steps
     # Inferred latents only (none and the oracle have no prior and ignore it): the weight of a second prediction
     # term, the same predictor on the same trunk with r set to the prior mean (adassl_v: mu_p; adassl_s: r = 0). The
     # posterior's r is the easy route to any part of the motion; this term makes what the history predicts come
@@ -102,15 +94,13 @@ class ModelConfig:
     # (it costs no KL once the prior has learned it); anchored, it costs nats, so it moves to the trunk: r = 0 then
     # forecasts like the prior mean and r opens on what the history cannot predict. 0 = off.
     prior_anchor: float = 0.0
-    # l1 | smooth_l1 (jepa objective). L1 learns the conditional median: where most transitions are deterministic,
+    # l1 | smooth_l1 (the prediction loss). L1 learns the conditional median: where most transitions are deterministic,
     # rare events (kicks) are predicted as "no event" and are hard to learn at all (README, still-digits diagnostic)
     loss: Loss = "l1"
     rollout_steps: int = 0  # >0 adds a term where the predictor consumes its own predictions this many steps
     rollout_weight: float = 1.0
-    temperature: float = 0.1  # infonce
-    target_norm: TokenNormMode = "center_layernorm"  # see encoder.TokenNorm
-    center_momentum: float = 0.9
-    # Where the jepa objective's targets come from: "ema", the EMA target encoder under no gradient (BYOL, V-JEPA);
+    center_momentum: float = 0.9  # momentum of the running means the TokenNorms subtract (see encoder.TokenNorm)
+    # Where the prediction's targets come from: "ema", the EMA target encoder under no gradient (BYOL, V-JEPA);
     # "online", the online encoder itself with gradient (LeWM: no EMA, no stop-gradient; needs sigreg_weight > 0,
     # or the encoder collapses to a constant)
     target: Target = "ema"

@@ -97,8 +97,8 @@ class HealthWatch:
             self.warned.add("collapse")
             out.append(
                 f"warning: step {step}: target effective rank {rank:.1f} of {self.dim} dims (< "
-                f"{self.min_rank_share:.0%}): the targets are collapsing; check model.target_norm (centred) and the "
-                "EMA schedule"
+                f"{self.min_rank_share:.0%}): the targets are collapsing; check the EMA schedule "
+                "(model.ema_start, model.ema_end)"
             )
         if drift is not None and step >= self.reference_step and drift < self.min_drift and "static" not in self.warned:
             self.warned.add("static")

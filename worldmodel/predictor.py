@@ -7,9 +7,9 @@ Two stages:
 
 - the **trunk**: `depth - cond_depth` transformer blocks over all tokens with a frame-causal attention mask
   (`frame_causal_mask`): frame t's tokens see frames <= t, so history (velocity) reaches position t;
-- the **head**: `cond_depth` blocks that attend within one frame only and are conditioned on c_t, by adaptive
+- the **head**: `cond_depth` blocks that attend within one frame only and are conditioned on c_t by adaptive
   layer norm (DiT-style shift/scale/gate; the map's bias starts at zero, so with c_t = 0 the conditioned predictor
-  computes exactly what the unconditioned one does) or by one extra token per frame (`conditioning="token"`).
+  computes exactly what the unconditioned one does).
 
 What the predictor reads and outputs: one space. Its input at t is the encoder output of frame t (with
 `motion`, also the difference to frame t-1, so velocity is in the input from the first training step instead of
@@ -89,8 +89,9 @@ class Block(nn.Module):
 class Predictor(nn.Module):
     """tokens [B, T, N, D] (+ conditioning [B, T, cond_dim]) -> predictions [B, T, N, D] of frames 1..T.
 
-    `cond_dim = 0` builds the unconditioned predictor (latent `none`). `conditioning` is "adaln" or "token";
-    `motion` adds x_t - x_{t-1} to the input; `residual` adds the input at t to the output at t (module docstring).
+    `cond_dim = 0` builds the unconditioned predictor (latent `none`); otherwise the head's blocks are conditioned by
+    AdaLN (`Block.add_conditioning`). `motion` adds x_t - x_{t-1} to the input; `residual` adds the input at t to the
+    output at t (module docstring).
     """
 
     def __init__(
@@ -103,7 +104,6 @@ class Predictor(nn.Module):
         cond_depth: int,
         num_heads: int,
         cond_dim: int = 0,
-        conditioning: str = "adaln",
         motion: bool = True,
         residual: bool = False,
     ):
@@ -113,11 +113,8 @@ class Predictor(nn.Module):
                 f"model.pred_cond_depth={cond_depth} must be in [1, model.pred_depth - 1] (pred_depth={depth}): "
                 "the predictor needs at least one frame-causal block and one conditioned block"
             )
-        if conditioning not in ("adaln", "token"):
-            raise ValueError(f"model.conditioning={conditioning!r} is not one of adaln, token")
         self.max_frames = max_frames
         self.cond_dim = cond_dim
-        self.token_conditioning = conditioning == "token" and cond_dim > 0
         self.motion = motion
         self.residual = residual
         self.in_proj = nn.Linear(2 * embed_dim if motion else embed_dim, dim)
@@ -127,8 +124,6 @@ class Predictor(nn.Module):
         nn.init.trunc_normal_(self.frame_embed, std=0.02)
         self.trunk = nn.ModuleList(Block(dim, num_heads) for _ in range(depth - cond_depth))
         self.head = nn.ModuleList(Block(dim, num_heads) for _ in range(cond_depth))
-        if self.token_conditioning:  # its slot here keeps the parameter order of older checkpoints' optimiser state
-            self.register_module("cond_token", None)
         self.norm = nn.LayerNorm(dim)
         self.out_proj = nn.Linear(dim, embed_dim)
         # Zero output at initialisation: residual starts as copy-last, absolute at the targets' centre (0).
@@ -136,11 +131,9 @@ class Predictor(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
         # The conditioning is drawn last, so every other weight is the unconditioned predictor's at the same seed:
         # JEPA, the oracle and AdaSSL-V start from one predictor and differ only by what r adds.
-        if cond_dim and conditioning == "adaln":
+        if cond_dim:
             for block in self.head:
                 block.add_conditioning(cond_dim)
-        if self.token_conditioning:
-            self.cond_token = nn.Linear(cond_dim, dim)
 
     def forward(self, tokens: Tensor, cond: Tensor | None = None) -> Tensor:
         """tokens: [B, T, N, D]; cond: [B, T, cond_dim] (row t conditions transition t -> t+1) or None.
@@ -167,16 +160,14 @@ class Predictor(nn.Module):
     def from_features(self, features: Tensor, cond: Tensor | None, tokens: Tensor) -> Tensor:
         """features: [B, T, N, P] from `trunk_features(tokens)`; cond: [B, T, cond_dim] or None; tokens: the
         predictor's inputs [B, T, N, D] (the base of a residual prediction) -> predictions [B, T, N, D]."""
-        b, t, n, _ = features.shape
+        b, t = features.shape[:2]
         if cond is not None and cond.shape[:2] != (b, t):
             raise ValueError(f"conditioning must be [B, T, d] = [{b}, {t}, d], got {tuple(cond.shape)}")
         x = rearrange(features, "b t n p -> (b t) n p")
         flat_cond = None if cond is None or self.cond_dim == 0 else rearrange(cond, "b t c -> (b t) c")
-        if self.token_conditioning and flat_cond is not None:
-            x = torch.cat([x, self.cond_token(flat_cond)[:, None]], dim=1)
         for block in self.head:
             x = block(x, cond=flat_cond)
-        out = rearrange(self.out_proj(self.norm(x[:, :n])), "(b t) n d -> b t n d", b=b)
+        out = rearrange(self.out_proj(self.norm(x)), "(b t) n d -> b t n d", b=b)
         return tokens + out if self.residual else out
 
 

@@ -29,19 +29,8 @@ def ema_momentum(step: int, *, total_steps: int, start: float, end: float) -> fl
     return end - (end - start) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def beta_at(step: int, *, beta: float, warmup_steps: int, delay_steps: int = 0) -> float:
-    """Weight of the latent regulariser: exactly 0 for the first `delay_steps` steps, then linear from 0 to `beta`
-    over `warmup_steps`, then constant.
-
-    Why a delay and not only a ramp: with Adam, a term that is the *only* gradient a parameter gets moves it at the
-    full learning rate however small its weight. At the start the predictor's conditioning is zero-initialised, so
-    at first the KL is the only gradient the posterior gets, and even the first steps of a ramp, at a small fraction
-    of beta, collapse r onto the prior within ~100 steps, before the predictor has learned to use it. Held at
-    exactly 0, the KL leaves r alone until the prediction loss has made r useful.
-    """
-    step -= delay_steps
-    if step < 0:
-        return 0.0
+def beta_at(step: int, *, beta: float, warmup_steps: int) -> float:
+    """Weight of the latent regulariser: linear from 0 (step 0) to `beta` over `warmup_steps`, then constant."""
     if warmup_steps <= 0:
         return beta
     return beta * min(1.0, step / warmup_steps)

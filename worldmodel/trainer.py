@@ -394,9 +394,7 @@ def _step(run: _Run, step: int, window: _Window, stop: StopRequest) -> _StepResu
     agrees on divergence and stop; then AdamW, the LR schedule and the EMA update of the target encoder. Between
     check steps nothing here waits for the device."""
     cfg, accelerator = run.cfg, run.accelerator
-    beta = beta_at(
-        step, beta=cfg.model.beta, warmup_steps=cfg.model.beta_warmup_steps, delay_steps=cfg.model.beta_delay_steps
-    )
+    beta = beta_at(step, beta=cfg.model.beta, warmup_steps=cfg.model.beta_warmup_steps)
     momentum = ema_momentum(step, total_steps=cfg.train.steps, start=cfg.model.ema_start, end=cfg.model.ema_end)
     lr = run.scheduler.get_last_lr()[0]
     if run.core.decoder is not None:  # the keypoint maps' width, coarse to fine (every rank sets the same value)

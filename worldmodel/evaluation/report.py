@@ -431,12 +431,11 @@ def render_report(metrics: dict) -> str:
         ]
     out += [
         table(
-            ["checkpoint step", "latent", "objective", "shards", "clips", "context", "horizon", "K samples"],
+            ["checkpoint step", "latent", "shards", "clips", "context", "horizon", "K samples"],
             [
                 [
                     metrics["checkpoint_step"],
                     metrics["latent"],
-                    metrics["objective"],
                     f"`{metrics['shards']}`",
                     metrics["num_clips"],
                     metrics["num_context"],

@@ -4,7 +4,7 @@ Writes RUN_DIR/eval/metrics.json, RUN_DIR/eval/report.md and figures beside them
 the shards carry state, rollout_health.png, strip-XX.png per example; with `pixels` also psnr.png,
 decoded-strip-XX.png and decoded-XX.gif). metrics.json, in short (full schema: docs/metrics_schema.md):
 
-    {"run", "checkpoint", "checkpoint_step", "train_steps", "finished", "latent", "objective", "shards", "seed",
+    {"run", "checkpoint", "checkpoint_step", "train_steps", "finished", "latent", "shards", "seed",
      "num_context", "horizon", "num_samples", "num_clips",
      "modes": {mode: {"all" | "event" | "no_event" | "no_event_so_far":
                       {"l1": [H], "l2": [H], "cos": [H], "energy_score": [H], "spread_skill": [H], "count": [H]}}},
@@ -197,7 +197,6 @@ def evaluate_run(
         "train_steps": cfg.train.steps,
         "finished": finished,
         "latent": cfg.model.latent,
-        "objective": cfg.model.objective,
         "shards": shards,
         "seed": seed,
         "num_context": num_context,
