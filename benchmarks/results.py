@@ -14,7 +14,8 @@ hashes equal today's; otherwise its folder is moved aside (.stale-METHOD-seedSEE
 table never mixes code versions. results/TABLE.json holds the figures the views need; a view is a markdown table
 written between the lines `<!-- results:TABLE:VIEW -->` and `<!-- /results:TABLE:VIEW -->` of README.md,
 docs/results.md or any file given with --files. Views: headline (energy score over copy-last), l1 (L1 over
-copy-last), latent (kick detection, leakage, transfer, position probes).
+copy-last), latent (kick detection, leakage, transfer, position probes), holds (per step, where no
+event has happened yet, and the step at which a rollout reaches 0.8 of copy-last).
 
 --check and --no-run read results/*.json only: no torch, no runs/ needed (a clean clone checks in a second).
 """

@@ -165,7 +165,40 @@ def view_latent(results: dict) -> list[str]:
     return _markdown(head, rows)
 
 
-VIEWS: dict[str, Callable[[dict], list[str]]] = {"headline": view_headline, "l1": view_l1, "latent": view_latent}
+HOLD = 0.8  # a rollout "holds" while its energy score stays below this share of copy-last's
+HOLDS_ROWS = (  # (row label, method, mode): the forecasts a user would roll out, never one that reads the future
+    ("JEPA", "none", "prior_mean"),
+    ("AdaSSL-V prior mean", "adassl_v", "prior_mean"),
+    ("AdaSSL-V sampled, K futures", "adassl_v", "best_of_k"),
+    ("oracle (true actions)", "oracle", "action"),
+)
+
+
+def view_holds(results: dict) -> list[str]:
+    """How far a rollout holds: per step h, the energy score over copy-last's in the no-event-so-far split (the one
+    where a model can know the future; mean over seeds), and the first step at which that mean reaches HOLD."""
+    horizon = max((r.get("horizon") or 0 for r in results["runs"]), default=0)
+    n = len(results["seeds"])
+    rows = []
+    for label, method, mode in HOLDS_ROWS:
+        runs = _runs_of(results, method)
+        if not runs:
+            continue
+        means = [mean_std([_ratio(r, mode, "no_event_so_far", "energy_score", h) for r in runs], n)[1]
+                 for h in range(1, horizon + 1)]  # fmt: skip
+        reached = next((h for h, m in enumerate(means, 1) if m is not None and m >= HOLD), None)
+        cells = ["n/a" if m is None else f"{m:.2f}" for m in means]
+        rows.append([label, *cells, f"h={reached}" if reached else f"not by h={horizon}"])
+    head = ["ES / copy-last, no event so far", *(f"h={h}" for h in range(1, horizon + 1)), f"reaches {HOLD}"]
+    return _markdown(head, rows)
+
+
+VIEWS: dict[str, Callable[[dict], list[str]]] = {
+    "headline": view_headline,
+    "l1": view_l1,
+    "latent": view_latent,
+    "holds": view_holds,
+}
 
 
 def render_view(results: dict, view: str) -> str:
