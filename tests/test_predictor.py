@@ -119,3 +119,25 @@ def test_motion_input_gives_position_t_the_difference_to_frame_t_minus_1():
         moved[:, 1] += 1.0  # frame 1 changes, frame 2 does not
         same = torch.allclose(predictor.trunk_features(tokens)[:, 2], predictor.trunk_features(moved)[:, 2])
         assert same != motion
+
+
+def test_a_layer_normed_prediction_sits_on_the_targets_sphere_and_cannot_shrink():
+    """With `out_layernorm` every predicted token has mean 0 and unit variance over D, as a centred, layer-normed
+    target does, whatever the weights: scaling the output layer down (a forecast shrinking towards the mean) does not
+    change it. Without it the same scaling shrinks the prediction."""
+    tokens = torch.nn.functional.layer_norm(torch.randn(2, T, N, D), (D,))
+    for out_layernorm in (True, False):
+        torch.manual_seed(0)
+        predictor = Predictor(D, N, 8, 16, 3, 1, 2, residual=False, out_layernorm=out_layernorm).eval()
+        nn.init.normal_(predictor.out_proj.weight, std=0.5)
+        full = predictor(tokens)
+        with torch.no_grad():
+            predictor.out_proj.weight.mul_(0.1)
+            predictor.out_proj.bias.mul_(0.1)
+        shrunk = predictor(tokens)
+        if out_layernorm:
+            torch.testing.assert_close(full.mean(-1), torch.zeros(2, T, N), atol=1e-5, rtol=0)
+            torch.testing.assert_close(full.var(-1, unbiased=False), torch.ones(2, T, N), atol=1e-3, rtol=0)
+            torch.testing.assert_close(shrunk, full, atol=5e-3, rtol=0)  # up to layer_norm's eps
+        else:
+            assert shrunk.norm() < 0.2 * full.norm()

@@ -122,6 +122,7 @@ class WorldModel(nn.Module):
             cond_dim=cfg.latent_dim if kind.conditions else 0,
             motion=cfg.pred_motion,
             residual=cfg.prediction == "residual",
+            out_layernorm=cfg.pred_layernorm,
         )
         # the summaries s, s+ (inferred latents only), then r's own module: the order fixes the initial weights
         self.summaries = Summaries(width, cfg.summary_dim, context_dim=cfg.pred_dim) if kind.inferred else None

@@ -79,6 +79,9 @@ class ModelConfig:
     # absolute: position t outputs frame t+1's target embedding; residual: its input at t plus a predicted change
     prediction: Prediction = "residual"
     pred_motion: bool = True  # the predictor reads [x_t, x_t - x_{t-1}], so velocity is there from the first step
+    # The prediction is layer-normed over D, as every (centred, layer-normed) target is: on the targets' own sphere a
+    # forecast cannot lower its error by shrinking towards the mean when it is unsure, in one step or in a rollout.
+    pred_layernorm: bool = False
     latent_dim: int = 8  # d_r
     summary_dim: int = 128  # width of the pooled summaries s_t and s+_t
     action_dim: int = 0  # oracle only: width of the action rows (0 = take it from the data at start-up)

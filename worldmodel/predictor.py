@@ -106,6 +106,7 @@ class Predictor(nn.Module):
         cond_dim: int = 0,
         motion: bool = True,
         residual: bool = False,
+        out_layernorm: bool = False,
     ):
         super().__init__()
         if not 1 <= cond_depth < depth:
@@ -117,6 +118,7 @@ class Predictor(nn.Module):
         self.cond_dim = cond_dim
         self.motion = motion
         self.residual = residual
+        self.out_layernorm = out_layernorm
         self.in_proj = nn.Linear(2 * embed_dim if motion else embed_dim, dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, 1, num_patches, dim))
         self.frame_embed = nn.Parameter(torch.zeros(1, max_frames, 1, dim))
@@ -168,7 +170,8 @@ class Predictor(nn.Module):
         for block in self.head:
             x = block(x, cond=flat_cond)
         out = rearrange(self.out_proj(self.norm(x)), "(b t) n d -> b t n d", b=b)
-        return tokens + out if self.residual else out
+        out = tokens + out if self.residual else out
+        return F.layer_norm(out, out.shape[-1:]) if self.out_layernorm else out
 
 
 def expand_cond(r: Tensor, num_frames: int) -> Tensor:
