@@ -98,7 +98,7 @@ class ModelConfig:
     # forecasts like the prior mean and r opens on what the history cannot predict. 0 = off.
     prior_anchor: float = 0.0
     # l1 | smooth_l1 (the prediction loss). L1 learns the conditional median: where most transitions are deterministic,
-    # rare events (kicks) are predicted as "no event" and are hard to learn at all (README, still-digits diagnostic)
+    # rare events (kicks) are predicted as "no event" and are hard to learn at all (docs/results.md, still-digits)
     loss: Loss = "l1"
     rollout_steps: int = 0  # >0 adds a term where the predictor consumes its own predictions this many steps
     rollout_weight: float = 1.0
