@@ -166,12 +166,8 @@ def view_latent(results: dict) -> list[str]:
 
 
 HOLD = 0.8  # a rollout "holds" while its energy score stays below this share of copy-last's
-HOLDS_ROWS = (  # (row label, method, mode): the forecasts a user would roll out, never one that reads the future
-    ("JEPA", "none", "prior_mean"),
-    ("AdaSSL-V prior mean", "adassl_v", "prior_mean"),
-    ("AdaSSL-V sampled, K futures", "adassl_v", "best_of_k"),
-    ("oracle (true actions)", "oracle", "action"),
-)
+# the headline's rows less the posterior, which reads the future: (row label, method, mode)
+HOLDS_ROWS = tuple((label, method, mode) for label, method, mode, _ in HEADLINE_ROWS if mode != "posterior")
 
 
 def view_holds(results: dict) -> list[str]:
