@@ -40,7 +40,7 @@ def load_transitions(split_dir: Path) -> dict[str, torch.Tensor]:
     shards = sorted(split_dir.glob("shard-*.tar"))
     if not shards:
         raise FileNotFoundError(
-            f"no shard-*.tar in {split_dir}; write the push world first: python -m data_pipeline.make_push_world "
+            f"no shard-*.tar in {split_dir}; write the push world first: python -m worlds.push_world "
             f"--output {split_dir.parent} --num-videos 1024 --val-videos 256 --seed 0"
         )
     rows: dict[str, list] = {k: [] for k in ("previous", "current", "next", "action", "intent", "event")}

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 CODE_PATHS = (
     "worldmodel",
     "data_pipeline",
+    "worlds",
     "train.py",
     "evaluate.py",
     "benchmarks/runs.py",

@@ -1,6 +1,6 @@
 """Shared plumbing of the benchmark scripts: make the data, train a run, evaluate it, read its metrics.
 
-Every step is a real subprocess of the project's own entry points (`python -m data_pipeline.make_moving_digits`,
+Every step is a real subprocess of the project's own entry points (`python -m worlds.moving_digits`,
 `train.py`, `evaluate.py`), so a benchmark measures exactly what a user runs. A step whose output already exists
 is skipped, so an interrupted benchmark resumes where it stopped: a run is trained with `--resume auto` until it
 is finished (train.py exits 75 when a signal stopped it, which stops the benchmark) and evaluated only then.
@@ -15,15 +15,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from data_pipeline.simulated import world_version
 from worldmodel.evaluation.runner import evaluated_final
+from worlds.simulated import world_version
 
 ROOT = Path(__file__).resolve().parent.parent
 # The built-in worlds: name -> the generator module (its VERSION, its command line).
 WORLDS = {
-    "digits": "data_pipeline.make_moving_digits",
-    "push": "data_pipeline.make_push_world",
-    "pusht": "data_pipeline.make_pusht",
+    "digits": "worlds.moving_digits",
+    "push": "worlds.push_world",
+    "pusht": "worlds.pusht",
 }
 
 
@@ -63,7 +63,7 @@ def ensure_data(
 ) -> None:
     """Generate a built-in world's shards into data_dir/{train,val} unless they exist: `world` "digits" (stochastic
     moving digits; `still`: the diagnostic variant where digits rest and a kick is a one-frame jump), "push" (an
-    agent pushing an object, `make_push_world`) or "pusht" (gym-pusht's PushT with a scripted policy, `make_pusht`;
+    agent pushing an object, `worlds.push_world`) or "pusht" (gym-pusht's PushT with a scripted policy, `worlds.pusht`;
     needs the pusht extra). Existing data written by another version of the world's rules is refused with a
     message rather than silently measured."""
     if world not in WORLDS:

@@ -27,7 +27,7 @@ there), then times `--steps` real training steps and prints one JSON line:
     peak_memory_gb      peak_memory_kind cuda_max_allocated (torch.cuda.max_memory_allocated over the timed steps)
                         or cpu_max_rss (the process's peak resident set)
     decode_fps_per_core, decode_workers_needed   frames/s one CPU core decodes through the shard pipeline at this
-                        image size (DECODE_FPS_PER_CORE, measured with data_pipeline.bench_loaders;
+                        image size (DECODE_FPS_PER_CORE, measured with benchmarks.loaders;
                         --decode-fps-per-core overrides) and the decode workers (cores) one device needs to keep up:
                         ceil(frames_s / decode_fps_per_core)
 
@@ -70,8 +70,8 @@ PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     (r"\bA10\b", 125.0),
 )
 # Frames/s one CPU core delivers through the shard pipeline, by image size: decord, real videos re-encoded to that
-# size by write_shards (H.264, GOP 8), 16-frame clips, 2 clips per video as the GPU configs read them; the mean of
-# `data_pipeline.bench_loaders` and `data_pipeline.bench` with 1 and 2 workers on a 2-vCPU AMD EPYC VM, rounded down
+# size by the writer (H.264, GOP 8), 16-frame clips, 2 clips per video as the GPU configs read them; the mean of
+# `benchmarks.loaders` and `benchmarks.pipeline` with 1 and 2 workers on a 2-vCPU AMD EPYC VM, rounded down
 # (docs/architecture.md, "GPU path"). Another CPU, codec or bitrate differs: pass --decode-fps-per-core.
 DECODE_FPS_PER_CORE: dict[int, float] = {64: 4700.0, 224: 1100.0}
 

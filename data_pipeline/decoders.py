@@ -6,7 +6,7 @@ Two backends, chosen by name through `get_decoder`:
   back to `pyav` for that video. It decodes at the stored size and resizes with FFmpeg's swscale (through PyAV),
   because decord2 3.4.0's own resize fails for some target sizes (measured: 16, 32, 48 and 96 px). For the same
   reason it cannot return the frames of a video *stored* at some widths (measured from 16 to 258 px: 16, 24, 32, 48,
-  96 and 144; e.g. written with `write_shards --size 32`): such a video is decoded with `pyav`.
+  96 and 144; e.g. written with `python -m data_pipeline.writer --size 32`): such a video is decoded with `pyav`.
 - `pyav`: decodes forward from the start to the last requested frame; reads anything FFmpeg reads.
 
 Both return `uint8 [T, H, W, 3]` RGB frames, resized on decode to `size x size` when `size > 0` (bicubic in both),

@@ -14,7 +14,7 @@ for http(s) URLs, must be on PATH of the machine that runs the loader: `expand_s
 missing program is one clear error instead of every shard being skipped as a `shard_error`.
 
 It also warns (`check_folders`) about a local shard folder that may not be a finished dataset: one without
-index.json (being written, interrupted, or not made by data_pipeline.write_shards), one holding the job files of an
+index.json (being written, interrupted, or not made by data_pipeline.writer), one holding the job files of an
 unmerged `--num-jobs` run, and shards matched there that its index.json does not list (left by another run).
 
 A reader slot is one DataLoader worker of one rank: slot = rank * num_workers + worker, slots = world_size *
@@ -40,6 +40,7 @@ import braceexpand
 import numpy as np
 
 from data_pipeline.clips import MetadataError
+from data_pipeline.format import INDEX_NAME, JOB_GLOB
 from data_pipeline.sidecar import INDEX_MAX_BYTES, load_json
 
 URL_SCHEMES = ("http://", "https://")
@@ -166,21 +167,21 @@ def check_folders(paths: list[str]) -> list[str]:
         by_folder.setdefault(os.path.dirname(os.path.abspath(path)), []).append(os.path.basename(path))
     found = []
     for folder, names in by_folder.items():
-        jobs = sorted(glob.glob(os.path.join(glob.escape(folder), "job-*-of-*.json")))
+        jobs = sorted(glob.glob(os.path.join(glob.escape(folder), JOB_GLOB)))
         if jobs:
             found.append(
                 f"{folder} holds job files of an unmerged --num-jobs run ({os.path.basename(jobs[0])}, ...): its "
                 "shards are not a finished dataset (jobs may be missing or unfinished); merge it first: python -m "
-                "data_pipeline.write_shards --merge FOLDER (the folder above train/ and val/)"
+                "data_pipeline.writer --merge FOLDER (the folder above train/ and val/)"
             )
-        index = os.path.join(folder, "index.json")
+        index = os.path.join(folder, INDEX_NAME)
         listed = _listed_shards(index) if os.path.exists(index) else None
         if listed is None:
             if not jobs:
                 state = "an unreadable index.json" if os.path.exists(index) else "no index.json"
                 found.append(
                     f"{folder} has {state}: it is being written, was interrupted, or was not made by "
-                    "data_pipeline.write_shards; its shards are read as they are (and the first usable sample of "
+                    "data_pipeline.writer; its shards are read as they are (and the first usable sample of "
                     "each reader fixes the sidecar widths)"
                 )
             continue

@@ -49,6 +49,7 @@ from data_pipeline.batching import RING_SLOTS, BatchLoader, batches, read_ahead
 from data_pipeline.clips import MetadataError, clip_indices, clip_span, clip_starts, cut_metadata
 from data_pipeline.config import DataConfig
 from data_pipeline.decoders import DecodeError, decode_debug, fit_to_square, get_decoder, stderr_not_held
+from data_pipeline.format import INDEX_NAME, VIDEO_EXTENSIONS
 from data_pipeline.shardlist import Slot, expand_shards, slot_passes, uses_modulo
 from data_pipeline.sidecar import (
     INDEX_MAX_BYTES,
@@ -61,7 +62,6 @@ from data_pipeline.sidecar import (
     load_json,
 )
 from data_pipeline.tar_reader import tar_samples
-from data_pipeline.write_shards import VIDEO_EXTENSIONS
 
 READ_EXTENSIONS = frozenset((*VIDEO_EXTENSIONS, "json"))
 
@@ -105,7 +105,7 @@ class _Reader:
         folder = os.path.dirname(url.removeprefix("file:")) or "."
         if folder not in self._required:
             self._required[folder] = frozenset()
-            path = os.path.join(folder, "index.json")
+            path = os.path.join(folder, INDEX_NAME)
             try:
                 with open(path, "rb") as handle:
                     index = load_json(handle.read(INDEX_MAX_BYTES + 1), path, max_bytes=INDEX_MAX_BYTES)
@@ -165,7 +165,7 @@ class _Reader:
             raise NoDecodableDataError(
                 f"{self.failure_streak} samples in a row were unusable (skipped so far: {dict(self.skipped)}; last "
                 f"{key!r}) over full passes of this reader's shards: no usable clip of {self.cfg.clip_length} frames "
-                f"with frame_step {self.cfg.frame_step}. Check the shards (python -m data_pipeline.bench) and "
+                f"with frame_step {self.cfg.frame_step}. Check the shards (python -m benchmarks.pipeline) and "
                 "data.num_context / data.num_target / data.frame_step."
             )
 
@@ -490,7 +490,7 @@ def make_train_loader(
         warnings.warn(
             f"{len(urls)} shard(s) for {slots} reader slots (world_size {world_size} x num_workers "
             f"{cfg.num_workers}): every slot reads every shard and keeps 1 sample in {slots}. Write more shards "
-            "(data_pipeline.write_shards --samples-per-shard) to read each shard once.",
+            "(python -m data_pipeline.writer --samples-per-shard) to read each shard once.",
             stacklevel=2,
         )
     dataset = TrainClips(cfg, urls, seed=seed, epoch=epoch, rank=rank, world_size=world_size, epochs=epochs)

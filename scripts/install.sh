@@ -63,7 +63,7 @@ if [ "$what" = project ] || [ "$what" = all ]; then
     "${pip[@]}" install --no-deps --no-build-isolation -c "$here/constraints.txt" -e "$spec"
   fi
   # Checked from / so that a source tree in the working directory cannot stand in for the installed project.
-  (cd / && "$venv/bin/python" -c "import data_pipeline, worldmodel") \
+  (cd / && "$venv/bin/python" -c "import data_pipeline, worldmodel, worlds") \
     || { echo "[install] the project does not import from $venv" >&2; exit 1; }
   echo "[install] project installed in $venv"
 fi

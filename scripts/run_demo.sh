@@ -16,12 +16,12 @@ runs=${DEMO_RUNS:-runs/demo}
 
 if [ ! -f "$data/val/index.json" ]; then
   echo "== 1/4 generating the default data (stochastic moving digits) into $data"
-  $py -m data_pipeline.make_moving_digits --output "$data" --num-videos 1024 --val-videos 256 --seed 0
+  $py -m worlds.moving_digits --output "$data" --num-videos 1024 --val-videos 256 --seed 0
 else
   echo "== 1/4 default data found in $data"
 fi
 echo "== pipeline throughput (decoder-only vs pipeline)"
-$py -m data_pipeline.bench --shards "$data/train/shard-*.tar" --workers 1 --batches 20
+$py -m benchmarks.pipeline --shards "$data/train/shard-*.tar" --workers 1 --batches 20
 
 for latent in none adassl_v; do
   run="$runs/$latent"

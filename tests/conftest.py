@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.make_moving_digits import make_moving_digits
+from worlds.moving_digits import make_moving_digits
 
 
 @pytest.fixture(scope="session")

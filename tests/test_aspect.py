@@ -12,9 +12,9 @@ from test_writer_scale import shard_content
 
 from data_pipeline.config import DataConfig
 from data_pipeline.decoders import DECODERS, aspect_geometry, get_decoder
-from data_pipeline.encode import encode_h264
 from data_pipeline.stream import make_eval_loader, make_train_loader
-from data_pipeline.write_shards import write_shards
+from data_pipeline.writer import write_shards
+from data_pipeline.writer.encode import encode_h264
 from worldmodel.config import load_config
 
 BACKENDS = sorted(DECODERS)
@@ -53,9 +53,10 @@ def test_square_videos_give_the_same_frames_in_every_mode(backend, digits_shards
 
 def test_videos_stored_at_widths_decord_cannot_copy_are_read_through_pyav():
     """decord2 3.4.0 failed on some machines to copy out frames 32 px wide (and 16, 24, 48, 96, 144; on the machine
-    of 2026-12-02 it copies them): `write_shards --size 32` writes such videos, so where decord raises, the decord
-    backend reads them with pyav. Either way the stored frames come out exactly as pyav decodes them. (Compared at
-    the stored size: after a resize the two backends differ by their resampling, which on random pixels is large.)"""
+    of 2026-12-02 it copies them): `python -m data_pipeline.writer --size 32` writes such videos, so where decord
+    raises, the decord backend reads them with pyav. Either way the stored frames come out exactly as pyav decodes
+    them. (Compared at the stored size: after a resize the two backends differ by their resampling, which on random
+    pixels is large.)"""
     frames = np.random.default_rng(0).integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
     video = encode_h264(frames, 10.0)
     a, b = (get_decoder(name).decode(video, [1, 4]) for name in BACKENDS)

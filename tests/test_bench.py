@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from data_pipeline.bench import decode_jobs, main
+from benchmarks.pipeline import decode_jobs, main
 from data_pipeline.config import DataConfig
 
 

@@ -1,4 +1,4 @@
-"""data_pipeline.bench_loaders on a real clip: the shards and per-file copies hold the same videos, and both loaders
+"""benchmarks.loaders on a real clip: the shards and per-file copies hold the same videos, and both loaders
 are measured on them (at 64 px: decord copies frames of some widths wrongly, e.g. 32; see data_pipeline/decoders.py)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import tarfile
 
 import torch
 
-from data_pipeline.bench_loaders import PerFileClips, main, prepare
+from benchmarks.loaders import PerFileClips, main, prepare
 
 
 def test_per_file_copies_are_the_shards_videos_and_clips_are_consecutive_frames(carphone_path, tmp_path):

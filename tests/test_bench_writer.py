@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from data_pipeline.bench_writer import main
+from benchmarks.writer import main
 
 
 def test_bench_writer_prints_writer_and_decode_figures(tmp_path, capsys):

@@ -7,8 +7,8 @@ import pytest
 
 from benchmarks import adassl_vs_jepa, beta_sweep
 from benchmarks.runs import ROOT, ensure_data, parse_with_overrides
-from data_pipeline.make_push_world import VERSION
 from worldmodel.config import load_config
+from worlds.push_world import VERSION
 
 
 def test_overrides_after_a_multi_value_option_are_not_read_as_its_values():
@@ -32,15 +32,15 @@ def test_data_written_by_another_version_of_a_world_is_refused_not_measured(tmp_
     for split in ("train", "val"):
         (tmp_path / split).mkdir()
         (tmp_path / split / "index.json").write_text("{}")
-    with pytest.raises(SystemExit, match=r"version 1 of data_pipeline.make_push_world.*Delete"):
+    with pytest.raises(SystemExit, match=r"version 1 of worlds.push_world.*Delete"):
         ensure_data(tmp_path, num_videos=4, val_videos=1, world="push")  # no world.json: written before version 2
-    (tmp_path / "world.json").write_text(json.dumps({"generator": "data_pipeline.make_push_world", "version": VERSION}))
+    (tmp_path / "world.json").write_text(json.dumps({"generator": "worlds.push_world", "version": VERSION}))
     ensure_data(tmp_path, num_videos=4, val_videos=1, world="push")  # today's version: used as it is
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train", "val", "world.json"]
 
 
 def test_pusht_is_a_world_of_the_benchmark_and_its_data_is_versioned_too(tmp_path):
-    from data_pipeline import make_pusht
+    from worlds import pusht
 
     assert parse_with_overrides(adassl_vs_jepa.build_parser(), ["--world", "pusht"]).world == "pusht"
     assert adassl_vs_jepa.WORLD_RUNS["pusht"] == {"data": "pusht", "config": "configs/pusht.yaml", "runs": "-pusht"}
@@ -50,11 +50,11 @@ def test_pusht_is_a_world_of_the_benchmark_and_its_data_is_versioned_too(tmp_pat
     for split in ("train", "val"):
         (tmp_path / split).mkdir()
         (tmp_path / split / "index.json").write_text("{}")
-    stamp = {"generator": "data_pipeline.make_pusht", "version": make_pusht.VERSION + 1}
+    stamp = {"generator": "worlds.pusht", "version": pusht.VERSION + 1}
     (tmp_path / "world.json").write_text(json.dumps(stamp))
-    with pytest.raises(SystemExit, match=rf"version {make_pusht.VERSION + 1} of data_pipeline.make_pusht.*Delete"):
+    with pytest.raises(SystemExit, match=rf"version {pusht.VERSION + 1} of worlds.pusht.*Delete"):
         ensure_data(tmp_path, num_videos=4, val_videos=1, world="pusht")
-    (tmp_path / "world.json").write_text(json.dumps({**stamp, "version": make_pusht.VERSION}))
+    (tmp_path / "world.json").write_text(json.dumps({**stamp, "version": pusht.VERSION}))
     ensure_data(tmp_path, num_videos=4, val_videos=1, world="pusht")  # today's version: used as it is
     with pytest.raises(ValueError, match="unknown world"):
         ensure_data(tmp_path, num_videos=4, val_videos=1, world="pushtt")

@@ -13,8 +13,8 @@ import pytest
 from shard_helpers import read_samples, write_tar
 
 from data_pipeline.decoders import DEBUG_ENV, DECODERS, DecodeError, _fd2, _require, get_decoder
-from data_pipeline.encode import encode_h264
-from data_pipeline.make_moving_digits import simulate
+from data_pipeline.writer.encode import encode_h264
+from worlds.moving_digits import simulate
 
 BACKENDS = sorted(DECODERS)
 CARPHONE_INDICES = [0, 1, 37, 64, 65, 119]

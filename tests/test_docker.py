@@ -281,6 +281,7 @@ def test_dockerignore_keeps_the_source_and_drops_local_state():
         "configs/tiny.yaml",
         "worldmodel/model.py",
         "data_pipeline/stream.py",
+        "worlds/moving_digits.py",
     ]
     for path in needed:
         assert (REPO / path).exists(), f"{path} is expected in the repository"
@@ -322,9 +323,9 @@ def _pins() -> dict[str, str]:
 
 IMPORT_ALL = """
 import importlib, importlib.metadata as md, json, pkgutil, sys
-import data_pipeline, worldmodel
+import data_pipeline, worldmodel, worlds
 modules = {}
-for package in (data_pipeline, worldmodel):
+for package in (data_pipeline, worldmodel, worlds):
     modules[package.__name__] = package.__file__
     for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
         modules[info.name] = importlib.import_module(info.name).__file__
@@ -371,7 +372,7 @@ def test_install_script_builds_an_importable_project_in_a_new_venv(tmp_path):
     modules = report["modules"]
     expected = {
         p.relative_to(context).with_suffix("").as_posix().replace("/", ".").removesuffix(".__init__")
-        for pkg in ("worldmodel", "data_pipeline")
+        for pkg in ("worldmodel", "data_pipeline", "worlds")
         for p in (context / pkg).rglob("*.py")
     }
     assert expected <= set(modules), f"modules missing from the installed package: {sorted(expected - set(modules))}"

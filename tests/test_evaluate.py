@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline.encode import encode_h264
-from data_pipeline.make_moving_digits import simulate
-from data_pipeline.write_shards import Sample, write_samples
+from data_pipeline.writer import Sample, write_samples
+from data_pipeline.writer.encode import encode_h264
 from worldmodel.config import load_config, save_config
 from worldmodel.evaluation import EvaluationError
 from worldmodel.evaluation.compare import compare_runs
 from worldmodel.evaluation.runner import evaluate_run
 from worldmodel.trainer import train
+from worlds.moving_digits import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 ADASSL_MODES = {"copy_last", "prior_mean", "posterior", "zero", "best_of_k", "mean_of_k"}

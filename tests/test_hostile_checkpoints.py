@@ -453,7 +453,7 @@ def test_the_image_context_is_an_allow_list_that_leaves_out_a_stray_env():
     ]:
         assert is_ignored(stray, patterns), f".dockerignore lets {stray} into the image"
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    needed = [f for f in files if f.split("/")[0] in {"worldmodel", "data_pipeline", "benchmarks", "configs"}]
+    needed = [f for f in files if f.split("/")[0] in {"worldmodel", "data_pipeline", "worlds", "benchmarks", "configs"}]
     needed += ["train.py", "evaluate.py", "pyproject.toml", "constraints.txt", "README.md", "scripts/install.sh"]
     needed += ["docker/entrypoint.sh", "docker/launch_multinode.sh"]
     left_out = [f for f in needed if is_ignored(f, patterns)]

@@ -23,14 +23,15 @@ import numpy as np
 import pytest
 from shard_helpers import tree_state
 
-from data_pipeline import writer_inputs
 from data_pipeline.config import DataConfig
-from data_pipeline.encode import encode_h264
-from data_pipeline.make_moving_digits import simulate
 from data_pipeline.shardlist import check_folders
 from data_pipeline.sidecar import MAX_SIDECAR_BYTES
 from data_pipeline.stream import make_eval_loader
-from data_pipeline.write_shards import OutputInUse, _record_digest, main, merge_jobs, write_shards
+from data_pipeline.writer import OutputInUse, inputs, merge_jobs, write_shards
+from data_pipeline.writer.cli import main
+from data_pipeline.writer.encode import encode_h264
+from data_pipeline.writer.jobs import record_digest
+from worlds.moving_digits import simulate
 
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = ("state", "state_names", "action", "action_names", "events", "labels")
@@ -174,7 +175,7 @@ def test_string_labels_need_a_declared_categorical_mapping(clips, tmp_path):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "data_pipeline.write_shards", "--no-progress", *args]
+    command = [sys.executable, "-m", "data_pipeline.writer", "--no-progress", *args]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
@@ -276,7 +277,7 @@ def _hostile_server(body: bytes):
 
 
 def test_network_inputs_retry_cap_time_out_and_recheck_redirects(clips, tmp_path, monkeypatch):
-    monkeypatch.setattr(writer_inputs, "FETCH_BACKOFF_S", 0.05)  # the retry schedule, shortened for the test
+    monkeypatch.setattr(inputs, "FETCH_BACKOFF_S", 0.05)  # the retry schedule, shortened for the test
     with _hostile_server(clips[0][0]) as (server, url):
         names = {
             "ok": "ok/a.mp4", "flaky": "flaky/b.mp4", "busy": "busy/c.mp4", "to-ok": "to-ok/d.mp4",
@@ -418,7 +419,7 @@ def test_an_edited_job_file_is_not_trusted(six, tmp_path, capsys):
 
     record = json.loads(job_file.read_text())  # a consistent-looking edit (digest recomputed): a shard dropped
     record["shards"].pop()
-    record["digest"] = _record_digest(record)
+    record["digest"] = record_digest(record)
     job_file.write_text(json.dumps(record))
     with pytest.raises(RuntimeError, match=r"job 1: its shards hold 2 inputs and it skipped 0, but .* has 3"):
         merge_jobs(tmp_path / "out")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from benchmarks import minimal_state
-from data_pipeline.make_push_world import make_push_world
+from worlds.push_world import make_push_world
 
 
 def test_minimal_state_reports_ratios_and_the_intent_change_detector(tmp_path, capsys):
@@ -33,5 +33,5 @@ def test_minimal_state_reports_ratios_and_the_intent_change_detector(tmp_path, c
 
 
 def test_minimal_state_without_shards_says_how_to_write_them(tmp_path):
-    with pytest.raises(FileNotFoundError, match="make_push_world"):
+    with pytest.raises(FileNotFoundError, match="python -m worlds.push_world"):
         minimal_state.main(["--data", str(tmp_path), "--steps", "1"])

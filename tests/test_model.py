@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from data_pipeline.make_moving_digits import simulate
 from worldmodel.config import ModelConfig
 from worldmodel.model import WorldModel
+from worlds.moving_digits import simulate
 
 LATENT_KINDS = ["none", "adassl_v", "adassl_s", "oracle"]
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from data_pipeline.decoders import get_decoder
-from data_pipeline.make_moving_digits import (
+from worlds.moving_digits import (
     CANVAS,
     DIGIT_SIZE,
     DigitBank,

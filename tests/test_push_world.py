@@ -8,7 +8,7 @@ import tarfile
 import numpy as np
 
 from data_pipeline.decoders import get_decoder
-from data_pipeline.make_push_world import (
+from worlds.push_world import (
     AGENT_RGB,
     MIN_CHANGE,
     OBJECT_R,
@@ -91,7 +91,7 @@ def test_shards_decode_to_the_simulated_positions(tmp_path):
     index = json.loads((tmp_path / "train" / "index.json").read_text())
     assert index["total_samples"] == 2
     stamp = json.loads((tmp_path / "world.json").read_text())
-    assert stamp == {"generator": "data_pipeline.make_push_world", "version": VERSION, "seed": 0, "stable_patch": 0}
+    assert stamp == {"generator": "worlds.push_world", "version": VERSION, "seed": 0, "stable_patch": 0}
     with tarfile.open(tmp_path / "train" / "shard-000000.tar") as tar:
         members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
     meta = json.loads(members["train_0000000.json"])

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("gym_pusht")  # the pusht extra (scripts/test.sh installs it)
 
 from data_pipeline.decoders import get_decoder  # noqa: E402
-from data_pipeline.make_pusht import INTENTS, MIN_CHANGE, SCALE, VERSION, downsample, main, simulate  # noqa: E402
+from worlds.pusht import INTENTS, MIN_CHANGE, SCALE, VERSION, downsample, main, simulate  # noqa: E402
 
 T_CENTROID = 40.71 / SCALE  # canvas px from the T's body origin to its area centroid, along the stem (rotated)
 
@@ -137,7 +137,7 @@ def test_shards_are_deterministic_decode_to_the_episodes_and_carry_the_version(t
     assert main(["--output", str(tmp_path / "b"), *args]) == 0
     assert "wrote 3 samples" in capsys.readouterr().out
     stamp = json.loads((tmp_path / "a" / "world.json").read_text())
-    assert stamp == {"generator": "data_pipeline.make_pusht", "version": VERSION, "seed": 5, "stable_patch": 0}
+    assert stamp == {"generator": "worlds.pusht", "version": VERSION, "seed": 5, "stable_patch": 0}
     assert json.loads((tmp_path / "a" / "val" / "index.json").read_text())["total_samples"] == 1
     members = {}
     for run in ("a", "b"):

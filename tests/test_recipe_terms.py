@@ -8,9 +8,9 @@ import pytest
 import torch
 from test_model import tiny_cfg
 
-from data_pipeline.make_moving_digits import simulate
 from worldmodel.model import WorldModel, clip_contrast, within_clip_share
 from worldmodel.sigreg import gaussian_level
+from worlds.moving_digits import simulate
 
 
 @pytest.fixture(scope="module")

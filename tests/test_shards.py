@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from data_pipeline.decoders import get_decoder
-from data_pipeline.encode import encode_h264
-from data_pipeline.make_moving_digits import simulate
-from data_pipeline.write_shards import main, write_shards
+from data_pipeline.writer import write_shards
+from data_pipeline.writer.cli import main
+from data_pipeline.writer.encode import encode_h264
+from worlds.moving_digits import simulate
 
 
 def _read_shards(folder: Path) -> dict[str, bytes]:

@@ -21,10 +21,10 @@ from data_pipeline.batching import read_ahead
 from data_pipeline.clips import clip_indices, clip_starts, cut_metadata
 from data_pipeline.config import DataConfig
 from data_pipeline.decoders import get_decoder
-from data_pipeline.encode import encode_h264
-from data_pipeline.make_moving_digits import simulate
 from data_pipeline.shardlist import ShardListError, expand_shards, pipe_program
 from data_pipeline.stream import NoDecodableDataError, make_eval_loader, make_train_loader
+from data_pipeline.writer.encode import encode_h264
+from worlds.moving_digits import simulate
 
 CFG = DataConfig(num_context=3, num_target=3, batch_size=2, num_workers=0, shuffle_buffer=4, epoch_batches=4)
 

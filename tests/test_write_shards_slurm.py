@@ -11,9 +11,9 @@ import numpy as np
 from test_slurm import Cluster, cluster, pytestmark  # noqa: F401 (the fixture and the skip marks are used here)
 from test_writer_scale import shard_content
 
-from data_pipeline.encode import encode_h264
-from data_pipeline.make_moving_digits import simulate
-from data_pipeline.write_shards import write_shards
+from data_pipeline.writer import write_shards
+from data_pipeline.writer.encode import encode_h264
+from worlds.moving_digits import simulate
 
 REPO = Path(__file__).resolve().parents[1]
 SBATCH = REPO / "docker" / "write_shards_array.sbatch"

@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 
 from data_pipeline.decoders import get_decoder
-from data_pipeline.encode import encode_h264
-from data_pipeline.make_moving_digits import simulate
-from data_pipeline.write_shards import main, merge_jobs, write_shards
-from data_pipeline.writer_inputs import list_inputs
+from data_pipeline.writer import merge_jobs, write_shards
+from data_pipeline.writer.cli import main
+from data_pipeline.writer.encode import encode_h264
+from data_pipeline.writer.inputs import list_inputs
+from worlds.moving_digits import simulate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -168,7 +169,7 @@ def test_a_writer_killed_mid_run_resumes_to_the_same_shards(videos, tmp_path):
         rows = [f"{url}/{v.source}\t{url}/{v.source[:-4]}.json" for v in list_inputs(videos) if "clip" in v.source]
         listed.write_text("# videos and their sidecars\n" + "\n".join(rows) + "\n")
         out, job_file = tmp_path / "out", tmp_path / "out" / "job-00000-of-00001.json"
-        command = [sys.executable, "-m", "data_pipeline.write_shards", "--input", str(listed), "--output", str(out),
+        command = [sys.executable, "-m", "data_pipeline.writer", "--input", str(listed), "--output", str(out),
                    "--samples-per-shard", "2", "--workers", "2", "--no-progress"]  # fmt: skip
         writer = subprocess.Popen(command, cwd=REPO, start_new_session=True, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 120

@@ -479,7 +479,7 @@ class _SkipAlarm:
         reasons = ", ".join(f"{k.split('/', 1)[1]}={v:g}" for k, v in scalars.items() if k.startswith("skipped/"))
         return (
             f"warning: step {step}: {share:.1%} of the latest samples read were skipped (> data.max_skip_share="
-            f"{self.max_share:g}; run totals: {reasons}); check the shards with python -m data_pipeline.bench, or "
+            f"{self.max_share:g}; run totals: {reasons}); check the shards with python -m benchmarks.pipeline, or "
             "set WORLDMODEL_DECODE_DEBUG=1 to log each skipped sample with its reason"
         )
 

@@ -35,12 +35,12 @@ import numpy as np
 from einops import repeat
 from scipy import ndimage
 
-from data_pipeline.simulated import FPS, report, world_parser, write_world
-from data_pipeline.write_shards import WriteSummary
+from data_pipeline.writer import WriteSummary
+from worlds.simulated import FPS, report, world_parser, write_world
 
 CANVAS = 64
 DIGIT_SIZE = 20
-VERSION = 1  # of the world's rules (data_pipeline/simulated.py world.json)
+VERSION = 1  # of the world's rules (worlds/simulated.py world.json)
 MIN_SPEED, MAX_SPEED = 1.5, 3.5  # px/frame
 MIN_TURN = np.pi / 3  # a kick turns the velocity by at least 60 degrees
 MIN_JUMP, MAX_JUMP = 3.0, 6.0  # px: a kick's displacement in `still` videos

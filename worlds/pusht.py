@@ -47,10 +47,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.simulated import FPS, report, world_parser, write_world
-from data_pipeline.write_shards import WriteSummary
+from data_pipeline.writer import WriteSummary
+from worlds.simulated import FPS, report, world_parser, write_world
 
-VERSION = 1  # of the world's rules (data_pipeline/simulated.py world.json)
+VERSION = 1  # of the world's rules (worlds/simulated.py world.json)
 ENV_ID = "gym_pusht/PushT-v0"
 ARENA = 512  # env px: the env's square arena, rendered at this size
 CANVAS = 64
@@ -263,7 +263,7 @@ def make_pusht(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line: `python -m data_pipeline.make_pusht --output DIR --num-videos N --seed S ...`."""
+    """The command line: `python -m worlds.pusht --output DIR --num-videos N --seed S ...`."""
     parser = world_parser(
         "Generate PushT shards (train/ and val/) with gym-pusht: a scripted policy that changes its intent pushes "
         "the T; actions (target positions), state and events in the JSON."

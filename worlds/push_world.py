@@ -38,10 +38,10 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from data_pipeline.simulated import FPS, report, world_parser, write_world
-from data_pipeline.write_shards import WriteSummary
+from data_pipeline.writer import WriteSummary
+from worlds.simulated import FPS, report, world_parser, write_world
 
-VERSION = 2  # of the world's rules (data_pipeline/simulated.py world.json); 2: RESPONSE 1, faster, MIN_CHANGE
+VERSION = 2  # of the world's rules (worlds/simulated.py world.json); 2: RESPONSE 1, faster, MIN_CHANGE
 CANVAS = 64
 AGENT_R, OBJECT_R = 4.5, 6.0  # px
 AGENT_RGB = np.array([0.15, 0.35, 1.0], dtype=np.float32)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.encode import encode_h264
-from data_pipeline.write_shards import Sample, WriteSummary, write_samples
+from data_pipeline.writer import Sample, WriteSummary, write_samples
+from data_pipeline.writer.encode import encode_h264
 
 FPS = 10.0
 GOP, CRF = 8, 10  # short GOP for cheap random access; crf 10 keeps decoded pixels within a few levels

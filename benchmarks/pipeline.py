@@ -1,6 +1,6 @@
 """Throughput of the pipeline against the decoder alone, on the same kind of clips.
 
-    python -m data_pipeline.bench --shards 'data/moving_digits/train/shard-*.tar' [--workers 0 1 2] [--batches N]
+    python -m benchmarks.pipeline --shards 'data/moving_digits/train/shard-*.tar' [--workers 0 1 2] [--batches N]
         [--image-size 64] [--num-context 4] [--num-target 4] [--frame-step 1] [--batch-size 16] [--clips-per-video 1]
         [--ring-slots 4 0]
 
@@ -36,9 +36,9 @@ from data_pipeline.batching import RING_SLOTS, BatchLoader
 from data_pipeline.clips import clip_indices
 from data_pipeline.config import DataConfig
 from data_pipeline.decoders import get_decoder
+from data_pipeline.format import VIDEO_EXTENSIONS
 from data_pipeline.shardlist import expand_shards
 from data_pipeline.stream import TrainClips, make_train_loader
-from data_pipeline.write_shards import VIDEO_EXTENSIONS
 
 
 def _load_videos(urls: list[str], keys: set[str]) -> dict[str, bytes]:

