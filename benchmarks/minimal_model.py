@@ -294,12 +294,12 @@ def main(argv: list[str] | None = None) -> int:
         health = target_health(tgt)
         out.update(drift=float(health["drift"]), target_eff_rank=float(health["target_eff_rank"]))
         if "state" in val:  # ridge probes of the state's positions from the target embedding, half/half clips
-            feats = tgt.mean(2).flatten(0, 1).numpy()
+            feats = tgt.flatten(2).flatten(0, 1).numpy()  # a token grid: every token in its place, not their mean
             state = val["state"].flatten(0, 1).numpy()
             half = len(val["frames"]) // 2 * tgt.shape[1]
             r2 = ridge_r2(feats[:half], state[:half], feats[half:], state[half:], 1.0)
             out["probe_r2_per_state_column"] = [round(float(v), 3) for v in r2]
-            feats = z.mean(2).flatten(0, 1).numpy()  # the online encoder's (what the predictor reads)
+            feats = z.flatten(2).flatten(0, 1).numpy()  # the online encoder's (what the predictor reads)
             r2 = ridge_r2(feats[:half], state[:half], feats[half:], state[half:], 1.0)
             out["online_probe_r2_per_state_column"] = [round(float(v), 3) for v in r2]
 
