@@ -1,10 +1,10 @@
 """AdaSSL vs JEPA on a built-in world: same budget, same seeds, same held-out shards.
 
-    python -m benchmarks.adassl_vs_jepa                # moving digits: 4 methods x 3 seeds (an hour or two on 2 cores)
-    python -m benchmarks.adassl_vs_jepa --quick        # 1 seed, shorter training: a smoke run of the whole table
-    python -m benchmarks.adassl_vs_jepa --still        # the still-digits diagnostic (digits rest, kicks are jumps)
-    python -m benchmarks.adassl_vs_jepa --world push   # the push world: none, adassl_v, oracle (configs/push.yaml)
-    python -m benchmarks.adassl_vs_jepa --world pusht  # PushT (gym-pusht, the pusht extra): configs/pusht.yaml
+    python -m experiments.adassl_vs_jepa                # moving digits: 4 methods x 3 seeds (an hour or two on 2 cores)
+    python -m experiments.adassl_vs_jepa --quick        # 1 seed, shorter training: a smoke run of the whole table
+    python -m experiments.adassl_vs_jepa --still        # the still-digits diagnostic (digits rest, kicks are jumps)
+    python -m experiments.adassl_vs_jepa --world push   # the push world: none, adassl_v, oracle (configs/push.yaml)
+    python -m experiments.adassl_vs_jepa --world pusht  # PushT (gym-pusht, the pusht extra): configs/pusht.yaml
 
 Trains `none` (plain JEPA), `adassl_v`, `adassl_s` and `oracle` (the velocity kicks as the action) with
 `train.py`, evaluates each with `evaluate.py` on the same held-out shards, and prints one table (mean ± std over

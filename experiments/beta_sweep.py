@@ -1,6 +1,6 @@
 """Sweep AdaSSL's beta on the default data: one command, one table.
 
-    python -m benchmarks.beta_sweep --betas 0.0002 0.0005 0.001 0.002 [--latent adassl_v] [--steps N]
+    python -m experiments.beta_sweep --betas 0.0002 0.0005 0.001 0.002 [--latent adassl_v] [--steps N]
 
 beta only means something relative to how the prediction loss is normalised: the JEPA loss is
 a mean over batch, frames, (patches) and dims; AdaSSL-V's KL is summed over latent dims and averaged over batch and

@@ -1,6 +1,6 @@
 """The smallest frame-level JEPA that should forecast the default data, with the project's choices as switches.
 
-    python -m benchmarks.minimal_model [--steps 1000] [--predictor mlp|project] [--latent ...]
+    python -m experiments.minimal_model [--steps 1000] [--predictor mlp|project] [--latent ...]
 
 Clips are decoded once by the project's pipeline (`make_eval_loader`) and held in memory; the encoder is the
 project's `FrameEncoder` (timm ViT + frame head), the target its EMA copy normalised by `TokenNorm`. The predictor is
@@ -26,12 +26,12 @@ from torch import nn
 
 from data_pipeline.config import DataConfig
 from data_pipeline.stream import make_eval_loader
-from worldmodel.config import ModelConfig
-from worldmodel.encoder import FrameEncoder, KeypointDecoder, TokenNorm, ema_update, preprocess
-from worldmodel.evaluation.probes import auc, ridge_r2
-from worldmodel.latents import VariationalLatent, gaussian_kl, mlp
-from worldmodel.monitors import target_health
-from worldmodel.predictor import Predictor
+from worldmodel.eval.probes import auc, ridge_r2
+from worldmodel.model.config import ModelConfig
+from worldmodel.model.encoder import FrameEncoder, KeypointDecoder, TokenNorm, ema_update, preprocess
+from worldmodel.model.latents import VariationalLatent, gaussian_kl, mlp
+from worldmodel.model.monitors import target_health
+from worldmodel.model.predictor import Predictor
 
 
 def load_clips(shards: str, num_clips: int, clip_length: int, image_size: int) -> dict[str, torch.Tensor]:

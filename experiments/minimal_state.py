@@ -1,6 +1,6 @@
 """The smallest AdaSSL-V that should flag the push world's changes of intent: on its true positions, not its frames.
 
-    python -m benchmarks.minimal_state [--data data/push_world] [--steps 3000] [--reads next step change]
+    python -m experiments.minimal_state [--data data/push_world] [--steps 3000] [--reads next step change]
                                        [--betas 1e-3 1e-2]
 
 Per transition t -> t+1 the ground-truth positions x of the agent and the object (4 numbers, from the shards' JSON)
@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from worldmodel.evaluation.probes import auc
-from worldmodel.latents import gaussian_kl, mlp
+from worldmodel.eval.probes import auc
+from worldmodel.model.latents import gaussian_kl, mlp
 
 READS = ("next", "step", "change")
 SCALE = 10.0  # px: positions enter the networks divided by this

@@ -1,6 +1,6 @@
 """How much of a trained run's embedding motion can any predictor extrapolate? One run, one table.
 
-    python -m benchmarks.predictability --run runs/push/default [--shards GLOB] [--num-clips 256]
+    python -m experiments.predictability --run runs/push/default [--shards GLOB] [--num-clips 256]
 
 A world model can only forecast below copy-last if consecutive embeddings move the way the things in the frames
 do. This measures it without the run's predictor: on held-out clips, for every transition t -> t+1 with two
@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from data_pipeline.stream import make_eval_loader
-from worldmodel.evaluation.collect import pool
-from worldmodel.evaluation.probes import auc, fit_ridge, split_clips
-from worldmodel.evaluation.runner import load_run
+from worldmodel.eval.collect import pool
+from worldmodel.eval.probes import auc, fit_ridge, split_clips
+from worldmodel.eval.runner import load_run
 
 
 def guesses(z: np.ndarray, events: np.ndarray | None, seed: int = 0) -> dict[str, float | None]:

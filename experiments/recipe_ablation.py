@@ -1,7 +1,7 @@
 """The one-recipe ablation: JEPA (model.latent=none) on a built-in world with one model section and the candidate
 terms switched on one at a time, scored by what the recipe must deliver.
 
-    python -m benchmarks.recipe_ablation [--world push|pusht|digits] [--rows NAME ...] [--seed 0] [key=value ...]
+    python -m experiments.recipe_ablation [--world push|pusht|digits] [--rows NAME ...] [--seed 0] [key=value ...]
 
 Every row trains `configs/demo.yaml` (`configs/pusht.yaml` on PushT: the same model at 64 px) with its overrides for
 the config's 1000 steps and evaluates it (runs/recipe-WORLD/ROW; an existing evaluated run is reused). The table: the

@@ -1,6 +1,6 @@
 """The stable-token regression check of the recipe: does an episode-constant patch take the embedding off what moves?
 
-    python -m benchmarks.stable_token [--world push] [--config CONFIG] [--seed 0] [--patch 16] [key=value ...]
+    python -m experiments.stable_token [--world push] [--config CONFIG] [--seed 0] [--patch 16] [key=value ...]
 
 A JEPA (model.latent=none) is trained with the same config and seed on a built-in world twice: as generated, and
 with an episode-constant square of `--patch` px pasted into a corner of every frame (`--stable-patch` of the

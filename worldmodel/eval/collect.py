@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, reduce
 
-from worldmodel.evaluation.pixel_decoder import PixelDecoder, pixel_errors, to_unit
-from worldmodel.evaluation.rollout_metrics import (
+from worldmodel.eval.pixel_decoder import PixelDecoder, pixel_errors, to_unit
+from worldmodel.eval.rollout_metrics import (
     ErrorAccumulator,
     MeanAccumulator,
     copy_last,
@@ -36,10 +36,10 @@ from worldmodel.evaluation.rollout_metrics import (
 )
 
 if TYPE_CHECKING:
-    from worldmodel.evaluation.leakage import LeakageAccumulator
+    from worldmodel.eval.leakage import LeakageAccumulator
 
 # Which rollouts a model gets, whether it draws K futures, and what the latent-action probe reads all come from its
-# latent module (worldmodel/latents.py: `eval_modes`, `aliases`, `sampled`, `readouts`).
+# latent module (worldmodel/model/latents.py: `eval_modes`, `aliases`, `sampled`, `readouts`).
 # transitions t -> t+1 with t < MIN_CONTEXT_FRAMES - 1 are left out of the latent-action statistics: from frame 0
 # alone neither the predictor nor the prior can know the velocity, so r carries it whether or not there was a kick
 MIN_CONTEXT_FRAMES = 2

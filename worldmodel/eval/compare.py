@@ -19,9 +19,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from worldmodel.evaluation import EvaluationError
-from worldmodel.evaluation.plots import plot_errors
-from worldmodel.evaluation.report import SPLIT_NAMES, fmt, over_copy_last, table
+from worldmodel.eval import EvaluationError
+from worldmodel.eval.plots import plot_errors
+from worldmodel.eval.report_tables import SPLIT_NAMES, fmt, over_copy_last, table
 
 HEADLINE_STEPS = (1, 4, 8)  # horizon steps of the headline table (those within each run's horizon)
 # the forecast, then what applies per latent; a best-of-K is read against the noise-matched `noisy_best_of_k`

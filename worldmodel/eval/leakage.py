@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from worldmodel.evaluation.collect import MIN_CONTEXT_FRAMES, grid_pool
-from worldmodel.evaluation.probe_suite import POSITION_NAME, pair_features, pair_probe
+from worldmodel.eval.collect import MIN_CONTEXT_FRAMES, grid_pool
+from worldmodel.eval.probe_suite import POSITION_NAME, pair_features, pair_probe
 
 VARIANTS = ("own", "shuffled", "prior_mean")  # the r's of the shuffled-r check (module docstring)
 SPLITS = ("all", "event", "no_event")

@@ -34,7 +34,7 @@ from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from worldmodel.evaluation import EvaluationError
+from worldmodel.eval import EvaluationError
 
 DECODER_DIR = "pixel_decoder"
 ARCHITECTURE = 2  # stored in decoder.json; a decoder of another architecture version is trained again, not loaded

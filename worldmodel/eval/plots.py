@@ -2,7 +2,7 @@
 position error, norm ratio and rank against horizon), frame strips (PNG) and decoded rollouts (animated GIF).
 
 Predicted latents have no pixels of their own. Decoded strips and GIFs show them through the run's pixel decoder
-(worldmodel/evaluation/pixel_decoder.py). A retrieval strip shows, for each predicted token grid, the real eval-set
+(worldmodel/eval/pixel_decoder.py). A retrieval strip shows, for each predicted token grid, the real eval-set
 frame whose target tokens are nearest by the full token grid (mean squared difference over all N x D elements, the
 space the rollout errors are measured in; nearest-neighbour retrieval, no decoder). Pooling over patches first would
 let the background decide: on a small object on a plain canvas every frame pools to nearly the same vector.

@@ -23,7 +23,7 @@ import torch
 from einops import rearrange
 from sklearn.pipeline import Pipeline
 
-from worldmodel.evaluation.probes import (
+from worldmodel.eval.probes import (
     auc,
     fit_ridge,
     logistic_accuracy,
@@ -32,7 +32,7 @@ from worldmodel.evaluation.probes import (
     r2_score,
     ridge_r2,
 )
-from worldmodel.evaluation.rollout_metrics import split_masks, step_events
+from worldmodel.eval.rollout_metrics import split_masks, step_events
 
 POSITION_NAME = re.compile(r"^[xy]\d*$")  # state columns that are positions (x0, y0, x1, ...: pixels in both worlds)
 

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from einops import reduce
 
-from worldmodel.monitors import effective_rank
+from worldmodel.model.monitors import effective_rank
 
 METRICS = ("l1", "l2", "cos")
 SPLITS = ("all", "event", "no_event", "no_event_so_far")

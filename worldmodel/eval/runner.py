@@ -30,7 +30,7 @@ modes: copy_last always; prediction (+ the same as prior_mean), noisy_best_of_k 
 zero, best_of_k, mean_of_k for adassl_v / adassl_s; action, zero, noisy_best_of_k for oracle. l2 is a mean squared
 difference; energy_score is in RMS-error units (a deterministic mode's is its RMS error); spread_skill only on the
 K-future modes (best_of_k, mean_of_k, noisy_best_of_k: the ensemble's). leakage: the shuffled-r and transfer
-checks of an inferred r (adassl_v / adassl_s; null for none and oracle; worldmodel/evaluation/leakage.py).
+checks of an inferred r (adassl_v / adassl_s; null for none and oracle; worldmodel/eval/leakage.py).
 rollout_health (where a rollout breaks; all clips, no split): per step, each mode's predicted latents' RMS over the
 true targets' and the effective rank of their patch-means over the clips (rollout_metrics.rollout_health; sampled
 latents: `prior_sample`, the first sampled future). probes.position_error.splits: the state probe's position RMSE
@@ -44,39 +44,29 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import PartialState
-from einops import rearrange
 from tqdm import tqdm
 
 from data_pipeline.stream import make_eval_loader
-from worldmodel.checkpoint import latest_checkpoint, load_model_state, read_finished, read_state
-from worldmodel.config import ExperimentConfig, load_config
-from worldmodel.evaluation import EvaluationError
-from worldmodel.evaluation.collect import (
-    HEALTH_TARGET,
-    MIN_CONTEXT_FRAMES,
-    STRIP_MODES,
-    Collected,
-    process_batch,
+from worldmodel.eval import EvaluationError
+from worldmodel.eval.collect import Collected, process_batch
+from worldmodel.eval.figures import write_plots
+from worldmodel.eval.leakage import LeakageAccumulator
+from worldmodel.eval.pixel_decoder import PIXEL_METRICS, fit_or_load
+from worldmodel.eval.report import render_report
+from worldmodel.eval.rollout_metrics import ErrorAccumulator
+from worldmodel.eval.sections import (
+    collapse_stats,
+    present_fields,
+    rollout_health_section,
+    run_leakage,
+    run_probes,
+    training_health,
 )
-from worldmodel.evaluation.leakage import LeakageAccumulator, leakage_metrics
-from worldmodel.evaluation.pixel_decoder import PIXEL_METRICS, fit_or_load
-from worldmodel.evaluation.plots import (
-    nearest_frames,
-    plot_errors,
-    plot_probes,
-    plot_rollout_health,
-    plot_strip,
-    write_rollout_gif,
-)
-from worldmodel.evaluation.probe_suite import label_probes, latent_action_probes, state_probes
-from worldmodel.evaluation.probes import split_clips
-from worldmodel.evaluation.report import render_report
-from worldmodel.evaluation.rollout_metrics import ErrorAccumulator, rollout_health
-from worldmodel.model import WorldModel
-from worldmodel.monitors import TARGET_HEALTH_KEYS, effective_rank, per_dim_std, target_health
+from worldmodel.model.world_model import WorldModel
+from worldmodel.run.checkpoint import latest_checkpoint, load_model_state, read_finished, read_state
+from worldmodel.run.config import ExperimentConfig, load_config
 
 PIXELS_NOTE = (
     "Retrieval strips (strip-XX.png): row 0 shows the context frames and the true future; every further row is one "
@@ -209,7 +199,7 @@ def evaluate_run(
         "decoded": None if decoder is None else {"decoder": decoder_record, "modes": collected.pixels.result()},
         "notes": [unfinished_note] if unfinished_note else [],
     }
-    if "events" not in _present(collected, metrics["num_clips"]):
+    if "events" not in present_fields(collected, metrics["num_clips"]):
         metrics["notes"].append("the shards have no `events` field: errors are reported for all steps only")
     if metrics["diversity"] is None:
         metrics["notes"].append(
@@ -234,211 +224,3 @@ def evaluate_run(
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out_dir / "report.md").write_text(render_report(metrics))
     return metrics
-
-
-def _present(collected: Collected, num_clips: int) -> set[str]:
-    """The optional fields every evaluated clip carries."""
-    return {
-        key
-        for key in ("state", "labels", "action", "events")
-        if sum(len(x) for x in getattr(collected, key)) == num_clips
-    }
-
-
-def run_probes(
-    collected: Collected, cfg: ExperimentConfig, metrics: dict, seed: int, readout: dict | None
-) -> tuple[dict, dict | None]:
-    """State, label and latent-action probes; fields the shards lack are skipped with a note in metrics["notes"].
-
-    readout: what the latent-action probe reads (the model's `latent.readouts`), or None for latents without one.
-    """
-    notes = metrics["notes"]
-    present = _present(collected, metrics["num_clips"])
-    if metrics["num_clips"] < 4:
-        notes.append(f"only {metrics['num_clips']} clips: too few to fit and test probes; probes skipped")
-        return {}, None
-    fit, test = split_clips(metrics["num_clips"], seed)
-    probes: dict = {"num_fit_clips": len(fit), "num_test_clips": len(test)}
-    target_features = collected.stacked("target_probe")  # [C, T, F]: the token grid pooled to eval.probe_grid cells
-    names = collected.names
-    if "state" in present:
-        predicted = {mode: np.concatenate(parts) for mode, parts in collected.predicted_pooled.items()}
-        # a mode missing on some clips (noisy_best_of_k of a first batch with no other clip to fit on) is not probed
-        predicted = {mode: x for mode, x in predicted.items() if len(x) == metrics["num_clips"]}
-        probes.update(
-            state_probes(
-                target_features,
-                predicted,
-                collected.stacked("state"),
-                names.get("state_names") or [f"state{i}" for i in range(collected.state[0].shape[-1])],
-                metrics["num_context"],
-                fit,
-                test,
-                cfg.eval.probe_ridge,
-                collected.stacked("events") if "events" in present else None,
-            )
-        )
-    else:
-        notes.append("the shards have no `state` field (or not for every clip): state probes skipped")
-    if "labels" in present:
-        labels = collected.stacked("labels")
-        label_names = names.get("label_names") or [f"label{i}" for i in range(labels.shape[-1])]
-        probes["labels"], label_notes = label_probes(collected.stacked("target_pooled"), labels, label_names, fit, test)
-        notes.extend(label_notes)
-    else:
-        notes.append("the shards have no `labels` field: label probes skipped")
-
-    if not collected.latents or readout is None:
-        return probes, None
-    skip = MIN_CONTEXT_FRAMES - 1  # transitions without enough context to know the velocity (collect.py)
-    latents = {key: np.concatenate(parts)[:, skip:] for key, parts in collected.latents.items()}
-    latent_action, la_notes = latent_action_probes(
-        {name: latents[name] for name in readout["features"]},
-        (readout["detector"], latents[readout["detector"]]),
-        collected.stacked("action")[:, skip:] if "action" in present else None,
-        names.get("action_names"),
-        collected.stacked("events")[:, skip:] if "events" in present else None,
-        fit,
-        test,
-        cfg.eval.probe_ridge,
-    )
-    notes.extend(la_notes)
-    notes.append(
-        f"latent-action probe: transitions 0..{skip - 1} of each clip are left out (their context has fewer than "
-        f"{MIN_CONTEXT_FRAMES} frames, so r must carry the velocity whether or not there was a kick)"
-    )
-    return probes, latent_action
-
-
-def rollout_health_section(collected: Collected) -> dict:
-    """metrics["rollout_health"]: `rollout_metrics.rollout_health` of every kept rollout (collect.Collected.health_*)
-    over all eval clips, with their number."""
-    sq = {name: np.concatenate(parts) for name, parts in collected.health_sq.items()}  # [C, H]
-    mean = {name: np.concatenate(parts) for name, parts in collected.health_mean.items()}  # [C, H, D]
-    target_sq, target_mean = sq.pop(HEALTH_TARGET), mean.pop(HEALTH_TARGET)
-    return {"num_clips": len(target_sq), **rollout_health(sq, mean, target_sq, target_mean)}
-
-
-def run_leakage(collected: Collected, cfg: ExperimentConfig, metrics: dict, seed: int) -> dict | None:
-    """The leakage section (leakage.leakage_metrics): the shuffled-r check, and the transfer check on the probe's
-    held-out clips when every clip has a state; None for a latent without a posterior (none, oracle). Notes go to
-    metrics["notes"]."""
-    if collected.leakage is None:
-        return None
-    present = _present(collected, metrics["num_clips"])
-    fit = test = state = None
-    if "state" in present and metrics["num_clips"] >= 4:
-        fit, test = split_clips(metrics["num_clips"], seed)  # the state probes' split (run_probes)
-        state = collected.stacked("state")
-    out, notes = leakage_metrics(
-        collected.leakage,
-        collected.stacked("target_probe"),
-        state,
-        collected.names.get("state_names"),
-        fit,
-        test,
-        cfg.eval.probe_ridge,
-    )
-    metrics["notes"].extend(notes)
-    return out
-
-
-def collapse_stats(collected: Collected) -> dict:
-    """Per-dim std and effective rank of the pooled embeddings of every eval frame, online and target encoders;
-    for the targets also their batch variance, the effective rank of the unpooled rows and the drift ratio
-    (monitors.target_health: copy-last squared error over the target variance)."""
-    out = {}
-    for name, parts in (("online", collected.online_pooled), ("target", collected.target_pooled)):
-        x = torch.from_numpy(np.concatenate(parts).reshape(-1, parts[0].shape[-1]))
-        out[name] = {
-            "emb_std": float(per_dim_std(x)),
-            "emb_eff_rank": float(effective_rank(x)),
-            "dim": int(x.shape[1]),
-            "num_frames": int(x.shape[0]),
-        }
-    health = target_health(torch.from_numpy(collected.stacked("target_tokens")).float())
-    out["target"].update({name: float(value) for name, value in health.items()})
-    return out
-
-
-def training_health(jsonl: Path, rows: int = 8) -> dict:
-    """The target monitors (target_var, target_eff_rank, drift) at up to `rows` logged steps of the run's
-    metrics.jsonl, evenly spaced, the first at or after step 100 and the last one included: {"step": [...],
-    name: [...]}; empty when the log or the monitors are missing (runs older than the monitors)."""
-    if not jsonl.is_file():
-        return {}
-    records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-    records = [r for r in records if all(k in r for k in TARGET_HEALTH_KEYS)]
-    if not records:
-        return {}
-    late = [r for r in records if r["step"] >= 100] or records
-    picks = sorted({round(i * (len(late) - 1) / max(1, rows - 1)) for i in range(rows)})
-    chosen = [late[i] for i in picks]
-    return {key: [r[key] for r in chosen] for key in ("step", *TARGET_HEALTH_KEYS)}
-
-
-def write_plots(collected: Collected, metrics: dict, out_dir: Path) -> list[str]:
-    """Write the PNG figures into out_dir; returns their file names. Strips are drawn for the clips whose predicted
-    token grids `collected` kept (its first `num_strips` clips)."""
-    written = ["errors.png"]
-    plot_errors(metrics["modes"], out_dir / "errors.png")
-    if metrics["probes"].get("predicted"):
-        plot_probes(metrics["probes"]["predicted"], metrics["probes"]["encoded"], out_dir / "probes.png")
-        written.append("probes.png")
-    position = metrics["probes"].get("position_error", {}).get("splits")
-    plot_rollout_health(metrics["rollout_health"], position, out_dir / "rollout_health.png")
-    written.append("rollout_health.png")
-    frames = collected.stacked("frames")  # uint8 [C, T, H, W, C]
-    bank = torch.from_numpy(rearrange(collected.stacked("target_tokens"), "c t n d -> (c t) n d"))  # float16
-    flat_frames = rearrange(frames, "c t h w ch -> (c t) h w ch")
-    num_context, horizon = metrics["num_context"], metrics["horizon"]
-    predicted = {mode: np.concatenate(parts) for mode, parts in collected.strip_tokens.items()}  # [S, H, N, D]
-    samples = collected.stacked("strip_samples")  # [S, k, H, N, D] or None
-    for clip in range(min(collected.num_strips, len(frames))):
-        rows = {}
-        for mode in STRIP_MODES:
-            if mode in predicted and not (mode == "prior_mean" and "prediction" in rows):
-                rows[mode] = predicted[mode][clip]
-        if samples is not None:
-            rows.update({f"sample {k + 1}": s for k, s in enumerate(samples[clip])})
-        futures = {
-            label: flat_frames[nearest_frames(torch.from_numpy(tokens), bank).numpy()] for label, tokens in rows.items()
-        }
-        name = f"strip-{clip:02d}.png"
-        plot_strip(
-            frames[clip, :num_context],
-            frames[clip, num_context : num_context + horizon],
-            futures,
-            out_dir / name,
-            title=f"clip {clip}: context | true future; predicted rows by nearest-neighbour retrieval",
-        )
-        written.append(name)
-    written += write_decoded(collected, metrics, out_dir)
-    return written
-
-
-def write_decoded(collected: Collected, metrics: dict, out_dir: Path) -> list[str]:
-    """psnr.png (PSNR against horizon, one line per mode) and, per strip clip, decoded-strip-XX.png and
-    decoded-XX.gif (the rollouts through the pixel decoder); nothing without pixel metrics."""
-    if not metrics.get("decoded"):
-        return []
-    plot_errors(metrics["decoded"]["modes"], out_dir / "psnr.png", metric="psnr", ylabel="PSNR (dB) of decoded frames")
-    written = ["psnr.png"]
-    frames = collected.stacked("frames")  # uint8 [C, T, h, w, c]
-    rows = {label: np.concatenate(parts) for label, parts in collected.decoded_strips.items()}  # [S, H, h, w, c]
-    num_context, horizon = metrics["num_context"], metrics["horizon"]
-    num_clips = min(len(rows["copy_last"]), len(frames)) if rows else 0  # every row holds the same strip clips
-    for clip in range(num_clips):
-        context, truth = frames[clip, :num_context], frames[clip, num_context : num_context + horizon]
-        clip_rows = {label: row[clip] for label, row in rows.items()}
-        name = f"decoded-strip-{clip:02d}.png"
-        plot_strip(
-            context,
-            truth,
-            clip_rows,
-            out_dir / name,
-            title=f"clip {clip}: context | true future; every further row decoded by the run's pixel decoder",
-        )
-        write_rollout_gif(context, truth, clip_rows, out_dir / f"decoded-{clip:02d}.gif")
-        written += [name, f"decoded-{clip:02d}.gif"]
-    return written

@@ -27,7 +27,7 @@ from einops import rearrange
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from worldmodel.model_config import CHANNELS, GRANULARITIES, ModelConfig
+from worldmodel.model.config import CHANNELS, GRANULARITIES, ModelConfig
 
 
 def preprocess(frames: Tensor, img_size: int) -> Tensor:
@@ -46,7 +46,7 @@ def preprocess(frames: Tensor, img_size: int) -> Tensor:
 
 def build_vit(cfg: ModelConfig, in_chans: int = CHANNELS) -> VisionTransformer:
     """A timm ViT from the config (no class token, no head, no hub download); `cfg.init_weights` loads a local
-    state dict of the same architecture. `in_chans`: input channels (RGB frames: 3; benchmarks/minimal_model.py
+    state dict of the same architecture. `in_chans`: input channels (RGB frames: 3; experiments/minimal_model.py
     feeds frame differences beside the frame, 6)."""
     vit = VisionTransformer(
         img_size=cfg.img_size,

@@ -1,6 +1,6 @@
 """The latent variable r of AdaSSL: where it is inferred from, how it is regularised, how it is drawn in rollouts.
 
-Per transition t -> t+1 (the two summaries are built in worldmodel/summaries.py):
+Per transition t -> t+1 (the two summaries are built in worldmodel/model/summaries.py):
 
 - the context summary s_t comes from the predictor trunk's output at t, which has seen all frames <= t, layer-normed
   per token, attention-pooled over patches and projected;
@@ -23,7 +23,7 @@ One interface. Every kind of latent (`NoLatent` for `none`, `VariationalLatent`,
 `Latent`: it says which rollout modes it offers and which ones the evaluator reports, gives r for a training step
 (`train_r`) and for one rollout step (`step_r`), its regulariser, and its read-outs for the latent-action probe.
 `build_latent` picks the class by `model.latent`; WorldModel, the trainer and the evaluator hold no branch on the
-name, so a fifth latent is one more class here (and its name in model_config.Latent).
+name, so a fifth latent is one more class here (and its name in config.Latent).
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from worldmodel.model_config import ModelConfig
-from worldmodel.summaries import Summaries, summaries_of
+from worldmodel.model.config import ModelConfig
+from worldmodel.model.distributions import gaussian_kl, straight_through_bernoulli
+from worldmodel.model.summaries import Summaries, summaries_of
 
 SIGMA_MIN = 1e-6
 # Initial sigma of posterior and prior. With sigma ~0.7 (softplus of a fresh layer's output) the sample r is mostly
@@ -45,27 +46,6 @@ SIGMA_MIN = 1e-6
 # posterior mean's information through from the first steps.
 SIGMA_INIT = 0.1
 STATS_MOMENTUM = 0.99  # running marginal statistics of adassl_s (rate and values), used by its prior_sample
-
-
-def gaussian_kl(mu_q: Tensor, sigma_q: Tensor, mu_p: Tensor, sigma_p: Tensor) -> Tensor:
-    """KL(N(mu_q, sigma_q^2) || N(mu_p, sigma_p^2)), diagonal, summed over the last dim: [..., d] -> [...]."""
-    var_ratio = (sigma_q / sigma_p) ** 2
-    mean_term = ((mu_q - mu_p) / sigma_p) ** 2
-    return 0.5 * (var_ratio + mean_term - 1.0 - torch.log(var_ratio)).sum(-1)
-
-
-def straight_through_bernoulli(logits: Tensor, sample: bool = True, generator: torch.Generator | None = None) -> Tensor:
-    """Hard 0/1 mask with straight-through gradients: forward 1[l + logistic noise > 0], backward d sigmoid(l + noise).
-
-    With `sample=False` the noise is left out (the mask is 1 where sigmoid(l) > 0.5).
-    """
-    noisy = logits
-    if sample:
-        u = torch.rand(logits.shape, device=logits.device, generator=generator).clamp(1e-6, 1 - 1e-6)
-        noisy = logits + torch.log(u) - torch.log1p(-u)
-    soft = torch.sigmoid(noisy)
-    hard = (noisy > 0).to(soft.dtype)
-    return hard + (soft - soft.detach())  # exactly 0/1 forward: soft - soft.detach() is exactly 0
 
 
 def mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:

@@ -1,4 +1,4 @@
-"""The summaries AdaSSL's latents read (worldmodel/latents.py), per transition t -> t+1: the context summary s_t
+"""The summaries AdaSSL's latents read (worldmodel/model/latents.py), per transition t -> t+1: the context summary s_t
 from the predictor trunk's output at t, and the target summary s+_{t+1} from the target tokens of frame t+1 and the
 predictor's inputs at t and t-1.
 """
@@ -61,7 +61,7 @@ class Summaries(nn.Module):
         Each token reads [x+, x+ - x_t, x+ - 2 x_t + x_{t-1}]: the change of motion is what the context cannot
         predict, and the posterior gets it as a difference rather than having to find it. Read from x+ alone, as
         before, a change of intent hardly reached r on the push world (KL AUC 0.58 against 0.81 now, seed 0); in the
-        smallest model on its true positions (benchmarks/minimal_state.py) r then carried next to nothing, and
+        smallest model on its true positions (experiments/minimal_state.py) r then carried next to nothing, and
         handed the step its KL found the changes of intent with AUC 0.99 (docs/results.md, "eighth round").
         """
         x_plus, x_t, x_prev = next_tokens.detach(), current.detach(), previous.detach()

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from einops import rearrange, reduce, repeat
 from torch import Tensor, nn
 
-from worldmodel.encoder import (
+from worldmodel.model.config import ModelConfig
+from worldmodel.model.encoder import (
     FrameEncoder,
     KeypointDecoder,
     TokenNorm,
@@ -39,13 +40,12 @@ from worldmodel.encoder import (
     output_shape,
     preprocess,
 )
-from worldmodel.latents import ROLLOUT_MODES, build_latent, latent_class
-from worldmodel.model_config import ModelConfig
-from worldmodel.monitors import effective_rank, per_dim_std, target_health
-from worldmodel.objectives import copy_last_loss, jepa_loss
-from worldmodel.predictor import Predictor, expand_cond
-from worldmodel.sigreg import sigreg
-from worldmodel.summaries import Summaries, summaries_of
+from worldmodel.model.latents import ROLLOUT_MODES, build_latent, latent_class
+from worldmodel.model.monitors import effective_rank, per_dim_std, target_health
+from worldmodel.model.objectives import copy_last_loss, jepa_loss
+from worldmodel.model.predictor import Predictor, expand_cond
+from worldmodel.model.sigreg import sigreg
+from worldmodel.model.summaries import Summaries, summaries_of
 
 __all__ = ["ROLLOUT_MODES", "WorldModel"]
 

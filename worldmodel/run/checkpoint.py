@@ -1,4 +1,5 @@
-"""Atomic full-state checkpoints, each with a manifest of sha256 digests.
+"""Atomic full-state checkpoints, each with a manifest of sha256 digests (the manifest and the verification:
+manifest.py).
 
 On-disk layout (see docs/architecture.md, "Checkpoints"):
 
@@ -18,11 +19,9 @@ signal, crashed), whatever its checkpoints hold; scripts and schedulers read thi
 
 A checkpoint is written into `checkpoints/.tmp-step-XXXXXXXX` and renamed to `step-XXXXXXXX` only once every file
 is on disk, with `manifest.json` written last; a `step-*` directory therefore always holds a complete checkpoint.
-`verify_checkpoint` checks every file against the manifest (size, then sha256), so a checkpoint truncated or changed
-behind our back (a full disk, a lost page cache, a flipped bit) is never loaded: `latest_checkpoint` skips it with
-a warning and returns the next older one. A checkpoint written before manifests existed (state.json without a
-"manifest" entry) is accepted with a warning, verified by the sizes state.json records, as it always was; one whose
-state.json says it has a manifest but has none fails verification.
+`verify_checkpoint` (manifest.py) checks every file against the manifest, so a checkpoint truncated or changed behind
+our back (a full disk, a lost page cache, a flipped bit) is never loaded: `latest_checkpoint` skips it with a warning
+and returns the next older one.
 
 Re-saving a step that exists (a resumed run stopped at once) renames the old directory to `.old-step-X`, the new
 one into place, then deletes the old one. A crash between the two renames leaves no `step-X`: the next save and
@@ -30,16 +29,14 @@ one into place, then deletes the old one. A crash between the two renames leaves
 (`.tmp-step-X`, complete since its manifest is written last, else `.old-step-X`) back to `step-X`.
 
 No pickled modules: weights are safetensors, everything else is `torch.save` of plain state dicts read back with
-`weights_only=True`.
+`weights_only=True`. Nothing on disk names a Python module or class, so moving the code does not change what loads.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
-import os
 import random
 import re
 import shutil
@@ -50,22 +47,22 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
+from worldmodel.run.manifest import (
+    MANIFEST,
+    CheckpointError,
+    fsync_dir,
+    verify_checkpoint,
+    write_manifest,
+    write_synced,
+)
+
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 FINISHED = "finished.json"
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 1
 CORRUPT_PREFIX = ".corrupt-"  # checkpoints moved aside by `quarantine_checkpoint`; never resumed, never pruned
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _INTERRUPTED_DIR = re.compile(r"^\.(tmp|old)-(step-\d{8})$")
-_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")  # what a manifest may name: a file of the directory
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_warned_legacy: set[Path] = set()
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory fails verification: a file missing, truncated or changed since it was written."""
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
@@ -78,7 +75,7 @@ def mark_finished(run_dir: str | Path, step: int, ckpt: str | Path) -> None:
     as checkpoint directory `ckpt`."""
     path = Path(run_dir) / FINISHED
     tmp = path.with_name(f".{FINISHED}.tmp")
-    _write(tmp, lambda p: p.write_text(json.dumps({"step": step, "checkpoint": str(ckpt)}, indent=2)))
+    write_synced(tmp, lambda p: p.write_text(json.dumps({"step": step, "checkpoint": str(ckpt)}, indent=2)))
     tmp.replace(path)
 
 
@@ -127,40 +124,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write(path: Path, write_fn) -> None:
-    write_fn(path)
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    dir_fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def file_sha256(path: str | Path) -> str:
-    """The sha256 of a file's content, hex."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _write_manifest(folder: Path) -> None:
-    """manifest.json of every other file of `folder`, written last and atomically (a temporary file renamed)."""
-    files = {
-        p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-        for p in sorted(folder.iterdir())
-        if p.is_file() and p.name != MANIFEST
-    }
-    manifest = {"format": MANIFEST_FORMAT, "algorithm": "sha256", "files": files}
-    tmp = folder / f".{MANIFEST}.tmp"
-    _write(tmp, lambda p: p.write_text(json.dumps(manifest, indent=2)))
-    os.replace(tmp, folder / MANIFEST)
-    _fsync_dir(folder)
-
-
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -188,17 +151,17 @@ def save_checkpoint(
     tmp = root / f".tmp-{final.name}"
     tmp.mkdir()
 
-    _write(tmp / "model.safetensors", lambda p: save_model(model, str(p)))
-    _write(tmp / "optimizer.pt", lambda p: torch.save(optimizer.state_dict(), p))
-    _write(tmp / "scheduler.pt", lambda p: torch.save(scheduler.state_dict(), p))
+    write_synced(tmp / "model.safetensors", lambda p: save_model(model, str(p)))
+    write_synced(tmp / "optimizer.pt", lambda p: torch.save(optimizer.state_dict(), p))
+    write_synced(tmp / "scheduler.pt", lambda p: torch.save(scheduler.state_dict(), p))
     if scaler is not None:
-        _write(tmp / "scaler.pt", lambda p: torch.save(scaler.state_dict(), p))
+        write_synced(tmp / "scaler.pt", lambda p: torch.save(scaler.state_dict(), p))
     for rank, rng in enumerate(rng_states):
-        _write(tmp / f"rng-rank{rank}.pt", lambda p, rng=rng: p.write_bytes(rng))
+        write_synced(tmp / f"rng-rank{rank}.pt", lambda p, rng=rng: p.write_bytes(rng))
     files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
     state = {**meta, "step": step, "world_size": len(rng_states), "files": files, "manifest": MANIFEST}
-    _write(tmp / "state.json", lambda p: p.write_text(json.dumps(state, indent=2)))
-    _write_manifest(tmp)  # last: a directory with a manifest that verifies is complete
+    write_synced(tmp / "state.json", lambda p: p.write_text(json.dumps(state, indent=2)))
+    write_manifest(tmp)  # last: a directory with a manifest that verifies is complete
 
     if final.exists():  # the same step saved again (e.g. a resumed run stopped at once): replace it
         # a crash between these two renames leaves .old-step-X and .tmp-step-X (both complete) and no step-X:
@@ -207,11 +170,11 @@ def save_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
         tmp.rename(final)
-        _fsync_dir(root)
+        fsync_dir(root)
         shutil.rmtree(old)
     else:
         tmp.rename(final)
-    _fsync_dir(root)
+    fsync_dir(root)
     _prune(root, keep, final)
     return final
 
@@ -238,110 +201,6 @@ def _prune(root: Path, keep: int, just_saved: Path) -> None:
 def read_state(ckpt_dir: str | Path) -> dict[str, Any]:
     """The checkpoint's state.json (step, epoch, seed, world_size, files, ...)."""
     return json.loads((Path(ckpt_dir) / "state.json").read_text())
-
-
-def read_manifest(ckpt_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """The checkpoint's manifest as {file name: {"bytes": int, "sha256": hex}}; raises CheckpointError when
-    manifest.json is unreadable, truncated or malformed (a name that is not a plain file name, a bad digest, ...)."""
-    path = Path(ckpt_dir) / MANIFEST
-    try:
-        manifest = json.loads(path.read_bytes())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{MANIFEST} is unreadable ({err})") from err
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or manifest.get("algorithm") != "sha256":
-        raise CheckpointError(f"{MANIFEST} is malformed (no sha256 'files' table)")
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise CheckpointError(
-            f"{MANIFEST} has format {manifest.get('format')!r:.40}; this version reads {MANIFEST_FORMAT}"
-        )
-    for name, entry in files.items():
-        if (
-            not _FILE_NAME.match(name)
-            or name == MANIFEST
-            or not isinstance(entry, dict)
-            or type(entry.get("bytes")) is not int
-            or not isinstance(entry.get("sha256"), str)
-            or not _SHA256.match(entry["sha256"])
-        ):
-            raise CheckpointError(f"{MANIFEST} is malformed (entry {name!r}: {entry!r:.120})")
-    return files
-
-
-def _verify_against_manifest(ckpt_dir: Path) -> str | None:
-    try:
-        entries = read_manifest(ckpt_dir)
-    except CheckpointError as err:
-        return str(err)
-    for required in ("state.json", "model.safetensors"):
-        if required not in entries:
-            return f"{MANIFEST} lists no {required}"
-    for name, entry in entries.items():  # sizes first: cheap, and they name a truncation as such
-        path = ckpt_dir / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != entry["bytes"]:
-            return f"{name} has {path.stat().st_size} bytes, {MANIFEST} records {entry['bytes']}"
-    for name, entry in entries.items():
-        try:
-            digest = file_sha256(ckpt_dir / name)
-        except OSError as err:
-            return f"{name} is unreadable ({err})"
-        if digest != entry["sha256"]:
-            return f"{name} does not match its sha256 in {MANIFEST} (its content changed after it was written)"
-    try:
-        state = read_state(ckpt_dir)
-    except (OSError, ValueError) as err:
-        return f"state.json is unreadable ({err})"
-    listed = state.get("files", {}) if isinstance(state, dict) else None
-    if not isinstance(listed, dict):
-        return "state.json is malformed (no 'files' table)"
-    missing = sorted(set(listed) - set(entries))
-    if missing:
-        return f"state.json lists {', '.join(missing)}, which {MANIFEST} does not"
-    return None
-
-
-def _verify_by_sizes(ckpt_dir: Path) -> str | None:
-    try:
-        state = read_state(ckpt_dir)
-    except (OSError, ValueError) as err:
-        return f"state.json is missing or unreadable ({err})"
-    if not isinstance(state, dict) or not isinstance(state.get("files", {}), dict):
-        return "state.json is malformed (not an object with a 'files' table)"
-    if state.get("manifest"):
-        return f"{MANIFEST} is missing (state.json says one was written)"
-    for name, size in state.get("files", {}).items():
-        path = ckpt_dir / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, state.json recorded {size}"
-    if "model.safetensors" not in state.get("files", {}):
-        return "state.json lists no model.safetensors"
-    if ckpt_dir not in _warned_legacy:
-        _warned_legacy.add(ckpt_dir)
-        log.warning(
-            "checkpoint %s has no %s (written before checkpoints had one): verified by file sizes only, not by content",
-            ckpt_dir,
-            MANIFEST,
-        )
-    return None
-
-
-def verify_checkpoint(ckpt_dir: str | Path) -> str | None:
-    """None if the checkpoint is complete and intact, else a sentence saying what is wrong with it.
-
-    With a manifest.json: every file it lists exists with its size and sha256, and it lists state.json,
-    model.safetensors and every file state.json lists. Without one (a checkpoint older than manifests): the sizes
-    state.json records, with a warning; but a state.json that says a manifest was written fails without it.
-    """
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        return f"{ckpt_dir} is not a directory"
-    if (ckpt_dir / MANIFEST).exists():
-        return _verify_against_manifest(ckpt_dir)
-    return _verify_by_sizes(ckpt_dir)
 
 
 def newest_verified(run_dir: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
@@ -405,7 +264,7 @@ def recover_interrupted_saves(run_dir: str | Path) -> list[Path]:
             problem = verify_checkpoint(candidate)
             if problem is None:
                 candidate.rename(final)
-                _fsync_dir(root)
+                fsync_dir(root)
                 log.warning("recovered %s from %s (a save interrupted between its renames)", final, candidate)
                 restored.append(final)
                 break
@@ -426,7 +285,7 @@ def quarantine_checkpoint(ckpt_dir: str | Path) -> Path:
         n += 1
         target = ckpt_dir.with_name(f"{CORRUPT_PREFIX}{ckpt_dir.name}.{n}")
     ckpt_dir.rename(target)
-    _fsync_dir(ckpt_dir.parent)
+    fsync_dir(ckpt_dir.parent)
     return target
 
 

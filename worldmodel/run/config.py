@@ -4,9 +4,10 @@ A config is a YAML file whose sections map onto the dataclasses below; `load_con
 command-line overrides (`model.latent=adassl_v optim.lr=3e-4`) and validates every key and type. An unknown key
 or a value of the wrong type is a `ConfigError` that names the valid keys, so a typo never passes silently.
 
-The sections' dataclasses: `data` is data_pipeline/config.py's DataConfig, `model` is worldmodel/model_config.py's
+The sections' dataclasses: `data` is data_pipeline/config.py's DataConfig, `model` is worldmodel/model/config.py's
 ModelConfig (the model imports only that module, never this one; its names are re-exported here), the others are
-below. This module is orchestration: it wires the data pipeline and the model together.
+below. This module is the one place that puts the data pipeline's and the model's sections together; training writes
+the resolved config to RUN_DIR/config.yaml (`save_config`) and evaluation reads it back (`load_config`).
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ from typing import Any, Literal
 import yaml
 
 from data_pipeline.config import DataConfig
-from worldmodel.model_config import (  # the model's own section, re-exported here
+from worldmodel.model.config import (  # the model's own section, re-exported here
     GRANULARITIES,
     LATENTS,
     PREDICTIONS,
     ModelConfig,
 )
 
-__all__ = [  # the model's names, re-exported so that `from worldmodel.config import ...` keeps working
+__all__ = [  # the model's names, re-exported so that `from worldmodel.run.config import ...` keeps working
     "GRANULARITIES",
     "LATENTS",
     "PREDICTIONS",
@@ -71,7 +72,7 @@ class TrainConfig:
     # SLURM_CPUS_PER_TASK) shared among the machine's training processes, minus each one's decode workers (at least 1)
     threads: int = 0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, no on CPU
-    # speed options (worldmodel/train_setup.py; measured with benchmarks/step_speed.py, docs/architecture.md "GPU
+    # speed options (worldmodel/train/setup.py; measured with benchmarks/step_speed.py, docs/architecture.md "GPU
     # path"); none of them changes what is computed beyond floating-point rounding
     compile: bool = False  # torch.compile the encoder, the EMA target encoder and the predictor, in place
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no C++ compiler needed, what tests use)
@@ -102,7 +103,7 @@ class EvalConfig:
 @dataclass
 class PixelDecoderConfig:
     """The pixel decoder trained after the fact on the frozen target latents (evaluate.py --pixels;
-    worldmodel/evaluation/pixel_decoder.py)."""
+    worldmodel/eval/pixel_decoder.py)."""
 
     steps: int = 800  # AdamW steps
     batch_size: int = 128  # frames per step

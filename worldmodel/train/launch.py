@@ -19,7 +19,7 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from worldmodel import checkpoint as ckpt
+from worldmodel.run import checkpoint as ckpt
 
 WORLD_SIZE_ENV = "WORLDMODEL_WORLD_SIZE"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)  # each: checkpoint at the next step, then exit 75

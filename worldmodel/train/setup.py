@@ -25,7 +25,7 @@ import os
 import torch
 from torch import nn
 
-from worldmodel.config import OptimConfig, TrainConfig
+from worldmodel.run.config import OptimConfig, TrainConfig
 
 _NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.Embedding)
 
