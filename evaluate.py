@@ -17,10 +17,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from worldmodel.config import ConfigError
-from worldmodel.evaluation import EvaluationError
-from worldmodel.evaluation.compare import compare_runs, render_headline
-from worldmodel.evaluation.runner import evaluate_run, evaluated_final
+from worldmodel.eval import EvaluationError
+from worldmodel.eval.compare import compare_runs, render_headline
+from worldmodel.eval.runner import evaluate_run, evaluated_final
+from worldmodel.run.config import ConfigError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -22,9 +22,9 @@ import argparse
 import sys
 import traceback
 
-from worldmodel.config import ConfigError, load_config
+from worldmodel.run.config import ConfigError, load_config
 
-EXIT_SOFTWARE = 70  # = worldmodel.launch.EXIT_SOFTWARE (an unexpected error), here before the heavy imports
+EXIT_SOFTWARE = 70  # = worldmodel.train.launch.EXIT_SOFTWARE (an unexpected error), here before the heavy imports
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,9 +53,10 @@ def _run(args: argparse.Namespace) -> int:
 
     # heavy imports once the config is valid
     from data_pipeline.shardlist import ShardListError
-    from worldmodel.checkpoint import CheckpointError
-    from worldmodel.launch import EXIT_DIVERGED, EXIT_STOPPED, EXIT_USAGE, LaunchError, ResumeError
-    from worldmodel.trainer import TrainingDiverged, train
+    from worldmodel.run.manifest import CheckpointError
+    from worldmodel.train.launch import EXIT_DIVERGED, EXIT_STOPPED, EXIT_USAGE, LaunchError, ResumeError
+    from worldmodel.train.loop import train
+    from worldmodel.train.step import TrainingDiverged
 
     try:
         finished = train(cfg, resume=args.resume)

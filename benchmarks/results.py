@@ -66,12 +66,12 @@ class Table:
     config: str  # the config file, relative to the repository root
     methods: tuple[str, ...]
     seeds: tuple[int, ...] = (0, 1, 2)
-    # what benchmarks.adassl_vs_jepa adds to every run: horizon-long targets, a frame embedding covering the clip
+    # what experiments.adassl_vs_jepa adds to every run: horizon-long targets, a frame embedding covering the clip
     overrides: tuple[str, ...] = ("data.num_target=8", "eval.horizon=8", "model.max_frames=16")
     eval_args: tuple[str, ...] = ("--horizon", "8", "--num-samples", "8")
     horizons: tuple[int, ...] = (1, 4, 8)  # the steps the views show
     entities: tuple[str, ...] = ()  # names of the probed position columns x0/y0, x1/y1, ... in the latent view
-    num_videos: int = 1024  # the data, as benchmarks.adassl_vs_jepa generates it
+    num_videos: int = 1024  # the data, as experiments.adassl_vs_jepa generates it
     val_videos: int = 256
 
 

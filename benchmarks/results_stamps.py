@@ -13,8 +13,9 @@ if TYPE_CHECKING:
     from benchmarks.results import Table
 
 
-# The tracked (and untracked, not ignored) files whose contents can change a result. docs/, tests/, README.md and the
-# other benchmark scripts are left out, so a commit that touches only them keeps every run valid.
+# The tracked (and untracked, not ignored) files whose contents can change a result. docs/, tests/, README.md, the
+# other benchmark scripts and the research scripts (experiments/) are left out, so a commit that touches only them
+# keeps every run valid.
 CODE_PATHS = (
     "worldmodel",
     "data_pipeline",

@@ -1,4 +1,5 @@
-"""Shared plumbing of the benchmark scripts: make the data, train a run, evaluate it, read its metrics.
+"""Shared plumbing of `python -m benchmarks.results` and the research scripts (experiments/): make the data, train a
+run, evaluate it, read its metrics.
 
 Every step is a real subprocess of the project's own entry points (`python -m worlds.moving_digits`,
 `train.py`, `evaluate.py`), so a benchmark measures exactly what a user runs. A step whose output already exists
@@ -15,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from worldmodel.evaluation.runner import evaluated_final
+from worldmodel.eval.runner import evaluated_final
 from worlds.simulated import world_version
 
 ROOT = Path(__file__).resolve().parent.parent

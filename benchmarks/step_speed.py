@@ -3,7 +3,7 @@
     python -m benchmarks.step_speed --config configs/gpu_vits224.yaml [--synthetic] [--steps 20] [--warmup 5]
         [--peak-tflops X] [--decode-fps-per-core X] [--cpu] [section.key=value ...]
 
-Builds the model, optimizer and speed options exactly as the trainer does (worldmodel/train_setup.py, accelerate
+Builds the model, optimizer and speed options exactly as the trainer does (worldmodel/train/setup.py, accelerate
 with `train.mixed_precision`; `train.compile=true` compiles in place), runs `--warmup` steps (compilation happens
 there), then times `--steps` real training steps and prints one JSON line:
 
@@ -53,9 +53,9 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from worldmodel.config import ConfigError, ExperimentConfig, load_config
-from worldmodel.latents import latent_class
-from worldmodel.model_config import CHANNELS
+from worldmodel.model.config import CHANNELS
+from worldmodel.model.latents import latent_class
+from worldmodel.run.config import ConfigError, ExperimentConfig, load_config
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's specification sheets, TFLOP/s; first match wins.
 PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
@@ -170,9 +170,9 @@ def measure(
     from accelerate import Accelerator  # noqa: PLC0415
     from accelerate.utils import set_seed  # noqa: PLC0415
 
-    from worldmodel.model import WorldModel  # noqa: PLC0415
-    from worldmodel.schedules import lr_factor  # noqa: PLC0415
-    from worldmodel.train_setup import (  # noqa: PLC0415
+    from worldmodel.model.world_model import WorldModel  # noqa: PLC0415
+    from worldmodel.train.schedules import lr_factor  # noqa: PLC0415
+    from worldmodel.train.setup import (  # noqa: PLC0415
         build_optimizer,
         compile_model,
         resolve_mixed_precision,

@@ -15,7 +15,7 @@ from data_pipeline.decoders import DECODERS, aspect_geometry, get_decoder
 from data_pipeline.stream import make_eval_loader, make_train_loader
 from data_pipeline.writer import write_shards
 from data_pipeline.writer.encode import encode_h264
-from worldmodel.config import load_config
+from worldmodel.run.config import load_config
 
 BACKENDS = sorted(DECODERS)
 

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from benchmarks import adassl_vs_jepa, beta_sweep
 from benchmarks.runs import ROOT, ensure_data, parse_with_overrides
-from worldmodel.config import load_config
+from experiments import adassl_vs_jepa, beta_sweep
+from worldmodel.run.config import load_config
 from worlds.push_world import VERSION
 
 

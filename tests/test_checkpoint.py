@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from worldmodel.checkpoint import (
+from worldmodel.run.checkpoint import (
     checkpoint_dir,
     latest_checkpoint,
     load_checkpoint,

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from worldmodel.config import ConfigError, ModelConfig, config_from_dict, load_config, save_config
-from worldmodel.trainer import resolve_mixed_precision
+from worldmodel.run.config import ConfigError, ModelConfig, config_from_dict, load_config, save_config
+from worldmodel.train.setup import resolve_mixed_precision
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -81,7 +81,7 @@ def test_push_config_points_at_the_push_world_and_its_keypoint_model_trains_a_st
     """configs/push.yaml: the demo recipe on the push world with the keypoint frame head (sub-cells too) and its
     conditional reconstruction; one backward step reaches both kinds of keypoint scores (the head is not a dead end,
     the zero-initialised sub-cell scores included), the loss is finite."""
-    from worldmodel.model import WorldModel
+    from worldmodel.model.world_model import WorldModel
 
     cfg = load_config(CONFIGS / "push.yaml", ["model.latent=none"])
     assert cfg.data.train_shards == "data/push_world/train/shard-*.tar" and cfg.model.frame_head == "keypoints"
@@ -102,7 +102,7 @@ def test_push_config_points_at_the_push_world_and_its_keypoint_model_trains_a_st
 def test_recon_weight_needs_the_keypoint_head_and_a_non_negative_weight():
     """model.recon_weight rebuilds frames from keypoints: with the linear head, or a negative weight, the model
     refuses to build with a message naming the key."""
-    from worldmodel.model import WorldModel
+    from worldmodel.model.world_model import WorldModel
 
     small = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 1, "num_heads": 3, "latent": "none"}
     with pytest.raises(ValueError, match="needs model.frame_head=keypoints"):
@@ -122,7 +122,7 @@ def test_recon_weight_needs_the_keypoint_head_and_a_non_negative_weight():
 def test_pred_trains_encoder_false_leaves_the_encoder_to_the_reconstruction():
     """model.pred_trains_encoder=false: the prediction loss reaches the predictor but not the encoder, the
     reconstruction still reaches the encoder; without a reconstruction the model refuses to build."""
-    from worldmodel.model import WorldModel
+    from worldmodel.model.world_model import WorldModel
 
     small = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 1, "num_heads": 3, "latent": "none"}
     with pytest.raises(ValueError, match="pred_trains_encoder=false leaves the encoder only the reconstruction"):

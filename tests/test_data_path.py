@@ -13,10 +13,12 @@ from shard_helpers import train_glob
 
 from data_pipeline.config import DataConfig
 from data_pipeline.stream import make_train_loader
-from worldmodel import trainer
-from worldmodel.config import load_config
-from worldmodel.launch import StopRequest
-from worldmodel.train_setup import thread_budget
+from worldmodel.run.config import load_config
+from worldmodel.train.launch import StopRequest
+from worldmodel.train.setup import thread_budget
+from worldmodel.train.state import build_state
+from worldmodel.train.step import TrainingDiverged, take_step
+from worldmodel.train.window import SkipAlarm, Window
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = DataConfig(num_context=3, num_target=3, batch_size=2, num_workers=2, shuffle_buffer=4, epoch_batches=3)
@@ -102,18 +104,18 @@ class _HostReads:
 
 def test_a_step_between_checks_reads_nothing_from_the_device_and_a_check_step_does(digits_shards, tmp_path):
     cfg = _tiny(tmp_path, digits_shards, "train.log_every=4", "train.check_every=4", "train.checkpoint_every=100")
-    run = trainer._setup(cfg, None)
-    window, stop = trainer._Window(), StopRequest()
+    run = build_state(cfg, None)
+    window, stop = Window(), StopRequest()
     try:
-        trainer._step(run, 0, window, stop)  # step 1: warm-up outside the count (lazy initialisations)
+        take_step(run, 0, window, stop)  # step 1: warm-up outside the count (lazy initialisations)
         steps = [state["step"] for state in run.optimizer.state.values()]
         with _HostReads(steps) as reads:
-            result = trainer._step(run, 1, window, stop)  # step 2: neither a check nor a log step
+            result = take_step(run, 1, window, stop)  # step 2: neither a check nor a log step
         assert reads.calls == [] and result.loss is None
         assert "emb_eff_rank" not in window.sums  # the collapse monitors run at log steps only
-        trainer._step(run, 2, window, stop)
+        take_step(run, 2, window, stop)
         with _HostReads(steps) as reads:
-            result = trainer._step(run, 3, window, stop)  # step 4: the check (and log) step
+            result = take_step(run, 3, window, stop)  # step 4: the check (and log) step
         assert reads.calls and result.loss is not None
         assert window.counts["emb_eff_rank"] == 1 and window.counts["pred"] == 4
     finally:
@@ -124,16 +126,16 @@ def test_a_step_between_checks_reads_nothing_from_the_device_and_a_check_step_do
 
 def test_a_nan_between_checks_stops_at_the_next_check_naming_its_step(digits_shards, tmp_path):
     cfg = _tiny(tmp_path, digits_shards, "train.log_every=4", "train.check_every=4", "train.checkpoint_every=100")
-    run = trainer._setup(cfg, None)
-    window, stop = trainer._Window(), StopRequest()
+    run = build_state(cfg, None)
+    window, stop = Window(), StopRequest()
     try:
-        trainer._step(run, 0, window, stop)
+        take_step(run, 0, window, stop)
         for p in run.core.predictor.parameters():
             p.data.fill_(float("nan"))
-        trainer._step(run, 1, window, stop)  # step 2: non-finite, not a check step: goes on
-        trainer._step(run, 2, window, stop)
-        with pytest.raises(trainer.TrainingDiverged, match=r"non-finite loss at step 2 .*found at the check of step 4"):
-            trainer._step(run, 3, window, stop)
+        take_step(run, 1, window, stop)  # step 2: non-finite, not a check step: goes on
+        take_step(run, 2, window, stop)
+        with pytest.raises(TrainingDiverged, match=r"non-finite loss at step 2 .*found at the check of step 4"):
+            take_step(run, 3, window, stop)
     finally:
         stop.restore()
         run.epochs.close()
@@ -141,7 +143,7 @@ def test_a_nan_between_checks_stops_at_the_next_check_naming_its_step(digits_sha
 
 
 def test_skip_alarm_warns_once_above_the_bar_and_again_after_recovering():
-    alarm = trainer._SkipAlarm(0.05)
+    alarm = SkipAlarm(0.05)
     assert alarm.check(10, {"skipped/recent_share": 0.01, "skipped/total": 1.0}) is None
     line = alarm.check(20, {"skipped/recent_share": 0.2, "skipped/total": 50.0, "skipped/decode_error": 50.0})
     assert line and "20.0%" in line and "decode_error=50" in line and "data.max_skip_share" in line
@@ -151,7 +153,7 @@ def test_skip_alarm_warns_once_above_the_bar_and_again_after_recovering():
 
 
 def test_window_keeps_about_the_latest_thousand_samples_for_the_skip_share():
-    window = trainer._Window(skip_window=100)
+    window = Window(skip_window=100)
 
     def batches():
         for i in range(40):

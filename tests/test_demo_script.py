@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from worldmodel.checkpoint import latest_checkpoint, read_finished, read_state
+from worldmodel.run.checkpoint import latest_checkpoint, read_finished, read_state
 
 pytestmark = pytest.mark.slow  # the whole demo script, twice
 

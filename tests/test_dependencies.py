@@ -27,13 +27,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # What ships with the project (the packages of [tool.setuptools.packages.find] and the two entry scripts) must have
-# its imports in [project].dependencies; tests and benchmark tooling may use the extras too. The pipeline benchmark
-# ships: scripts/run_demo.sh runs it, and the trainer's warning about skipped samples names it.
+# its imports in [project].dependencies; tests, benchmarks and the research scripts (experiments/) may use the extras
+# too. The pipeline benchmark ships: scripts/run_demo.sh runs it, and the trainer's warning about skipped samples
+# names it.
 SHIPPED = ["worldmodel", "data_pipeline", "worlds", "benchmarks/pipeline.py", "train.py", "evaluate.py"]
-TESTS_AND_TOOLS = ["tests", "benchmarks"]
+TESTS_AND_TOOLS = ["tests", "benchmarks", "experiments"]
 # Declared dependencies that no module imports by name, each with the reason it is declared.
 INDIRECT = {
-    "tensorboard": "worldmodel/metrics_log.py uses torch.utils.tensorboard, which needs it; torch does not declare it",
+    "tensorboard": (
+        "worldmodel/train/metrics_log.py uses torch.utils.tensorboard, which needs it; torch does not declare it"
+    ),
 }
 IMPORT_ERRORS = {"ImportError", "ModuleNotFoundError"}
 # Shipped modules whose imports may come from an extra too (imported where used, with an ImportError naming it).

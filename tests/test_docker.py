@@ -279,7 +279,7 @@ def test_dockerignore_keeps_the_source_and_drops_local_state():
         "docker/entrypoint.sh",
         "docker/launch_multinode.sh",
         "configs/tiny.yaml",
-        "worldmodel/model.py",
+        "worldmodel/model/world_model.py",
         "data_pipeline/stream.py",
         "worlds/moving_digits.py",
     ]

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worldmodel.config import ModelConfig
-from worldmodel.encoder import (
+from worldmodel.model.config import ModelConfig
+from worldmodel.model.encoder import (
     FrameEncoder,
     KeypointDecoder,
     SpatialSoftmaxHead,

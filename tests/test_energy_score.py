@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from worldmodel.evaluation.collect import Collected, process_batch
-from worldmodel.evaluation.compare import headline, render_headline
-from worldmodel.evaluation.report import render_report
-from worldmodel.evaluation.rollout_metrics import (
+from worldmodel.eval.collect import Collected, process_batch
+from worldmodel.eval.compare import headline, render_headline
+from worldmodel.eval.report import render_report
+from worldmodel.eval.rollout_metrics import (
     ErrorAccumulator,
     energy_score,
     ensemble_spread,

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from worldmodel.evaluation.collect import grid_pool, pool
-from worldmodel.evaluation.plots import nearest_frames
-from worldmodel.evaluation.rollout_metrics import (
+from worldmodel.eval.collect import grid_pool, pool
+from worldmodel.eval.plots import nearest_frames
+from worldmodel.eval.rollout_metrics import (
     ErrorAccumulator,
     copy_last,
     pairwise_diversity,

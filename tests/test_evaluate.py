@@ -13,11 +13,11 @@ from PIL import Image
 
 from data_pipeline.writer import Sample, write_samples
 from data_pipeline.writer.encode import encode_h264
-from worldmodel.config import load_config, save_config
-from worldmodel.evaluation import EvaluationError
-from worldmodel.evaluation.compare import compare_runs
-from worldmodel.evaluation.runner import evaluate_run
-from worldmodel.trainer import train
+from worldmodel.eval import EvaluationError
+from worldmodel.eval.compare import compare_runs
+from worldmodel.eval.runner import evaluate_run
+from worldmodel.run.config import load_config, save_config
+from worldmodel.train.loop import train
 from worlds.moving_digits import simulate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,20 +23,7 @@ from test_docker import dockerignore_patterns, is_ignored
 from test_train import _args as train_args
 from torch import nn
 
-from worldmodel.checkpoint import (
-    MANIFEST,
-    CheckpointError,
-    checkpoint_dir,
-    latest_checkpoint,
-    load_checkpoint,
-    read_manifest,
-    read_state,
-    rng_state_bytes,
-    save_checkpoint,
-    verify_checkpoint,
-)
-from worldmodel.config import load_config
-from worldmodel.evaluation.pixel_decoder import (
+from worldmodel.eval.pixel_decoder import (
     ARCHITECTURE,
     PixelDecoder,
     PixelDecoderSpec,
@@ -45,9 +32,19 @@ from worldmodel.evaluation.pixel_decoder import (
     load_decoder,
     save_decoder,
 )
-from worldmodel.launch import EXIT_DIVERGED, EXIT_SOFTWARE, EXIT_STOPPED, EXIT_USAGE, ResumeError, resume_dir
-from worldmodel.metrics_log import MetricsLog
-from worldmodel.model import WorldModel
+from worldmodel.model.world_model import WorldModel
+from worldmodel.run.checkpoint import (
+    checkpoint_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    read_state,
+    rng_state_bytes,
+    save_checkpoint,
+)
+from worldmodel.run.config import load_config
+from worldmodel.run.manifest import MANIFEST, CheckpointError, read_manifest, verify_checkpoint
+from worldmodel.train.launch import EXIT_DIVERGED, EXIT_SOFTWARE, EXIT_STOPPED, EXIT_USAGE, ResumeError, resume_dir
+from worldmodel.train.metrics_log import MetricsLog
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from worldmodel.latents import (
+from worldmodel.model.latents import (
     SIGMA_INIT,
     OracleLatent,
     SparseLatent,
@@ -12,7 +12,7 @@ from worldmodel.latents import (
     gaussian_kl,
     straight_through_bernoulli,
 )
-from worldmodel.summaries import Summaries
+from worldmodel.model.summaries import Summaries
 
 
 def test_gaussian_kl_matches_torch_distributions():
@@ -144,9 +144,9 @@ def test_adassl_v_kl_is_exactly_zero_at_initialisation():
 
 
 def test_every_configurable_latent_has_its_class():
-    """The config's choices (the Literal type in model_config) and the registry of behaviour name the same kinds."""
-    from worldmodel.latents import LATENT_CLASSES
-    from worldmodel.model_config import LATENTS
+    """The config's choices (the Literal type in model/config.py) and the registry of behaviour name the same kinds."""
+    from worldmodel.model.config import LATENTS
+    from worldmodel.model.latents import LATENT_CLASSES
 
     assert tuple(LATENT_CLASSES) == LATENTS
     assert all(cls.name == name for name, cls in LATENT_CLASSES.items())

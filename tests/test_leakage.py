@@ -1,4 +1,4 @@
-"""The leakage and transfer checks of inferred latents (worldmodel/evaluation/leakage.py), on real tiny models."""
+"""The leakage and transfer checks of inferred latents (worldmodel/eval/leakage.py), on real tiny models."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from worldmodel.config import load_config
-from worldmodel.evaluation.collect import Collected, process_batch
-from worldmodel.evaluation.leakage import (
+from worldmodel.eval.collect import Collected, process_batch
+from worldmodel.eval.leakage import (
     SKIP_TRANSITIONS,
     LeakageAccumulator,
     derangement,
@@ -21,10 +20,11 @@ from worldmodel.evaluation.leakage import (
     shuffle_summary,
     transfer_correlations,
 )
-from worldmodel.evaluation.probes import split_clips
-from worldmodel.evaluation.report import render_report
-from worldmodel.evaluation.rollout_metrics import ErrorAccumulator
-from worldmodel.model import WorldModel
+from worldmodel.eval.probes import split_clips
+from worldmodel.eval.report import render_report
+from worldmodel.eval.rollout_metrics import ErrorAccumulator
+from worldmodel.model.world_model import WorldModel
+from worldmodel.run.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = load_config(ROOT / "configs" / "tiny.yaml").model  # img 64, patch 16, frame granularity
@@ -248,7 +248,7 @@ def test_evaluation_pass_fills_the_leakage_section(latent):
 
 def test_latents_without_a_posterior_get_no_leakage_check():
     """none (and the oracle) have no inferred r: the runner builds no accumulator, metrics["leakage"] is null."""
-    from worldmodel.evaluation.runner import run_leakage
+    from worldmodel.eval.sections import run_leakage
 
     collected = Collected(errors=ErrorAccumulator(1))
     assert run_leakage(collected, None, {"num_clips": 0, "notes": []}, 0) is None

@@ -1,11 +1,11 @@
-"""benchmarks/minimal_model.py: the ablation loop runs end to end on real shards and reports what the table needs."""
+"""experiments/minimal_model.py: the ablation loop runs end to end on real shards and reports what the table needs."""
 
 import json
 import math
 
 import pytest
 
-from benchmarks import minimal_model
+from experiments import minimal_model
 
 
 @pytest.mark.parametrize(

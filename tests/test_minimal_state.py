@@ -1,10 +1,10 @@
-"""benchmarks/minimal_state.py: the state-level AdaSSL-V runs on a real (tiny) push world and reports its figures."""
+"""experiments/minimal_state.py: the state-level AdaSSL-V runs on a real (tiny) push world and reports its figures."""
 
 import json
 
 import pytest
 
-from benchmarks import minimal_state
+from experiments import minimal_state
 from worlds.push_world import make_push_world
 
 

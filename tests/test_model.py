@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from worldmodel.config import ModelConfig
-from worldmodel.model import WorldModel
+from worldmodel.model.config import ModelConfig
+from worldmodel.model.world_model import WorldModel
 from worlds.moving_digits import simulate
 
 LATENT_KINDS = ["none", "adassl_v", "adassl_s", "oracle"]

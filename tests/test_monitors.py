@@ -2,7 +2,7 @@
 
 import torch
 
-from worldmodel.monitors import HealthWatch, batch_variance, effective_rank, per_dim_std, target_health
+from worldmodel.model.monitors import HealthWatch, batch_variance, effective_rank, per_dim_std, target_health
 
 
 def test_monitors_detect_collapse():

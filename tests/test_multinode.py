@@ -30,9 +30,9 @@ import json, os, runpy, sys
 from pathlib import Path
 
 sys.path.insert(0, {repo!r})
-import worldmodel.trainer as trainer
+import worldmodel.train.state as state
 
-real_loader = trainer.make_train_loader
+real_loader = state.make_train_loader
 
 
 def recording_loader(cfg, shards, *, seed, epoch, rank, world_size, epochs=1):
@@ -45,7 +45,7 @@ def recording_loader(cfg, shards, *, seed, epoch, rank, world_size, epochs=1):
         yield batch
 
 
-trainer.make_train_loader = recording_loader
+state.make_train_loader = recording_loader
 sys.argv[0] = {train!r}
 runpy.run_path({train!r}, run_name="__main__")
 """
@@ -151,8 +151,8 @@ def _assert_run_written_once(run_dir: Path, rank0_model: dict, args: list[str]) 
     metrics record per step with the monitors, TensorBoard events and the resolved config."""
     from safetensors.torch import load_file
 
-    from worldmodel.checkpoint import checkpoint_dir, latest_checkpoint, read_state
-    from worldmodel.config import load_config
+    from worldmodel.run.checkpoint import checkpoint_dir, latest_checkpoint, read_state
+    from worldmodel.run.config import load_config
 
     final = latest_checkpoint(run_dir)
     assert final == checkpoint_dir(run_dir, 4)
@@ -175,8 +175,8 @@ def _assert_run_written_once(run_dir: Path, rank0_model: dict, args: list[str]) 
 
 def _world_model(run_dir: Path):
     """A WorldModel built from the run's resolved config (for its parameter names)."""
-    from worldmodel.config import load_config
-    from worldmodel.model import WorldModel
+    from worldmodel.model.world_model import WorldModel
+    from worldmodel.run.config import load_config
 
     return WorldModel(load_config(run_dir / "config.yaml").model)
 

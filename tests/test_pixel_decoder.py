@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from data_pipeline.stream import make_eval_loader
-from worldmodel.config import load_config
-from worldmodel.evaluation.collect import Collected, process_batch
-from worldmodel.evaluation.compare import compare_runs
-from worldmodel.evaluation.pixel_decoder import (
+from worldmodel.eval.collect import Collected, process_batch
+from worldmodel.eval.compare import compare_runs
+from worldmodel.eval.pixel_decoder import (
     PIXEL_METRICS,
     PixelDecoder,
     PixelDecoderSpec,
@@ -26,10 +25,11 @@ from worldmodel.evaluation.pixel_decoder import (
     train_decoder,
     training_frames,
 )
-from worldmodel.evaluation.rollout_metrics import ErrorAccumulator
-from worldmodel.evaluation.runner import evaluate_run, evaluated_final, load_run
-from worldmodel.model import WorldModel
-from worldmodel.trainer import train
+from worldmodel.eval.rollout_metrics import ErrorAccumulator
+from worldmodel.eval.runner import evaluate_run, evaluated_final, load_run
+from worldmodel.model.world_model import WorldModel
+from worldmodel.run.config import load_config
+from worldmodel.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

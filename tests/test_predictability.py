@@ -1,8 +1,8 @@
-"""benchmarks/predictability.py: how much of an embedding's motion a constant-velocity or linear guess extrapolates."""
+"""experiments/predictability.py: how much of an embedding's motion a constant-velocity or linear guess extrapolates."""
 
 import numpy as np
 
-from benchmarks.predictability import guesses
+from experiments.predictability import guesses
 
 
 def _tracks(num_clips: int = 64, num_frames: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from worldmodel.predictor import Predictor, frame_causal_mask
+from worldmodel.model.predictor import Predictor, frame_causal_mask
 
 D, N, T = 8, 4, 5
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from worldmodel.evaluation.probe_suite import label_probes, latent_action_probes, state_probes
-from worldmodel.evaluation.probes import auc, fit_ridge, r2_score, ridge_r2, split_clips
+from worldmodel.eval.probe_suite import label_probes, latent_action_probes, state_probes
+from worldmodel.eval.probes import auc, fit_ridge, r2_score, ridge_r2, split_clips
 
 
 def test_split_is_deterministic_disjoint_and_complete():

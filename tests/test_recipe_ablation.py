@@ -1,11 +1,11 @@
-"""benchmarks/recipe_ablation.py: the rows are valid config overrides and the table reads the right figures."""
+"""experiments/recipe_ablation.py: the rows are valid config overrides and the table reads the right figures."""
 
 from __future__ import annotations
 
 import pytest
 
-from benchmarks.recipe_ablation import ROWS, row_figures
-from worldmodel.config import load_config
+from experiments.recipe_ablation import ROWS, row_figures
+from worldmodel.run.config import load_config
 
 
 @pytest.mark.parametrize("row", sorted(ROWS))

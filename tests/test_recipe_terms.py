@@ -8,8 +8,8 @@ import pytest
 import torch
 from test_model import tiny_cfg
 
-from worldmodel.model import WorldModel, clip_contrast, within_clip_share
-from worldmodel.sigreg import gaussian_level
+from worldmodel.model.sigreg import gaussian_level
+from worldmodel.model.world_model import WorldModel, clip_contrast, within_clip_share
 from worlds.moving_digits import simulate
 
 

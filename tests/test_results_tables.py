@@ -273,7 +273,7 @@ def _git(root: Path, *args: str) -> None:
 
 def test_the_code_hash_ignores_docs_and_tests_and_follows_the_model(tmp_path):
     files = {
-        "worldmodel/model.py": "x = 1\n",
+        "worldmodel/model/world_model.py": "x = 1\n",
         "docs/results.md": "# r\n",
         "tests/test_a.py": "",
         "train.py": "",
@@ -285,7 +285,7 @@ def test_the_code_hash_ignores_docs_and_tests_and_follows_the_model(tmp_path):
     _git(tmp_path, "init", "-q")
     _git(tmp_path, "add", ".")
     _git(tmp_path, "commit", "-qm", "first")
-    assert S.code_files(tmp_path) == ["train.py", "worldmodel/model.py"]
+    assert S.code_files(tmp_path) == ["train.py", "worldmodel/model/world_model.py"]
     before = S.code_hash(tmp_path)
     assert S.git_state(tmp_path)["dirty"] is False and S.git_state(tmp_path)["code_dirty"] is False
 
@@ -295,11 +295,11 @@ def test_the_code_hash_ignores_docs_and_tests_and_follows_the_model(tmp_path):
     _git(tmp_path, "commit", "-qam", "docs and tests")
     assert S.code_hash(tmp_path) == before
 
-    (tmp_path / "worldmodel/model.py").write_text("x = 2\n")
+    (tmp_path / "worldmodel/model/world_model.py").write_text("x = 2\n")
     assert S.code_hash(tmp_path) != before
     state = S.git_state(tmp_path)
     assert state["dirty"] and state["code_dirty"] and len(state["commit"]) == 40
-    (tmp_path / "worldmodel/model.py").write_text("x = 1\n")
+    (tmp_path / "worldmodel/model/world_model.py").write_text("x = 1\n")
     assert S.code_hash(tmp_path) == before
     (tmp_path / "worldmodel/new.py").write_text("")  # untracked but not ignored: counts
     assert S.code_hash(tmp_path) != before and S.git_state(tmp_path)["code_dirty"]

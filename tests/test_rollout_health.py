@@ -5,12 +5,12 @@ import pytest
 import torch
 from PIL import Image
 
-from worldmodel.evaluation.collect import pool
-from worldmodel.evaluation.plots import plot_rollout_health
-from worldmodel.evaluation.probe_suite import COPY_LAST_READ, pair_features, pair_probe, state_probes
-from worldmodel.evaluation.probes import split_clips
-from worldmodel.evaluation.report import render_report
-from worldmodel.evaluation.rollout_metrics import SPLITS, ErrorAccumulator, rollout_health, step_events
+from worldmodel.eval.collect import pool
+from worldmodel.eval.plots import plot_rollout_health
+from worldmodel.eval.probe_suite import COPY_LAST_READ, pair_features, pair_probe, state_probes
+from worldmodel.eval.probes import split_clips
+from worldmodel.eval.report import render_report
+from worldmodel.eval.rollout_metrics import SPLITS, ErrorAccumulator, rollout_health, step_events
 
 
 def _health(preds: dict[str, torch.Tensor], target: torch.Tensor) -> dict:

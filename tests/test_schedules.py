@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from worldmodel.schedules import beta_at, ema_momentum, lr_factor, recon_sigma_at
+from worldmodel.train.schedules import beta_at, ema_momentum, lr_factor, recon_sigma_at
 
 
 def test_lr_warms_up_linearly_then_decays_to_min_lr():

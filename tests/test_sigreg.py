@@ -1,5 +1,5 @@
-"""SIGReg (worldmodel/sigreg.py): what it measures, and that two gloo processes give what one process with the whole
-batch gives, value and gradients (after DDP's averaging of the gradients over ranks)."""
+"""SIGReg (worldmodel/model/sigreg.py): what it measures, and that two gloo processes give what one process with the
+whole batch gives, value and gradients (after DDP's averaging of the gradients over ranks)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from worldmodel.sigreg import gaussian_level, sigreg
+from worldmodel.model.sigreg import gaussian_level, sigreg
 
 
 def test_gaussian_samples_reach_the_expected_level_and_collapse_does_not():

@@ -1,4 +1,4 @@
-"""The train section's speed options (worldmodel/train_setup.py) change nothing but speed: compiled and eager
+"""The train section's speed options (worldmodel/train/setup.py) change nothing but speed: compiled and eager
 training agree, checkpoints are interchangeable, and bf16 autocast leaves the KL, the norms' statistics and the EMA
 in fp32. torch.compile runs with the aot_eager backend here (no C++ compiler, seconds); inductor is the default."""
 
@@ -10,17 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from worldmodel.checkpoint import latest_checkpoint, load_model_state
-from worldmodel.config import ConfigError, load_config
-from worldmodel.model import WorldModel
-from worldmodel.train_setup import (
+from worldmodel.model.world_model import WorldModel
+from worldmodel.run.checkpoint import latest_checkpoint, load_model_state
+from worldmodel.run.config import ConfigError, load_config
+from worldmodel.train.loop import train
+from worldmodel.train.setup import (
     build_optimizer,
     compile_model,
     set_tf32,
     timm_fused_attention,
     use_fused_adamw,
 )
-from worldmodel.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

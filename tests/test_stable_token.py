@@ -1,8 +1,8 @@
-"""benchmarks/stable_token.py: what it reads from two runs' metrics and when it fails the recipe."""
+"""experiments/stable_token.py: what it reads from two runs' metrics and when it fails the recipe."""
 
 from __future__ import annotations
 
-from benchmarks.stable_token import summary, verdict
+from experiments.stable_token import summary, verdict
 
 
 def _metrics(agent: float, forecast: float) -> dict:

@@ -14,12 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from worldmodel.checkpoint import checkpoint_dir, latest_checkpoint, load_model_state, read_finished, read_state
-from worldmodel.config import load_config
-from worldmodel.evaluation.runner import evaluate_run, evaluated_final
-from worldmodel.launch import EXIT_STOPPED, StopRequest
-from worldmodel.model import WorldModel
-from worldmodel.trainer import build_optimizer
+from worldmodel.eval.runner import evaluate_run, evaluated_final
+from worldmodel.model.world_model import WorldModel
+from worldmodel.run.checkpoint import checkpoint_dir, latest_checkpoint, load_model_state, read_finished, read_state
+from worldmodel.run.config import load_config
+from worldmodel.train.launch import EXIT_STOPPED, StopRequest
+from worldmodel.train.setup import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).parent / "accelerate"

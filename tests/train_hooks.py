@@ -21,8 +21,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import worldmodel.trainer as trainer  # noqa: E402
-from worldmodel.model import WorldModel  # noqa: E402
+import worldmodel.train.loop as loop  # noqa: E402
+import worldmodel.train.state as state  # noqa: E402
+from worldmodel.model.world_model import WorldModel  # noqa: E402
 
 
 def _rank() -> int:
@@ -63,7 +64,7 @@ if os.environ.get("HOOK_RAISE_AT_STEP"):
     WorldModel.forward = forward_that_raises
 
 if os.environ.get("HOOK_DUMP_STATE") == "1":
-    real_load, real_save = trainer.ckpt.load_checkpoint, trainer._save
+    real_load, real_save = state.ckpt.load_checkpoint, state.save_state
 
     def load_and_dump(path, *, model, optimizer, **kwargs):
         state = real_load(path, model=model, optimizer=optimizer, **kwargs)
@@ -75,7 +76,7 @@ if os.environ.get("HOOK_DUMP_STATE") == "1":
         _dump(Path(cfg.run_dir), "final", accelerator.unwrap_model(model), optimizer)
         return path
 
-    trainer.ckpt.load_checkpoint, trainer._save = load_and_dump, save_and_dump
+    state.ckpt.load_checkpoint, loop.save_state = load_and_dump, save_and_dump
 
 script = os.environ.get("HOOK_TRAIN", str(REPO / "train.py"))
 sys.argv[0] = script
