@@ -2,8 +2,8 @@
 
 This module is part of the model (encoder, predictor, latents, objectives, WorldModel) and imports nothing from the
 data pipeline or the orchestration (pyproject.toml [tool.importlinter] checks it). The experiment config that
-reads, overrides and validates the YAML is worldmodel/config.py; it re-exports the names defined here, so
-`from worldmodel.config import ModelConfig` keeps working.
+reads, overrides and validates the YAML is worldmodel/run/config.py; it re-exports the names defined here, so
+`from worldmodel.run.config import ModelConfig` works too.
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-# Every choice is defined once, as the Literal type of its key: worldmodel/config.py validates a value against it,
+# Every choice is defined once, as the Literal type of its key: worldmodel/run/config.py validates a value against it,
 # and the tuples below are read from it. A latent's behaviour lives in its class (latents.py), registered under the
 # same name (a test checks that the registry matches LATENTS).
 Latent = Literal["none", "adassl_v", "adassl_s", "oracle"]
-Granularity = Literal["frame", "tokens"]  # model.granularity (worldmodel/encoder.py FrameEncoder)
-FrameHead = Literal["linear", "keypoints"]  # model.frame_head (worldmodel/encoder.py FrameEncoder)
-Prediction = Literal["absolute", "residual"]  # model.prediction (worldmodel/predictor.py Predictor)
-Loss = Literal["l1", "smooth_l1"]  # model.loss (worldmodel/objectives.py jepa_loss)
-Target = Literal["ema", "online"]  # model.target (worldmodel/model.py)
+Granularity = Literal["frame", "tokens"]  # model.granularity (worldmodel/model/encoder.py FrameEncoder)
+FrameHead = Literal["linear", "keypoints"]  # model.frame_head (worldmodel/model/encoder.py FrameEncoder)
+Prediction = Literal["absolute", "residual"]  # model.prediction (worldmodel/model/predictor.py Predictor)
+Loss = Literal["l1", "smooth_l1"]  # model.loss (worldmodel/model/objectives.py jepa_loss)
+Target = Literal["ema", "online"]  # model.target (worldmodel/model/world_model.py)
 
 CHANNELS = 3  # frames are RGB: the decoders and the shard writer always give three channels
 LATENTS: tuple[str, ...] = get_args(Latent)
@@ -107,7 +107,7 @@ class ModelConfig:
     # "online", the online encoder itself with gradient (LeWM: no EMA, no stop-gradient; needs sigreg_weight > 0,
     # or the encoder collapses to a constant)
     target: Target = "ema"
-    # SIGReg (worldmodel/sigreg.py): the weight of the Epps-Pulley statistic that asks the frame embedding (the frame
+    # SIGReg (worldmodel/model/sigreg.py): the weight of the Epps-Pulley statistic that asks the frame embedding (the frame
     # head's output, before normalisation; token grids: their mean) to be an isotropic Gaussian over the global batch,
     # all frames of all clips as one sample set (LeWM: per time step, at batch 128). LeWM's weight is 0.09. 0 = off.
     sigreg_weight: float = 0.0
