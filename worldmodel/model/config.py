@@ -107,7 +107,7 @@ class ModelConfig:
     # "online", the online encoder itself with gradient (LeWM: no EMA, no stop-gradient; needs sigreg_weight > 0,
     # or the encoder collapses to a constant)
     target: Target = "ema"
-    # SIGReg (worldmodel/model/sigreg.py): the weight of the Epps-Pulley statistic that asks the frame embedding (the frame
+    # SIGReg (model/sigreg.py): the weight of the Epps-Pulley statistic that asks the frame embedding (the frame
     # head's output, before normalisation; token grids: their mean) to be an isotropic Gaussian over the global batch,
     # all frames of all clips as one sample set (LeWM: per time step, at batch 128). LeWM's weight is 0.09. 0 = off.
     sigreg_weight: float = 0.0
