@@ -20,10 +20,25 @@ def test_shipped_configs_load_and_point_at_the_default_data(name):
     assert cfg.data.image_size <= 64  # the default data is 64x64: resize down, never up
 
 
-def test_gpu_config_is_vit_s_sized_with_16_frames_in_bf16():
-    cfg = load_config(CONFIGS / "gpu_vits.yaml")
-    assert (cfg.model.embed_dim, cfg.model.depth, cfg.model.num_heads) == (384, 12, 6)
-    assert cfg.data.clip_length == 16 and cfg.train.mixed_precision == "bf16"
+@pytest.mark.parametrize(
+    ("name", "vit_s"), [("gpu_vits", "vit_small_patch8_224"), ("gpu_vits224", "vit_small_patch16_224")]
+)
+def test_gpu_configs_build_a_vit_s_encoder_whose_weights_load(name, vit_s):
+    """The GPU configs' encoder is timm's ViT-S (at the config's patch and image size, no class token, no head):
+    the same parameter names and shapes and the same heads, so ViT-S weights load through model.init_weights.
+    Built on the meta device: no memory, no download."""
+    from timm import create_model
+
+    from worldmodel.model.encoder import build_vit
+
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    with torch.device("meta"):
+        ours = build_vit(cfg.model)
+        reference = create_model(
+            vit_s, pretrained=False, img_size=cfg.data.image_size, class_token=False, global_pool="", num_classes=0
+        )
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    assert ours.blocks[0].attn.num_heads == reference.blocks[0].attn.num_heads
 
 
 def test_dotted_overrides_are_typed():
