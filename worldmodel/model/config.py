@@ -37,6 +37,8 @@ class ModelConfig:
     """
 
     latent: Latent = "adassl_v"
+    # frames are img_size x img_size. Not a config key: the experiment config fills it from data.image_size
+    # (worldmodel/run/config.py DERIVED_KEYS); set it directly only where a ModelConfig is built without one
     img_size: int = 64
     patch_size: int = 8
     embed_dim: int = 192  # encoder width

@@ -37,8 +37,8 @@ def preprocess(frames: Tensor, img_size: int) -> Tensor:
     """
     if frames.ndim != 5 or frames.shape[2] != img_size or frames.shape[3] != img_size:
         raise ValueError(
-            f"frames must be [B, T, {img_size}, {img_size}, C] (model.img_size={img_size}), got "
-            f"{tuple(frames.shape)}; set data.image_size and model.img_size to the same value"
+            f"frames must be [B, T, {img_size}, {img_size}, C] (the model's img_size={img_size}, data.image_size in "
+            f"an experiment config), got {tuple(frames.shape)}; decode the frames at the model's size"
         )
     x = frames.float() / 255.0 if frames.dtype == torch.uint8 else frames.float()
     return rearrange(x * 2.0 - 1.0, "b t h w c -> b t c h w")
