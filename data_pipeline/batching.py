@@ -10,18 +10,18 @@
   than one shared-memory segment per tensor);
 - `read_ahead`: an iterator run by a background thread a few items ahead of its consumer.
 
-Why the ring stays (measured back to back on the default data with one worker, `python -m benchmarks.pipeline
---shards 'data/moving_digits/train/shard-*.tar' --workers 1 --batches 100 --ring-slots 4 0 4 0`): pipeline over
-decoder 0.845 / 0.823 with the ring against 0.779 / 0.740 with a fresh shared-memory tensor per batch, the memory
-path of torch's default collate (which also stacks: one more copy), i.e. 8-11% more throughput.
+Why the ring stays: measured back to back on the default data with one worker, it gives the pipeline more
+throughput than a fresh shared-memory tensor per batch, the memory path of torch's default collate (which also
+stacks: one more copy). Measure again before changing it: `python -m benchmarks.pipeline --shards
+'data/moving_digits/train/shard-*.tar' --workers 1 --batches 100 --ring-slots 4 0 4 0` (pipeline over decoder,
+with the ring and without, twice).
 
 Private torch API, and why it stays: `UntypedStorage._new_shared` allocates the workers' shared memory directly
-(the public `torch.empty(n).share_memory_()` allocates and then moves the storage: measured back to back with one
-worker, `python -m benchmarks.pipeline --workers 1 --batches 60`, pipeline over decoder 0.841 / 0.910 with
-`_new_shared` against 0.745 / 0.726 with `share_memory_()`); `_shutdown_workers` of a multi-process DataLoader
-iterator, called at interpreter exit for iterators still alive (`_stop_at_exit`), because DataLoader has no public
-way to stop its workers, and without it a script that ended with a live iterator of workers that ignore SIGTERM
-hung for ever. Whether DataLoader pins is read from its public `pin_memory` flag.
+(the public `torch.empty(n).share_memory_()` allocates and then moves the storage, which measured slower back to
+back with one worker, `python -m benchmarks.pipeline --workers 1 --batches 60`); `_shutdown_workers` of a
+multi-process DataLoader iterator, called at interpreter exit for iterators still alive (`_stop_at_exit`), because
+DataLoader has no public way to stop its workers, and without it a script that ended with a live iterator of
+workers that ignore SIGTERM hung for ever. Whether DataLoader pins is read from its public `pin_memory` flag.
 """
 
 from __future__ import annotations

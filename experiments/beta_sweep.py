@@ -8,7 +8,8 @@ transitions. Too high and r is ignored (KL -> 0, AdaSSL = JEPA); too low and r c
 per beta: KL on kicked vs unkicked transitions, KL as a kick detector (AUC), rollout L1 on kicked transitions for
 the prior mean, best-of-K and posterior, the posterior's L1 on unkicked transitions (far below the prior mean there
 too means r carries more than the kicks: it copies the target), and the position probe, so the usable window can be
-read off. The defaults bracket the demo's window (docs/results.md: 0.00005 copies, 0.002 switches r off).
+read off. The defaults bracket the demo's window, from a beta where r copies to one where it is switched off
+(docs/results.md, "AdaSSL-V: the conditioning's initialisation and beta").
 """
 
 from __future__ import annotations

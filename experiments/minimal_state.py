@@ -13,7 +13,8 @@ oracle (r = a linear map of the action) with `--methods`.
 
 Prints one JSON line per run, on the held-out transitions: the one-step L1 over copy-last's (prior mean and
 posterior mean, unkicked; prior mean on events) and, for AdaSSL-V, the KL on changes of intent and on the other
-transitions and its AUC as a detector of them. The ablation table is in docs/results.md ("eighth round").
+transitions and its AUC as a detector of them. The ablation table is in docs/results.md ("The posterior is handed
+the change of motion").
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@
 
 A JEPA (model.latent=none) is trained with the same config and seed on a built-in world twice: as generated, and
 with an episode-constant square of `--patch` px pasted into a corner of every frame (`--stable-patch` of the
-world generators: a random colour per video, the world otherwise identical). LeWM with SIGReg falls from 79% to 1%
-PushT planning success with one such token (jepa-stable-token-failure); Sobal et al. 2022's JEPA encodes a still dot
-and ignores the moving ones. A recipe passes when, with the patch, the probe R² of the agent's position (x0, y0)
+world generators: a random colour per video, the world otherwise identical). LeWM with SIGReg loses nearly all of
+its PushT planning success to one such token; Sobal et al. 2022's JEPA encodes a still dot and ignores the moving
+ones. A recipe passes when, with the patch, the probe R² of the agent's position (x0, y0)
 falls by at most 0.1 and the one-step forecast stays at or below 0.9 of copy-last (transitions without an event).
 Prints the table, writes OUT/stable_token.json, exits 1 when the recipe fails.
 """

@@ -46,7 +46,7 @@ def test_pusht_is_a_world_of_the_benchmark_and_its_data_is_versioned_too(tmp_pat
     assert adassl_vs_jepa.WORLD_RUNS["pusht"] == {"data": "pusht", "config": "configs/pusht.yaml", "runs": "-pusht"}
     cfg = load_config(ROOT / "configs" / "pusht.yaml")
     assert cfg.data.train_shards == "data/pusht/train/shard-*.tar" and cfg.data.val_shards.startswith("data/pusht/val/")
-    assert cfg.data.image_size == cfg.model.img_size == 64  # the frames as written: the agent is small
+    assert cfg.data.image_size == 64  # the frames as written: the agent is small
     for split in ("train", "val"):
         (tmp_path / split).mkdir()
         (tmp_path / split / "index.json").write_text("{}")

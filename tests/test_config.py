@@ -16,14 +16,28 @@ def test_shipped_configs_load_and_point_at_the_default_data(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert cfg.data.train_shards == "data/moving_digits/train/shard-*.tar"
     assert cfg.data.val_shards == "data/moving_digits/val/shard-*.tar"
-    assert cfg.data.image_size == cfg.model.img_size  # decoded at the size the model takes
     assert cfg.data.image_size <= 64  # the default data is 64x64: resize down, never up
 
 
-def test_gpu_config_is_vit_s_sized_with_16_frames_in_bf16():
-    cfg = load_config(CONFIGS / "gpu_vits.yaml")
-    assert (cfg.model.embed_dim, cfg.model.depth, cfg.model.num_heads) == (384, 12, 6)
-    assert cfg.data.clip_length == 16 and cfg.train.mixed_precision == "bf16"
+@pytest.mark.parametrize(
+    ("name", "vit_s"), [("gpu_vits", "vit_small_patch8_224"), ("gpu_vits224", "vit_small_patch16_224")]
+)
+def test_gpu_configs_build_a_vit_s_encoder_whose_weights_load(name, vit_s):
+    """The GPU configs' encoder is timm's ViT-S (at the config's patch and image size, no class token, no head):
+    the same parameter names and shapes and the same heads, so ViT-S weights load through model.init_weights.
+    Built on the meta device: no memory, no download."""
+    from timm import create_model
+
+    from worldmodel.model.encoder import build_vit
+
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    with torch.device("meta"):
+        ours = build_vit(cfg.model)
+        reference = create_model(
+            vit_s, pretrained=False, img_size=cfg.data.image_size, class_token=False, global_pool="", num_classes=0
+        )
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    assert ours.blocks[0].attn.num_heads == reference.blocks[0].attn.num_heads
 
 
 def test_dotted_overrides_are_typed():
@@ -58,9 +72,52 @@ def test_bad_values_fail_with_the_key(override, message):
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = load_config(CONFIGS / "demo.yaml", ["model.latent=oracle", "model.action_dim=2"])
+    cfg = load_config(CONFIGS / "demo.yaml", ["model.latent=oracle", "model.action_dim=2", "data.image_size=48"])
     save_config(cfg, tmp_path / "config.yaml")
+    assert "img_size" not in (tmp_path / "config.yaml").read_text()  # a run's config holds config keys only
     assert load_config(tmp_path / "config.yaml") == cfg
+    assert load_config(tmp_path / "config.yaml").model.img_size == 48
+
+
+def test_the_model_takes_its_image_size_from_data_image_size():
+    """One image size: a config that sets data.image_size alone builds a model for frames of that size, and
+    data.image_size overridden on the command line moves the model with it."""
+    from worldmodel.model.world_model import WorldModel
+
+    small = {"patch_size": 8, "embed_dim": 48, "depth": 1, "num_heads": 3, "latent": "none", "pred_dim": 48}
+    cfg = config_from_dict({"data": {"image_size": 64}, "model": small})
+    assert cfg.model.img_size == 64
+    torch.manual_seed(0)
+    model = WorldModel(cfg.model)
+    assert model.encoder.vit.patch_embed.grid_size == (8, 8)
+    assert torch.isfinite(model(torch.zeros(2, 4, 64, 64, 3, dtype=torch.uint8))["loss"])
+    with pytest.raises(ValueError, match=r"frames must be \[B, T, 64, 64, C\]"):
+        model(torch.zeros(2, 4, 32, 32, 3, dtype=torch.uint8))
+    assert load_config(CONFIGS / "tiny.yaml", ["data.image_size=32"]).model.img_size == 32
+
+
+@pytest.mark.parametrize("where", ["yaml", "override"])
+def test_model_img_size_is_no_config_key_and_the_error_names_data_image_size(where, tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("data:\n  image_size: 64\nmodel:\n  img_size: 64\n" if where == "yaml" else "seed: 0\n")
+    overrides = ["model.img_size=64"] if where == "override" else []
+    with pytest.raises(ConfigError, match=r"model.img_size is not a config key.*set data.image_size instead"):
+        load_config(path, overrides)
+    with pytest.raises(ConfigError, match="valid keys: model.latent, model.patch_size, ") as err:
+        load_config(None, ["model.img_sise=64"])
+    assert "model.img_size" not in str(err.value)  # not offered as a key either
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.image_size=0", "data.image_size=0: the model is built for one frame size"),
+        ("data.image_size=40", "data.image_size=40 is not a multiple of model.patch_size=16"),
+    ],
+)
+def test_an_image_size_the_model_cannot_take_is_a_config_error(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "tiny.yaml", [override])
 
 
 def test_mixed_precision_auto_is_bf16_only_with_cuda():
@@ -85,7 +142,6 @@ def test_push_config_points_at_the_push_world_and_its_keypoint_model_trains_a_st
 
     cfg = load_config(CONFIGS / "push.yaml", ["model.latent=none"])
     assert cfg.data.train_shards == "data/push_world/train/shard-*.tar" and cfg.model.frame_head == "keypoints"
-    assert cfg.data.image_size == cfg.model.img_size
     torch.manual_seed(0)
     model = WorldModel(cfg.model)
     size = cfg.model.img_size

@@ -31,7 +31,7 @@ def test_preprocess_maps_uint8_to_minus_one_one_channels_first():
 
 
 def test_preprocess_rejects_wrong_size():
-    with pytest.raises(ValueError, match="model.img_size=32"):
+    with pytest.raises(ValueError, match=r"the model.s img_size=32"):
         preprocess(torch.zeros(1, 2, 16, 16, 3, dtype=torch.uint8), img_size=32)
 
 

@@ -58,15 +58,26 @@ def test_trunk_context_summary_reads_one_position_of_the_trunk_output():
 
 
 def test_target_summary_reads_the_change_of_motion():
-    # per token [x+, x+ - x_t, x+ - 2 x_t + x_{t-1}]: the step and its change are handed over, not left to be found
-    torch.manual_seed(0)
-    summaries = Summaries(embed_dim=4, summary_dim=6)
-    x_plus, x_t, x_prev = torch.randn(3, 2, 3, 5, 4).unbind(0)
-    step = x_plus - x_t
-    expected = summaries.target_proj(summaries.target_pool(torch.cat([x_plus, step, step - (x_t - x_prev)], -1)))
-    torch.testing.assert_close(summaries.target(x_plus, x_t, x_prev), expected)
-    moved = x_prev + 1.0  # the same x+ after a different last step: a different s+
-    assert not torch.allclose(summaries.target(x_plus, x_t, moved), summaries.target(x_plus, x_t, x_prev))
+    """Per token, s+ reads [x+, x+ - x_t, x+ - 2 x_t + x_{t-1}] (the next frame, its step and the step's change),
+    from detached inputs. With a uniform pool (zero scores: each head is the mean over tokens) and an identity
+    projection, s+ shows those three for hand-picked frames: a uniform motion has no change of step, a kick has."""
+    summaries = Summaries(embed_dim=2, summary_dim=6, heads=1)
+    with torch.no_grad():
+        summaries.target_pool.score.weight.zero_()
+        summaries.target_pool.score.bias.zero_()
+        summaries.target_proj.weight.copy_(torch.eye(6))
+        summaries.target_proj.bias.zero_()
+
+    def frame(x: float, y: float) -> torch.Tensor:  # one frame of 3 tokens [1, 1, 3, 2], all at (x, y)
+        return torch.tensor([x, y]).expand(1, 1, 3, 2).clone()
+
+    uniform = summaries.target(frame(3.0, 1.0), frame(2.0, 1.0), frame(1.0, 1.0))  # x moves by 1, then by 1
+    torch.testing.assert_close(uniform[0, 0], torch.tensor([3.0, 1.0, 1.0, 0.0, 0.0, 0.0]))
+    kicked = summaries.target(frame(2.0, 3.0), frame(2.0, 1.0), frame(1.0, 1.0))  # by (1, 0), then by (0, 2)
+    torch.testing.assert_close(kicked[0, 0], torch.tensor([2.0, 3.0, 0.0, 2.0, -1.0, 2.0]))
+    inputs = [frame(2.0, 3.0).requires_grad_(), frame(2.0, 1.0).requires_grad_(), frame(1.0, 1.0).requires_grad_()]
+    summaries.target(*inputs).sum().backward()
+    assert all(x.grad is None for x in inputs)  # the posterior's view of the frames passes no gradient back
 
 
 def test_context_summary_ignores_the_scale_of_the_trunk_output():

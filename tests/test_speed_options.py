@@ -160,11 +160,3 @@ def test_trainer_with_train_compile_matches_eager_and_its_checkpoint_loads_uncom
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
     model = WorldModel(load_config(tmp_path / "compiled" / "config.yaml").model)
     load_model_state(model, latest_checkpoint(tmp_path / "compiled"))  # strict: the same names as an eager model
-
-
-def test_gpu_vits224_is_vit_s16_at_224_px_with_16_frames_in_bf16():
-    cfg = load_config(ROOT / "configs" / "gpu_vits224.yaml")
-    assert (cfg.model.img_size, cfg.model.patch_size, cfg.model.embed_dim, cfg.model.depth) == (224, 16, 384, 12)
-    assert cfg.model.num_heads == 6 and cfg.data.image_size == 224
-    assert (cfg.data.num_context, cfg.data.num_target) == (8, 8) and cfg.train.mixed_precision == "bf16"
-    assert not cfg.train.compile  # off until measured faster on the user's GPU (benchmarks/gpu_check.sh)

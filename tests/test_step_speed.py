@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.step_speed import main, peak_tflops
+from benchmarks.step_speed import PEAK_TFLOPS, main, peak_tflops
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = {
@@ -98,23 +98,23 @@ raise SystemExit(code)
     assert loaded_line == "loaded: []"
 
 
-@pytest.mark.parametrize(
-    ("name", "peak"),
-    [
-        ("NVIDIA H100 80GB HBM3", 989.0),
-        ("NVIDIA H100 PCIe", 756.0),
-        ("NVIDIA H100 NVL", 835.0),
-        ("NVIDIA H200", 989.0),
-        ("NVIDIA GH200 480GB", 989.0),
-        ("NVIDIA A100-SXM4-80GB", 312.0),
-        ("NVIDIA A100 80GB PCIe", 312.0),
-        ("NVIDIA L40S", 362.0),
-        ("NVIDIA L4", 121.0),
-        ("NVIDIA GeForce RTX 3090", None),
-    ],
-)
-def test_peak_table(name, peak):
-    assert peak_tflops(name) == peak
+def test_peak_lookup_tells_each_variant_from_its_family():
+    """peak_tflops takes the first pattern that matches, so a variant's pattern must come before its family's and
+    every name must match on word boundaries. Read as its family, a variant would get the wrong peak: the orderings
+    below are the devices' specification sheets (a PCIe card is clocked lower than the SXM module, an L40S above an
+    L40 above an L4), not the table's numbers."""
+    peak = {
+        name: peak_tflops(f"NVIDIA {name}")
+        for name in ("H100 80GB HBM3", "H100 PCIe", "H100 NVL", "H200", "GH200 480GB", "H800", "B200",
+                     "A100-SXM4-80GB", "A100 80GB PCIe", "A10", "L40S", "L40", "L4")
+    }  # fmt: skip
+    assert peak["H100 PCIe"] < peak["H100 NVL"] < peak["H100 80GB HBM3"] < peak["B200"]
+    assert peak["H200"] == peak["GH200 480GB"] == peak["H800"] == peak["H100 80GB HBM3"]  # the same Hopper die
+    assert peak["A100-SXM4-80GB"] == peak["A100 80GB PCIe"] > peak["A10"]
+    assert peak["L4"] < peak["L40"] < peak["L40S"]
+    assert set(peak.values()) == {value for _, value in PEAK_TFLOPS}  # no pattern shadowed by an earlier one
+    for unknown in ("NVIDIA GeForce RTX 3090", "NVIDIA A40", "cpu"):
+        assert peak_tflops(unknown) is None
 
 
 def test_bad_config_is_a_clear_error(capsys, monkeypatch):

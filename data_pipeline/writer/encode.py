@@ -4,7 +4,7 @@ frame, resized (--size, --aspect), resampled (--fps), cut into segments (--max-f
 
 The writer's format: yuv420p, a fixed GOP (`gop` frames between keyframes, no scene-cut keyframes) and no
 B-frames, so a reader seeks to any frame by decoding at most `gop` frames. One encoder thread; even so, libx264
-through PyAV was seen to give different bytes (same frames, within codec noise) for about 1 call in 10 here.
+through PyAV was seen to give different bytes (same frames, within codec noise) for some calls here.
 """
 
 from __future__ import annotations

@@ -59,8 +59,9 @@ def grid_pool(tokens: torch.Tensor, cells: int) -> torch.Tensor:
     """The probes' features: the square patch grid average-pooled to at most `cells` x `cells` cells, flattened:
     [..., N, D] -> [..., c*c*D] (float32), c = min(cells, sqrt(N)).
 
-    A mean over all patches keeps what is in the frame but hardly where: on 32x32 moving digits a ridge probe from
-    it found no position at all (R² about 0), from the 4x4 token grid 0.96. `cells` = 1 is the plain mean.
+    A mean over all patches keeps what is in the frame but hardly where: on moving digits a ridge probe reads the
+    positions from a coarse token grid but not from the mean (docs/results.md, "History: the first version").
+    `cells` = 1 is the plain mean.
     """
     *lead, n, d = tokens.shape
     side = math.isqrt(n)

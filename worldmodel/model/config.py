@@ -37,6 +37,8 @@ class ModelConfig:
     """
 
     latent: Latent = "adassl_v"
+    # frames are img_size x img_size. Not a config key: the experiment config fills it from data.image_size
+    # (worldmodel/run/config.py DERIVED_KEYS); set it directly only where a ModelConfig is built without one
     img_size: int = 64
     patch_size: int = 8
     embed_dim: int = 192  # encoder width
@@ -67,7 +69,8 @@ class ModelConfig:
     recon_mask: float = 0.0
     # False: the prediction loss trains the predictor (and latent) only, on detached encoder outputs, and the encoder
     # learns from the reconstruction alone, as in world models on a frozen encoder; needs recon_weight > 0. On the
-    # push world the prediction loss pulls the keypoints toward what stays still (docs/results.md, third round).
+    # push world the prediction loss pulls the keypoints toward what stays still (docs/results.md, "Which disc the
+    # keypoints follow depends on the seed").
     pred_trains_encoder: bool = True
     depth: int = 6  # encoder blocks
     num_heads: int = 3
@@ -98,7 +101,8 @@ class ModelConfig:
     # forecasts like the prior mean and r opens on what the history cannot predict. 0 = off.
     prior_anchor: float = 0.0
     # l1 | smooth_l1 (the prediction loss). L1 learns the conditional median: where most transitions are deterministic,
-    # rare events (kicks) are predicted as "no event" and are hard to learn at all (docs/results.md, still-digits)
+    # rare events (kicks) are predicted as "no event" and are hard to learn at all (docs/results.md, "What was tried
+    # after the benchmark": the still-digits data)
     loss: Loss = "l1"
     rollout_steps: int = 0  # >0 adds a term where the predictor consumes its own predictions this many steps
     rollout_weight: float = 1.0

@@ -13,7 +13,7 @@ far more between frames than the motion does; a frame embedding learns the motio
 
 `TokenNorm` is the single definition of "normalised tokens": a parameter-free layer norm over D after subtracting a
 running mean of the tokens (DINO-style centring): with a plain layer-normed EMA target a small model collapses
-within 100 steps, and centring prevents it.
+early in training, and centring prevents it.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def preprocess(frames: Tensor, img_size: int) -> Tensor:
     """
     if frames.ndim != 5 or frames.shape[2] != img_size or frames.shape[3] != img_size:
         raise ValueError(
-            f"frames must be [B, T, {img_size}, {img_size}, C] (model.img_size={img_size}), got "
-            f"{tuple(frames.shape)}; set data.image_size and model.img_size to the same value"
+            f"frames must be [B, T, {img_size}, {img_size}, C] (the model's img_size={img_size}, data.image_size in "
+            f"an experiment config), got {tuple(frames.shape)}; decode the frames at the model's size"
         )
     x = frames.float() / 255.0 if frames.dtype == torch.uint8 else frames.float()
     return rearrange(x * 2.0 - 1.0, "b t h w c -> b t c h w")
@@ -92,10 +92,10 @@ class SpatialSoftmaxHead(nn.Module):
     its own patch, and a softmax over them gives an offset from the patch centre (up to half the patch spacing), so
     keypoint = sum over patches of p_patch * (centre + offset). The offsets start at zero (uniform sub-cell scores),
     so at initialisation the head is the one-score-per-patch head. Without them an expected position moves in steps
-    as a disc crosses a patch: on the push world it tracked the agent (R² 0.97) but its frame-to-frame change was
-    noise (a constant-velocity guess no better than copying), so no predictor could extrapolate the motion
-    (docs/results.md, "The push world"). One softmax over the whole fine grid instead stays diffuse for hundreds
-    of steps (keypoints at the centre, tracking nothing).
+    as a disc crosses a patch: on the push world it tracked the agent, but its frame-to-frame change was noise (a
+    constant-velocity guess no better than copying), so no predictor could extrapolate the motion (docs/results.md,
+    "Keypoints that move in steps"). One softmax over the whole fine grid instead stays diffuse long into training
+    (keypoints at the centre, tracking nothing).
     """
 
     def __init__(self, embed_dim: int, side: int, dim: int, cells: int = 1):
@@ -140,7 +140,8 @@ class KeypointDecoder(nn.Module):
 
     The reference holds the static background, so the only thing the keypoints must carry is where the moving things
     are now: a training signal that points the keypoints at the agent, which a JEPA loss alone does not (on the push
-    world its keypoints track no better after training than at initialisation; docs/results.md).
+    world its keypoints track no better after training than at initialisation; docs/results.md, "Version 1 of the
+    world").
     """
 
     def __init__(
@@ -282,7 +283,8 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
 
 class TokenNorm(nn.Module):
     """Normalised tokens: subtract a running mean [D], then layer norm over D (DINO-style centring; no learned
-    parameters). Centred, because a plain layer norm without centring loses most dims, effective rank 4-17 of 96.
+    parameters). Centred, because a plain layer norm without centring loses most dims (its effective rank falls to a
+    small fraction of the width; docs/results.md, "The project model, one switch at a time").
 
     The running mean (`center`, a buffer [D]) is updated by `update` (momentum `momentum`, averaged over processes
     when torch.distributed is initialised). The model keeps one TokenNorm per token space (online and target), each

@@ -178,7 +178,7 @@ class VariationalLatent(_InferredLatent):
     """AdaSSL-V: posterior q(r | s, s+) and learned conditional prior p(r | s), diagonal Gaussians.
 
     Both heads' output layers start at zero weight, mean bias 0 and the same sigma bias (SIGMA_INIT), so q = p and
-    the KL is exactly 0 at initialisation (two randomly initialised means would start at ~19 nats per transition,
+    the KL is exactly 0 at initialisation (two randomly initialised means would start many nats apart per transition,
     a strong early push to collapse r).
     """
 

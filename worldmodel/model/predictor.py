@@ -48,7 +48,8 @@ class Block(nn.Module):
     map from SiLU(conditioning) to (shift, scale, gate) x 2 starts with a zero bias, so a zero vector gives the
     plain block, and a random weight (PyTorch's default init), so r reaches the prediction from the first step.
     A zero weight as well (DiT's init) starves AdaSSL-V: with the posterior's mean also starting at zero (KL 0 at
-    init), neither gets a gradient but noise, and r stayed off (KL < 0.002 nats after 700 steps at beta 0.002).
+    init), neither gets a gradient but noise, and r stays off (docs/results.md, "AdaSSL-V: the conditioning's
+    initialisation and beta").
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):

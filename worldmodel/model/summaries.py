@@ -34,10 +34,11 @@ class Summaries(nn.Module):
 
     s_t pools the trunk's output at position t, which has seen every frame <= t, so the prior reads the same history
     the predictor does (`context_dim` = the predictor width). Pooling the online tokens of frames t-1 and t instead
-    leaves the KL blind to the kicks (AUC 0.52 against 0.84; the prior mean 0.74 of copy-last against 0.50;
-    docs/results.md). The trunk's output is its residual stream, whose norm grows as the predictor learns, so it is
-    layer-normed first: read raw, it took the summary's norm up 30x in the first 150 steps on the push world, that
-    growth carried AdaSSL-V's sigma from 0.1 to about 10, and r was ignored until it came back down.
+    leaves the KL blind to the kicks and the prior mean a far worse forecast (docs/results.md, "AdaSSL-V: the
+    conditioning's initialisation and beta"). The trunk's output is its residual stream, whose norm grows as the
+    predictor learns, so it is layer-normed first: read raw, the summary's norm grew many times over early in
+    training on the push world, that growth carried AdaSSL-V's sigma far above its start, and r was ignored until
+    it came back down (docs/results.md, "The posterior is handed the change of motion").
     """
 
     def __init__(self, embed_dim: int, summary_dim: int, heads: int = 4, context_dim: int = 0):
@@ -59,10 +60,10 @@ class Summaries(nn.Module):
         view of x+ is no-grad).
 
         Each token reads [x+, x+ - x_t, x+ - 2 x_t + x_{t-1}]: the change of motion is what the context cannot
-        predict, and the posterior gets it as a difference rather than having to find it. Read from x+ alone, as
-        before, a change of intent hardly reached r on the push world (KL AUC 0.58 against 0.81 now, seed 0); in the
-        smallest model on its true positions (experiments/minimal_state.py) r then carried next to nothing, and
-        handed the step its KL found the changes of intent with AUC 0.99 (docs/results.md, "eighth round").
+        predict, and the posterior gets it as a difference rather than having to find it. Read from x+ alone, a
+        change of intent hardly reached r on the push world; in the smallest model on its true positions
+        (experiments/minimal_state.py) r then carried next to nothing, and handed the step its KL found the changes
+        of intent (docs/results.md, "The posterior is handed the change of motion").
         """
         x_plus, x_t, x_prev = next_tokens.detach(), current.detach(), previous.detach()
         step = x_plus - x_t

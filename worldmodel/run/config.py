@@ -8,11 +8,16 @@ The sections' dataclasses: `data` is data_pipeline/config.py's DataConfig, `mode
 ModelConfig (the model imports only that module, never this one; its names are re-exported here), the others are
 below. This module is the one place that puts the data pipeline's and the model's sections together; training writes
 the resolved config to RUN_DIR/config.yaml (`save_config`) and evaluation reads it back (`load_config`).
+
+One image size: the model's `img_size` is no config key. It is filled from `data.image_size` (the size frames are
+decoded at) when the config is built (DERIVED_KEYS); a config or override that sets `model.img_size` is an error
+that says to set `data.image_size` instead, and RUN_DIR/config.yaml is written without it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,6 +35,7 @@ from worldmodel.model.config import (  # the model's own section, re-exported he
 )
 
 __all__ = [  # the model's names, re-exported so that `from worldmodel.run.config import ...` keeps working
+    "DERIVED_KEYS",
     "GRANULARITIES",
     "LATENTS",
     "PREDICTIONS",
@@ -42,6 +48,11 @@ __all__ = [  # the model's names, re-exported so that `from worldmodel.run.confi
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message says which key and what is allowed."""
+
+
+# Fields of a section that are not config keys: the experiment config fills each from the key named here, so the
+# two can never disagree. A config that sets one is a ConfigError naming the key to set instead.
+DERIVED_KEYS: dict[str, str] = {"model.img_size": "data.image_size"}
 
 
 @dataclass
@@ -114,7 +125,7 @@ class PixelDecoderConfig:
 
 @dataclass
 class ExperimentConfig:
-    """The whole experiment: one YAML file, sections as below."""
+    """The whole experiment: one YAML file, sections as below (model.img_size is data.image_size: DERIVED_KEYS)."""
 
     run_dir: str = "runs/default"
     seed: int = 0
@@ -164,12 +175,15 @@ def _check_choices(cfg: ExperimentConfig) -> None:
             f"data.num_context + data.num_target = {cfg.data.clip_length} exceeds model.max_frames="
             f"{cfg.model.max_frames}; raise model.max_frames"
         )
-    if cfg.data.image_size and cfg.data.image_size != cfg.model.img_size:
+    if cfg.data.image_size <= 0:
         raise ConfigError(
-            f"data.image_size={cfg.data.image_size} differs from model.img_size={cfg.model.img_size}; set both"
+            f"data.image_size={cfg.data.image_size}: the model is built for one frame size, which is data.image_size; "
+            "set it to the size to decode frames at (the stored size, to keep the frames as written)"
         )
-    if cfg.model.img_size % cfg.model.patch_size:
-        raise ConfigError(f"model.img_size={cfg.model.img_size} is not a multiple of model.patch_size")
+    if cfg.data.image_size % cfg.model.patch_size:
+        raise ConfigError(
+            f"data.image_size={cfg.data.image_size} is not a multiple of model.patch_size={cfg.model.patch_size}"
+        )
     if cfg.eval.horizon > cfg.data.num_target:
         raise ConfigError(f"eval.horizon={cfg.eval.horizon} exceeds data.num_target={cfg.data.num_target}")
     if cfg.model.rollout_steps >= cfg.data.clip_length:
@@ -228,7 +242,13 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if prefix + f.name not in DERIVED_KEYS}
+    for key, source in DERIVED_KEYS.items():
+        if key.startswith(prefix) and key[len(prefix) :] in values:
+            raise ConfigError(
+                f"{key} is not a config key: it is {source}, which sets both the decoded frame size and the model's; "
+                f"set {source} instead and remove {key} (from a run's config.yaml written before, too)"
+            )
     unknown = sorted(set(values) - set(fields))
     if unknown:
         where = f"section '{prefix}'" if prefix else "the top level"
@@ -262,8 +282,12 @@ def _set_dotted(tree: dict[str, Any], key: str, raw: str) -> None:
 
 
 def config_from_dict(tree: dict[str, Any]) -> ExperimentConfig:
-    """Build and validate an ExperimentConfig from a nested dict (as read from YAML)."""
+    """Build and validate an ExperimentConfig from a nested dict (as read from YAML); the fields in DERIVED_KEYS are
+    filled from their source keys."""
     cfg = _build(ExperimentConfig, tree, "")
+    for key, source in DERIVED_KEYS.items():
+        *sections, name = key.split(".")
+        setattr(functools.reduce(getattr, sections, cfg), name, functools.reduce(getattr, source.split("."), cfg))
     _check_choices(cfg)
     return cfg
 
@@ -290,8 +314,16 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The resolved config as a plain nested dict (what is written to RUN_DIR/config.yaml)."""
-    return dataclasses.asdict(cfg)
+    """The resolved config as a plain nested dict (what is written to RUN_DIR/config.yaml): its config keys, so
+    without the fields in DERIVED_KEYS, which loading it fills again."""
+    tree = dataclasses.asdict(cfg)
+    for key in DERIVED_KEYS:
+        *sections, name = key.split(".")
+        node = tree
+        for section in sections:
+            node = node[section]
+        del node[name]
+    return tree
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:

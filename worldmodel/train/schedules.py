@@ -42,8 +42,9 @@ def recon_sigma_at(step: int, *, sigma: float, start: float, steps: int) -> floa
 
     Why coarse to fine: a keypoint gets a gradient toward a thing only where its Gaussian map overlaps it, so with a
     narrow map the things a keypoint can find are those near where initialisation put it, and which disc gets
-    keypoints is decided by the seed (docs/results.md, "Version 2, fourth round"). A wide map early reaches across
-    the frame; the narrow one later places the keypoints precisely.
+    keypoints is decided by the seed (docs/results.md, "AdaSSL-V on the detached config, fewer keypoints, and
+    coarse-to-fine maps"). A wide map early reaches across the frame; the narrow one later places the keypoints
+    precisely.
     """
     if start <= 0 or steps <= 0 or step >= steps:
         return sigma
