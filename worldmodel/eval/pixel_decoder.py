@@ -48,7 +48,7 @@ class PixelDecoderSpec:
     dim: int  # D
     img_size: int
     channels: int
-    width: int = 128  # channels of the first feature map; halved (down to 32) at every upsampling stage
+    width: int = 128  # channels of the first feature map; halved (down to 16) at every upsampling stage
 
 
 class _Up(nn.Module):
