@@ -195,14 +195,33 @@ def _stack_if_all(clips: list[dict], name: str, dtype: type) -> np.ndarray | Non
     return np.stack(values).astype(dtype, copy=False)
 
 
+def _fps_if_all(clips: list[dict]) -> np.ndarray | None:
+    """float64 [B]: each clip's frame rate (its KEY.json `fps`), or None unless every clip has a finite positive
+    number (a missing or invalid fps in user data never skips a sample; its batch just has no `fps`)."""
+    values = []
+    for clip in clips:
+        fps = clip.get("fps")
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)):
+            return None
+        try:
+            fps = float(fps)
+        except OverflowError:  # an integer beyond float64
+            return None
+        if not (math.isfinite(fps) and fps > 0):
+            return None
+        values.append(fps)
+    return np.array(values, dtype=np.float64)
+
+
 def _collate_rows(frames: torch.Tensor | _SlotRef, clips: list[dict], skipped: dict[str, int]) -> dict:
     """The batch of `clips` whose frames are already in `frames` uint8 [B, T, H, W, C] (or in the ring slot it
     refers to, which BatchLoader copies out in the consuming process): the batch dict of
     docs/architecture.md (`state`, `action`, `events`, `labels` only when every clip has it; names from the first
-    clip; `key`; `start`; `skipped`, the counts since the previous batch), except that the per-clip arrays stay numpy
-    here: `state` float32 [B, T, S], `action` float32 [B, T-1, A], `events` float32 [B, T-1], `labels` int64 [B, L],
-    `start` int64 [B]. Small arrays pickle by value, far cheaper than one shared-memory segment per tensor when a
-    worker sends the batch; `as_tensors` turns them into tensors in the consuming process.
+    clip; `key`; `start`; `fps` only when every clip has a valid one; `skipped`, the counts since the previous batch),
+    except that the per-clip arrays stay numpy here: `state` float32 [B, T, S], `action` float32 [B, T-1, A], `events`
+    float32 [B, T-1], `labels` int64 [B, L], `start` int64 [B], `fps` float64 [B]. Small arrays pickle by value, far
+    cheaper than one shared-memory segment per tensor when a worker sends the batch; `as_tensors` turns them into
+    tensors in the consuming process.
     """
     batch: dict = {"frames": frames}
     for name in ("state", "action", "events"):
@@ -217,6 +236,9 @@ def _collate_rows(frames: torch.Tensor | _SlotRef, clips: list[dict], skipped: d
     batch["label_names"] = label_names if "labels" in batch else []
     batch["key"] = [c["key"] for c in clips]
     batch["start"] = np.array([c["start"] for c in clips], dtype=np.int64)
+    fps = _fps_if_all(clips)
+    if fps is not None:
+        batch["fps"] = fps
     batch["skipped"] = skipped
     return batch
 

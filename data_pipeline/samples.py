@@ -295,7 +295,9 @@ def decode_clips(plan_chunks: Iterable[list[Plan]], reader: Reader) -> Iterator[
     """Decode + clip: for each planned sample, its clips from one decode of the union of their frames.
 
     Yields dicts with `frames` uint8 [T, H, W, C], optional `state` [T, S], `action` [T-1, A], `events` [T-1],
-    `labels` {name: int}, names, `key` and `start`. Unusable samples are skipped and counted.
+    `labels` {name: int}, names, `key`, `start` and `fps` (KEY.json's, unchecked: any value or None; the batch keeps
+    it only when every clip has a finite positive number, batching._fps_if_all). Unusable samples are skipped and
+    counted.
 
     A chunk of samples is decoded one after another, then its clips are yielded: running each step over a whole chunk
     keeps its code and data in the CPU caches, as in the decoder-only benchmark (interleaving read, plan and decode
@@ -332,4 +334,5 @@ def decode_clips(plan_chunks: Iterable[list[Plan]], reader: Reader) -> Iterator[
                     "action_names": meta.get("action_names"),
                     "key": plan.key,
                     "start": int(start),
+                    "fps": meta.get("fps"),
                 }

@@ -23,7 +23,7 @@ from data_pipeline.shardlist import expand_shards
 from data_pipeline.stream import EvalClips, TrainClips, make_eval_loader, make_train_loader
 
 CFG = DataConfig(num_context=3, num_target=3, batch_size=2, num_workers=0, shuffle_buffer=4, epoch_batches=4)
-ARRAYS = ("frames", "state", "action", "events", "labels", "start")
+ARRAYS = ("frames", "state", "action", "events", "labels", "start", "fps")
 
 
 def _assert_same_batches(got: list[dict], expected: list[dict]) -> None:

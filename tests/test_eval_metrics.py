@@ -1,8 +1,10 @@
-"""Rollout metrics and strip retrieval on hand-made latents with known answers."""
+"""Rollout metrics, strip retrieval and the step length in seconds on hand-made inputs with known answers."""
 
+import numpy as np
 import pytest
 import torch
 
+from worldmodel.eval import plots
 from worldmodel.eval.collect import grid_pool, pool
 from worldmodel.eval.plots import nearest_frames
 from worldmodel.eval.rollout_metrics import (
@@ -13,6 +15,7 @@ from worldmodel.eval.rollout_metrics import (
     step_errors,
     step_events,
 )
+from worldmodel.eval.sections import step_length
 
 
 def test_identical_latents_have_zero_error():
@@ -136,3 +139,31 @@ def test_grid_pool_averages_cells_of_the_patch_grid():
     torch.testing.assert_close(grid_pool(tokens, 8), tokens.reshape(1, 16))  # more cells than patches: the grid
     with pytest.raises(ValueError, match="square"):
         grid_pool(torch.zeros(1, 12, 2), 2)
+
+
+def test_step_length_is_frame_step_over_the_median_fps():
+    notes = []
+    out = step_length(np.array([30.0, 30.0, 30.1]), frame_step=3, horizon=4, num_clips=3, notes=notes)
+    assert out["frame_step"] == 3 and out["fps"] == 30.0 and notes == []  # within 1%: no note
+    assert out["seconds_per_step"] == pytest.approx(0.1)
+    assert out["horizon_seconds"] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    # clips that disagree by more than 1%: still the median, with a note; so are clips without fps
+    out = step_length(np.array([25.0, 30.0, 30.0]), frame_step=1, horizon=2, num_clips=5, notes=notes)
+    assert out["seconds_per_step"] == pytest.approx(1 / 30) and len(notes) == 2
+    assert "disagree (25 to 30)" in notes[0] and "only 3 of 5 clips" in notes[1]
+    out = step_length(None, frame_step=2, horizon=2, num_clips=5, notes=notes)
+    assert out == {"frame_step": 2, "fps": None, "seconds_per_step": None, "horizon_seconds": None}
+    assert "no `fps`" in notes[2]
+
+
+def test_errors_plot_has_a_seconds_axis_only_when_the_step_length_is_known(monkeypatch, tmp_path):
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    modes = {"copy_last": {"all": {"l1": [0.1, 0.2, 0.3]}, "event": {"l1": [0.2, 0.3, 0.4]}}}
+    plots.plot_errors(modes, tmp_path / "errors.png", seconds_per_step=0.5)
+    plots.plot_errors(modes, tmp_path / "errors.png")
+    with_seconds, without = ([child for ax in fig.axes for child in ax.child_axes] for fig in figures)
+    assert len(with_seconds) == 2 and without == []  # one per split panel
+    top = with_seconds[0]
+    assert top.get_xlabel() == "seconds of video"
+    assert [t.get_text() for t in top.get_xticklabels()] == ["0.5", "1", "1.5"]  # steps 1, 2, 3

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from shard_helpers import read_samples
 
 from data_pipeline.writer import Sample, write_samples
 from data_pipeline.writer.encode import encode_h264
@@ -58,12 +59,18 @@ def evaluated(tiny_run, digits_shards):
     return tiny_run, json.loads((tiny_run / "eval" / "metrics.json").read_text())
 
 
-def test_evaluate_writes_metrics_report_and_pngs(evaluated):
+def test_evaluate_writes_metrics_report_and_pngs(evaluated, digits_shards):
     run, metrics = evaluated
     out = run / "eval"
     assert metrics["latent"] == "adassl_v" and metrics["checkpoint_step"] == 6
     horizon = metrics["horizon"]
     assert horizon == 2 and metrics["num_clips"] == 8
+    # a step in seconds of video: the run's frame_step over the fps the shards' KEY.json give
+    (fps,) = {json.loads(sample["json"])["fps"] for sample in read_samples(digits_shards, "val").values()}
+    frame_step = load_config(run / "config.yaml").data.frame_step
+    assert metrics["fps"] == fps and metrics["frame_step"] == frame_step
+    assert metrics["seconds_per_step"] == pytest.approx(frame_step / fps)
+    assert metrics["horizon_seconds"] == pytest.approx([h * frame_step / fps for h in range(1, horizon + 1)])
     assert set(metrics["modes"]) == ADASSL_MODES
     for entry in metrics["modes"].values():
         assert set(entry) == {"all", "event", "no_event", "no_event_so_far"}
@@ -114,6 +121,7 @@ def test_evaluate_writes_metrics_report_and_pngs(evaluated):
     assert position["prior_mean"]["all"]["rmse"] == pytest.approx(probes["position_error"]["predicted"]["prior_mean"])
     report = (out / "report.md").read_text()
     assert "copy_last" in report and "nearest-neighbour retrieval" in report
+    assert f"One step = {frame_step / fps:.3g} s of video (frame_step {frame_step} at {fps:g} fps)" in report
     assert "## Where rollouts break" in report and "### Probe-read position error, no-event-so-far steps" in report
     assert "### Energy score, no-event-so-far steps" in report
     assert "## Leakage and transfer of the inferred r" in report and "transfer (r_A on B)" in report

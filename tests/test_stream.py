@@ -47,6 +47,10 @@ def test_batches_follow_the_contract(digits_shards):
     np.testing.assert_allclose(batch["state"][0].numpy(), np.asarray(meta["state"])[indices], atol=1e-4)
     np.testing.assert_array_equal(batch["frames"][0].numpy(), get_decoder("pyav").decode(sample["mp4"], indices))
     assert batch["labels"][0, 0] == meta["labels"]["digit0"]
+    # each clip's frame rate, as its KEY.json says (the evaluator's seconds per step come from it)
+    samples = read_samples(digits_shards)
+    assert str(batch["fps"].dtype) == "torch.float64" and batch["fps"].shape == (2,)
+    assert batch["fps"].tolist() == [json.loads(samples[key]["json"])["fps"] for key in batch["key"]]
 
 
 def test_worker_batches_are_tensors_of_the_contract(digits_shards):
@@ -54,7 +58,14 @@ def test_worker_batches_are_tensors_of_the_contract(digits_shards):
     cfg = replace(CFG, num_workers=1, clips_per_video=2, epoch_batches=3)
     batches = list(make_train_loader(cfg, train_glob(digits_shards), seed=0, epoch=0, rank=0, world_size=1))
     assert len(batches) == 3
-    dtypes = {"frames": "uint8", "state": "float32", "action": "float32", "events": "float32", "labels": "int64"}
+    dtypes = {
+        "frames": "uint8",
+        "state": "float32",
+        "action": "float32",
+        "events": "float32",
+        "labels": "int64",
+        "fps": "float64",
+    }
     for batch in batches:
         assert {name: str(batch[name].dtype) for name in dtypes} == {k: f"torch.{v}" for k, v in dtypes.items()}
         assert str(batch["start"].dtype) == "torch.int64" and batch["start"].shape == (2,)
@@ -239,6 +250,41 @@ def test_truncated_and_short_videos_are_skipped_and_counted(digits_shards, tmp_p
     assert len(train) == 3 and set(_keys(train)) == {"val_0000000", "val_0000001"}
     totals = {reason: sum(b["skipped"].get(reason, 0) for b in train) for reason in ("decode_error", "too_short")}
     assert totals["decode_error"] >= 1 and totals["too_short"] >= 1
+
+
+def test_a_missing_or_invalid_fps_leaves_it_out_of_the_batch_and_skips_nothing(digits_shards, tmp_path):
+    samples = read_samples(digits_shards, "val")
+    sources = [samples[key] for key in sorted(samples)]
+    # KEY.json's fps in user data: missing (None), or not a finite positive number, as raw JSON text (1e400 parses
+    # as inf, 10**400 is beyond float64)
+    bad = [None, '"10"', "0", "-10", "1e400", "1" + "0" * 400, "true", "null", "[10]"]
+    order = ["good_a", *[f"bad_{i}" for i in range(len(bad))], "good_b"]
+    entries, good_fps = [], {}
+    for i, key in enumerate(order):
+        source = sources[i % len(sources)]
+        meta = json.loads(source["json"])
+        text = source["json"].decode()
+        if key.startswith("good"):
+            good_fps[key] = meta["fps"]
+        elif (literal := bad[int(key.removeprefix("bad_"))]) is None:
+            del meta["fps"]
+            text = json.dumps(meta)
+        else:
+            meta["fps"] = "@FPS@"
+            text = json.dumps(meta).replace('"@FPS@"', literal)
+        entries += [(f"{key}.mp4", source["mp4"]), (f"{key}.json", text.encode())]
+    shard = str(write_tar(tmp_path / "shard-000000.tar", entries))
+    singles = list(make_eval_loader(CFG, shard, num_clips=20, batch_size=1))
+    assert _keys(singles) == order and all(batch["skipped"] == {} for batch in singles)
+    for batch in singles:
+        key = batch["key"][0]
+        assert ("fps" in batch) == key.startswith("good"), key
+        if "fps" in batch:
+            assert batch["fps"].tolist() == [good_fps[key]]
+        assert batch["state"].shape == (1, 6, 4)  # the rest of the batch is whole
+    # a batch has fps only when every clip has one, never for some clips only: here the last, good_b alone
+    pairs = list(make_eval_loader(CFG, shard, num_clips=20, batch_size=2))
+    assert _keys(pairs) == order and ["fps" in batch for batch in pairs] == [False] * 5 + [True]
 
 
 def test_nothing_usable_is_an_error_not_an_endless_loop(digits_shards):

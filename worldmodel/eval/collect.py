@@ -101,6 +101,7 @@ class Collected:
     labels: list[np.ndarray] = field(default_factory=list)
     action: list[np.ndarray] = field(default_factory=list)
     events: list[np.ndarray] = field(default_factory=list)
+    fps: list[np.ndarray] = field(default_factory=list)  # float64 [B] of the batches that carry `fps`
     latents: dict[str, list[np.ndarray]] = field(default_factory=dict)  # the latent's `readouts` keys, per transition
     names: dict[str, list[str]] = field(default_factory=dict)  # state_names, label_names, action_names
     decoder: PixelDecoder | None = None  # when set, rollouts are also decoded and scored in pixel space
@@ -142,8 +143,9 @@ def process_batch(
     grids to `out`.
 
     batch: the pipeline's dict (frames uint8 [B, T, H, W, C], optional state [B, T, S], action [B, T-1, A],
-    events [B, T-1], labels [B, L]). Errors are against model.encode_target of the true future frames; `generator`
-    draws the prior samples (and the noise of `noisy_best_of_k`, the K-future baseline of a deterministic latent).
+    events [B, T-1], labels [B, L], fps [B]). Errors are against model.encode_target of the true future frames;
+    `generator` draws the prior samples (and the noise of `noisy_best_of_k`, the K-future baseline of a deterministic
+    latent).
     Predicted token grids are kept only for clips among the first `out.num_strips`. With `out.leakage` set, the
     batch also goes through the shuffled-r check (leakage.LeakageAccumulator.add).
     """
@@ -212,7 +214,7 @@ def process_batch(
     out.target_tokens.append(_np16(target))
     out.online_pooled.append(_np(pool(online)))
     out.frames.append(batch["frames"].cpu().numpy())
-    for key in ("state", "labels", "action", "events"):
+    for key in ("state", "labels", "action", "events", "fps"):
         if batch.get(key) is not None:
             getattr(out, key).append(batch[key].cpu().numpy())
     for key in ("state_names", "label_names", "action_names"):

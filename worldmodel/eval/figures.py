@@ -26,7 +26,7 @@ def write_plots(collected: Collected, metrics: dict, out_dir: Path) -> list[str]
     """Write the PNG figures into out_dir; returns their file names. Strips are drawn for the clips whose predicted
     token grids `collected` kept (its first `num_strips` clips)."""
     written = ["errors.png"]
-    plot_errors(metrics["modes"], out_dir / "errors.png")
+    plot_errors(metrics["modes"], out_dir / "errors.png", seconds_per_step=metrics.get("seconds_per_step"))
     if metrics["probes"].get("predicted"):
         plot_probes(metrics["probes"]["predicted"], metrics["probes"]["encoded"], out_dir / "probes.png")
         written.append("probes.png")
@@ -67,7 +67,13 @@ def write_decoded(collected: Collected, metrics: dict, out_dir: Path) -> list[st
     decoded-XX.gif (the rollouts through the pixel decoder); nothing without pixel metrics."""
     if not metrics.get("decoded"):
         return []
-    plot_errors(metrics["decoded"]["modes"], out_dir / "psnr.png", metric="psnr", ylabel="PSNR (dB) of decoded frames")
+    plot_errors(
+        metrics["decoded"]["modes"],
+        out_dir / "psnr.png",
+        metric="psnr",
+        ylabel="PSNR (dB) of decoded frames",
+        seconds_per_step=metrics.get("seconds_per_step"),
+    )
     written = ["psnr.png"]
     frames = collected.stacked("frames")  # uint8 [C, T, h, w, c]
     rows = {label: np.concatenate(parts) for label, parts in collected.decoded_strips.items()}  # [S, H, h, w, c]

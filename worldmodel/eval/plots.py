@@ -30,16 +30,26 @@ SPLIT_TITLES = {
 
 
 def plot_errors(
-    modes: dict[str, dict], path: str | Path, metric: str = "l1", ylabel: str = "{metric} to target latents"
+    modes: dict[str, dict],
+    path: str | Path,
+    metric: str = "l1",
+    ylabel: str = "{metric} to target latents",
+    seconds_per_step: float | None = None,
 ) -> None:
     """Error against horizon step, one line per mode, one panel per split (all / event / no_event /
-    no_event_so_far).
+    no_event_so_far); with `seconds_per_step`, a second x axis on top in seconds of video.
 
     modes: the metrics.json "modes" section ({mode: {split: {metric: [H]}}}), or the "decoded" one.
     """
     splits = _splits(modes)
     fig, axes = plt.subplots(1, len(splits), figsize=(4.5 * len(splits), 3.5), squeeze=False, sharey=True)
     _split_panels(axes[0], splits, modes, metric)
+    if seconds_per_step:
+        for ax in axes[0]:
+            top = ax.secondary_xaxis("top", functions=(lambda h: h * seconds_per_step, lambda t: t / seconds_per_step))
+            steps = ax.get_xticks()  # one tick per horizon step (_horizon_line), in seconds on top
+            top.set_xticks(steps * seconds_per_step, labels=[f"{h * seconds_per_step:.3g}" for h in steps], fontsize=8)
+            top.set_xlabel("seconds of video", fontsize=8)
     axes[0][0].set_ylabel(ylabel.format(metric=metric))
     axes[0][-1].legend(fontsize=8)
     _save(fig, path)

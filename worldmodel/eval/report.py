@@ -160,6 +160,21 @@ def _decoded_section(metrics: dict) -> list[str]:
     return out
 
 
+def _step_line(metrics: dict) -> list[str]:
+    """How much video one step spans, e.g. "One step = 0.1 s of video (frame_step 1 at 10 fps); horizon 8 = 0.8 s.",
+    and a blank line; nothing for a metrics dict without the keys (older than them)."""
+    if "seconds_per_step" not in metrics:
+        return []
+    seconds, frame_step = metrics["seconds_per_step"], metrics.get("frame_step")
+    if seconds is None:
+        return [f"One step = frame_step {frame_step} frame(s) of video; the shards give no fps: no seconds.", ""]
+    return [
+        f"One step = {seconds:.3g} s of video (frame_step {frame_step} at {metrics['fps']:g} fps); horizon "
+        f"{metrics['horizon']} = {metrics['horizon_seconds'][-1]:.3g} s.",
+        "",
+    ]
+
+
 def render_report(metrics: dict) -> str:
     """The report.md text for one evaluation's metrics dict."""
     out = [
@@ -188,6 +203,7 @@ def render_report(metrics: dict) -> str:
             ],
         ),
         "",
+        *_step_line(metrics),
     ]
     out += _decoded_section(metrics)
     out += _error_section(metrics)

@@ -5,7 +5,8 @@ the shards carry state, rollout_health.png, strip-XX.png per example; with `pixe
 decoded-strip-XX.png and decoded-XX.gif). metrics.json, in short (full schema: docs/metrics_schema.md):
 
     {"run", "checkpoint", "checkpoint_step", "train_steps", "finished", "latent", "shards", "seed",
-     "num_context", "horizon", "num_samples", "num_clips",
+     "num_context", "horizon", "frame_step", "fps", "seconds_per_step", "horizon_seconds": [H] | null,
+     "num_samples", "num_clips",
      "modes": {mode: {"all" | "event" | "no_event" | "no_event_so_far":
                       {"l1": [H], "l2": [H], "cos": [H], "energy_score": [H], "spread_skill": [H], "count": [H]}}},
      "decoded": {"decoder": {...}, "modes": {mode: {split: {"mse", "psnr", "ssim", "energy_score", "spread_skill",
@@ -26,6 +27,8 @@ decoded-strip-XX.png and decoded-XX.gif). metrics.json, in short (full schema: d
      "collapse": {"online" | "target": {"emb_std", "emb_eff_rank", "dim", "num_frames"}},
      "pixels", "plots", "notes"}
 
+frame_step, fps (the clips' median, KEY.json), seconds_per_step = frame_step / fps and horizon_seconds (h = 1..H
+times it): how much video a step spans, null when the shards give no fps.
 modes: copy_last always; prediction (+ the same as prior_mean), noisy_best_of_k for none; prior_mean, posterior,
 zero, best_of_k, mean_of_k for adassl_v / adassl_s; action, zero, noisy_best_of_k for oracle. l2 is a mean squared
 difference; energy_score is in RMS-error units (a deterministic mode's is its RMS error); spread_skill only on the
@@ -62,6 +65,7 @@ from worldmodel.eval.sections import (
     rollout_health_section,
     run_leakage,
     run_probes,
+    step_length,
     training_health,
 )
 from worldmodel.model.world_model import WorldModel
@@ -180,6 +184,9 @@ def evaluate_run(
     if not collected.frames:
         raise EvaluationError(f"the shards {shards!r} gave no clips of {cfg.data.clip_length} frames; check the glob")
 
+    num_evaluated = int(sum(len(f) for f in collected.frames))
+    notes = [unfinished_note] if unfinished_note else []
+    steps = step_length(collected.stacked("fps"), cfg.data.frame_step, horizon, num_evaluated, notes)
     metrics = {
         "run": str(run_dir),
         "checkpoint": str(ckpt),
@@ -191,13 +198,14 @@ def evaluate_run(
         "seed": seed,
         "num_context": num_context,
         "horizon": horizon,
+        **steps,
         "num_samples": num_samples,
-        "num_clips": int(sum(len(f) for f in collected.frames)),
+        "num_clips": num_evaluated,
         "modes": collected.errors.result(),
         "rollout_health": rollout_health_section(collected),
         "diversity": collected.diversity.result(),
         "decoded": None if decoder is None else {"decoder": decoder_record, "modes": collected.pixels.result()},
-        "notes": [unfinished_note] if unfinished_note else [],
+        "notes": notes,
     }
     if "events" not in present_fields(collected, metrics["num_clips"]):
         metrics["notes"].append("the shards have no `events` field: errors are reported for all steps only")

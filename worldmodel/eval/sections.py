@@ -1,7 +1,8 @@
 """The sections of metrics.json that `runner.evaluate_run` computes from the collected rollouts once the pass over
-the clips is done: the probes and the latent-action probe (`run_probes`), leakage and transfer (`run_leakage`), where
-rollouts break (`rollout_health_section`), collapse (`collapse_stats`), and the target monitors during training, read
-from the run's metrics.jsonl (`training_health`). Schema: docs/metrics_schema.md.
+the clips is done: the step length in seconds of video (`step_length`), the probes and the latent-action probe
+(`run_probes`), leakage and transfer (`run_leakage`), where rollouts break (`rollout_health_section`), collapse
+(`collapse_stats`), and the target monitors during training, read from the run's metrics.jsonl (`training_health`).
+Schema: docs/metrics_schema.md.
 """
 
 from __future__ import annotations
@@ -28,6 +29,35 @@ def present_fields(collected: Collected, num_clips: int) -> set[str]:
         for key in ("state", "labels", "action", "events")
         if sum(len(x) for x in getattr(collected, key)) == num_clips
     }
+
+
+FPS_TOLERANCE = 0.01  # clips whose fps differ from the median by more than this share get a note
+
+
+def step_length(fps: np.ndarray | None, frame_step: int, horizon: int, num_clips: int, notes: list[str]) -> dict:
+    """How much video one model step spans: {"frame_step", "fps": the median of the clips' fps, "seconds_per_step":
+    frame_step / fps, "horizon_seconds": [h * seconds_per_step for h = 1..horizon]}; fps and the seconds are None
+    when no clip had an fps.
+
+    fps: float64 [C'] the fps of the evaluated clips that carried one (batch["fps"]), or None. Notes go to `notes`:
+    no fps at all; clips whose fps differ from the median by more than FPS_TOLERANCE (the median is used all the
+    same); clips without an fps when others had one.
+    """
+    out = {"frame_step": frame_step, "fps": None, "seconds_per_step": None, "horizon_seconds": None}
+    if fps is None or not len(fps):
+        notes.append("the shards give no `fps` in KEY.json: the horizon is reported in steps only, not in seconds")
+        return out
+    median = float(np.median(fps))
+    if np.abs(fps - median).max() > FPS_TOLERANCE * median:
+        notes.append(
+            f"the clips' fps disagree ({fps.min():g} to {fps.max():g}): one step is taken as data.frame_step / the "
+            f"median fps {median:g}, which is off for some clips"
+        )
+    if len(fps) < num_clips:
+        notes.append(f"only {len(fps)} of {num_clips} clips came in batches with an `fps`; the step length is theirs")
+    seconds = frame_step / median
+    out.update(fps=median, seconds_per_step=seconds, horizon_seconds=[h * seconds for h in range(1, horizon + 1)])
+    return out
 
 
 def run_probes(
