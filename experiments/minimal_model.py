@@ -143,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         "--kp-sigma", type=float, default=0.1, help="keyframe: width of the Gaussian maps (model.recon_sigma)"
     )
     p.add_argument(
-        "--kp-mask", type=float, default=0.0,
+        "--kp-mask",
+        type=float,
+        default=0.0,
         help="keyframe: fraction of the reference's patch-sized blocks blanked (model.recon_mask)",
     )
     p.add_argument("--tvc-weight", type=float, default=0.0, help="weight of temporal_vc_penalty (online z)")
@@ -173,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             return x
         diff = torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:] - x[:, :-1]], dim=1)
         return torch.cat([x, diff], dim=2)
+
     channels = 6 if args.input_diff else 3
     if args.encoder == "keypoints":  # the project's spatial-softmax frame head (model.frame_head=keypoints)
         encoder = FrameEncoder(dataclasses.replace(cfg, frame_head="keypoints"), in_chans=channels)

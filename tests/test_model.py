@@ -1,7 +1,6 @@
 """WorldModel: the training forward, EMA target, latent inference, the one rollout function,
 and a short training run on real moving-digit clips for every latent kind."""
 
-
 import numpy as np
 import pytest
 import torch

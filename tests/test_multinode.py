@@ -189,11 +189,13 @@ def _world_model(run_dir: Path):
         ({"GPUS_PER_NODE": "0"}, "GPUS_PER_NODE >= 1"),
         ({"TRAIN_SCRIPT": "/nonexistent/train.py"}, "training script not found: /nonexistent/train.py"),
         pytest.param(
-            {"ACCELERATE_USE_CPU": "0"}, "no GPU visible",
+            {"ACCELERATE_USE_CPU": "0"},
+            "no GPU visible",
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible here"),
         ),
         pytest.param(
-            {"ACCELERATE_USE_CPU": "0", "GPUS_PER_NODE": "1"}, "no GPU visible",
+            {"ACCELERATE_USE_CPU": "0", "GPUS_PER_NODE": "1"},
+            "no GPU visible",
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible here"),
         ),
     ],
