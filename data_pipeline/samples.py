@@ -61,9 +61,6 @@ class Reader:
         # names and label names, from the index.json of local shard folders, else fixed by the first usable sample
         self.schema = DatasetSchema()
         self._required: dict[str, frozenset[str]] = {}  # folder -> the fields its index.json says every sample has
-        # (required fields, signatures) already checked against `schema` and learned: a later sample with the same
-        # ones needs neither step again (cleared when an index.json changes the schema)
-        self._accepted: set[tuple] = set()
 
     def _folder_fields(self, url: str) -> frozenset[str]:
         """The fields every sample of local shard `url`'s folder has, by its index.json (read once per folder; its
@@ -83,7 +80,6 @@ class Reader:
                 return frozenset()
             try:
                 self.schema = self.schema.merged(declared)
-                self._accepted.clear()
             except MetadataError as exc:
                 warnings.warn(
                     f"{path}: its sidecar schema disagrees with that of the shards read before it ({exc}); its "
@@ -96,14 +92,9 @@ class Reader:
 
     def schema_problem(self, plan: Plan) -> str | None:
         """Why planned sample `plan` breaks this reader's schema (a width, column names or label names other than
-        the dataset's, or a field its index.json says every sample has missing), or None. Keeps the sample's
-        signatures on the plan for `learn`."""
+        the dataset's, or a field its index.json says every sample has missing), or None."""
         required = self._folder_fields(plan.url)
-        plan.signatures = list(_clip_signatures(plan))
-        plan.accept_key = (required, _frozen(plan.signatures))
-        if plan.accept_key in self._accepted:  # the same as a sample already checked and learned
-            return None
-        for sig in plan.signatures:
+        for sig in _clip_signatures(plan):
             missing = sorted(required - set(sig))
             if missing:
                 return f"its folder's index.json says every sample has {missing}; this one has not"
@@ -113,12 +104,9 @@ class Reader:
         return None
 
     def learn(self, plan: Plan) -> None:
-        """Fix in the schema what usable sample `plan` (checked by `schema_problem`) is the first to have."""
-        if plan.accept_key in self._accepted:
-            return
-        for sig in plan.signatures:
+        """Fix in the schema what usable sample `plan` is the first to have."""
+        for sig in _clip_signatures(plan):
             self.schema.add(sig, plan.key)
-        self._accepted.add(plan.accept_key)
 
     def shard_error(self, exn: Exception) -> bool:
         """webdataset exception handler: a shard that cannot be opened or read is counted, and the stream goes on."""
@@ -175,8 +163,6 @@ class Plan:
     rows: list[dict] | None = None  # per clip: the metadata arrays of clips.cut_metadata
     crops: np.ndarray | None = None  # float64 [clips] in [0, 1): where each clip's random crop lies (random_crop)
     frames: np.ndarray | None = None  # uint8 [len(needed), H, W, C] once decoded
-    signatures: list[dict] | None = None  # per clip, its schema signature (`Reader.schema_problem`)
-    accept_key: tuple | None = None  # (required fields, signatures) hashable: `Reader`'s cache of accepted ones
 
 
 def plan_sample(sample: dict, cfg: DataConfig, rng: np.random.Generator, clips_per_video: int) -> Plan:
@@ -275,13 +261,6 @@ def _clip_signatures(plan: Plan) -> Iterator[dict]:
         if plan.labels is not None:
             sig["labels"] = list(plan.labels)
         yield sig
-
-
-def _frozen(signatures: list[dict]) -> tuple:
-    """Signatures as a hashable value (lists become tuples)."""
-    return tuple(
-        tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in sig.items())) for sig in signatures
-    )
 
 
 def _random_crop(frames: np.ndarray, size: int, where: float) -> np.ndarray:

@@ -18,12 +18,10 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 from shard_helpers import read_samples, write_tar
 
 from data_pipeline.config import DataConfig
-from data_pipeline.samples import Plan, Reader, plan_sample
 from data_pipeline.sidecar import MAX_SIDECAR_BYTES
 from data_pipeline.stream import make_eval_loader, make_train_loader
 
@@ -156,29 +154,6 @@ def test_index_json_fixes_the_schema_even_when_an_odd_sample_comes_first(val, di
     (batch,), skipped = _read(str(tmp_path / "shard-000000.tar"))
     assert batch["key"] == ["val_0000000", "val_0000001"] and skipped == {"schema_mismatch": 2}
     _assert_fields_kept(batch, 2)
-
-
-def test_a_known_signature_skips_the_check_and_an_odd_one_is_still_refused(val):
-    """The reader checks and learns each signature once (later samples with the same one skip both steps), and the
-    cache never lets an odd sample through."""
-    reader = Reader(CFG)
-    rng = np.random.default_rng(0)
-
-    def plan(key: str, meta: bytes | None = None) -> Plan:
-        sample = {"__key__": key, "mp4": val[key]["mp4"], "json": meta or val[key]["json"]}
-        return plan_sample(sample, CFG, rng, 1)
-
-    first = plan("val_0000000")
-    assert reader.schema_problem(first) is None
-    reader.learn(first)
-    assert reader._accepted == {first.accept_key}
-    again = plan("val_0000001")
-    assert reader.schema_problem(again) is None and again.accept_key == first.accept_key
-    reader.learn(again)
-    assert reader.schema.fields["state"]["samples"] == 1  # learned once: the second sample skipped the step
-    for kind, make in SCHEMA_MISMATCH.items():
-        odd = plan("val_0000002", make(json.loads(val["val_0000002"]["json"])))
-        assert reader.schema_problem(odd) is not None, kind
 
 
 def test_training_batches_never_lose_a_field(val, tmp_path):
