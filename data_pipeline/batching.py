@@ -195,24 +195,6 @@ def _stack_if_all(clips: list[dict], name: str, dtype: type) -> np.ndarray | Non
     return np.stack(values).astype(dtype, copy=False)
 
 
-def _fps_if_all(clips: list[dict]) -> np.ndarray | None:
-    """float64 [B]: each clip's frame rate (its KEY.json `fps`), or None unless every clip has a finite positive
-    number (a missing or invalid fps in user data never skips a sample; its batch just has no `fps`)."""
-    values = []
-    for clip in clips:
-        fps = clip.get("fps")
-        if isinstance(fps, bool) or not isinstance(fps, (int, float)):
-            return None
-        try:
-            fps = float(fps)
-        except OverflowError:  # an integer beyond float64
-            return None
-        if not (math.isfinite(fps) and fps > 0):
-            return None
-        values.append(fps)
-    return np.array(values, dtype=np.float64)
-
-
 def _collate_rows(frames: torch.Tensor | _SlotRef, clips: list[dict], skipped: dict[str, int]) -> dict:
     """The batch of `clips` whose frames are already in `frames` uint8 [B, T, H, W, C] (or in the ring slot it
     refers to, which BatchLoader copies out in the consuming process): the batch dict of
@@ -236,9 +218,9 @@ def _collate_rows(frames: torch.Tensor | _SlotRef, clips: list[dict], skipped: d
     batch["label_names"] = label_names if "labels" in batch else []
     batch["key"] = [c["key"] for c in clips]
     batch["start"] = np.array([c["start"] for c in clips], dtype=np.int64)
-    fps = _fps_if_all(clips)
-    if fps is not None:
-        batch["fps"] = fps
+    fps = [c.get("fps") for c in clips]  # checked when the sample was planned (samples.plan_sample): float or None
+    if all(f is not None for f in fps):
+        batch["fps"] = np.array(fps, dtype=np.float64)
     batch["skipped"] = skipped
     return batch
 

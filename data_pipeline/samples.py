@@ -10,6 +10,7 @@ the clips keep to, and the guards against endless passes that find no usable sam
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import warnings
@@ -163,6 +164,7 @@ class Plan:
     rows: list[dict] | None = None  # per clip: the metadata arrays of clips.cut_metadata
     crops: np.ndarray | None = None  # float64 [clips] in [0, 1): where each clip's random crop lies (random_crop)
     frames: np.ndarray | None = None  # uint8 [len(needed), H, W, C] once decoded
+    fps: float | None = None  # KEY.json's frame rate when usable (`_fps`)
 
 
 def plan_sample(sample: dict, cfg: DataConfig, rng: np.random.Generator, clips_per_video: int) -> Plan:
@@ -172,6 +174,7 @@ def plan_sample(sample: dict, cfg: DataConfig, rng: np.random.Generator, clips_p
     try:
         plan.meta = _parse_meta(sample)
         plan.labels = _labels(plan.meta)
+        plan.fps = _fps(plan.meta)
         if video is None:
             raise MetadataError(f"the sample has no video entry (one of {VIDEO_EXTENSIONS})")
         plan.video = video[1]
@@ -246,6 +249,19 @@ def _labels(meta: dict) -> dict[str, int] | None:
     return None if labels is None else dict(sorted(check_labels(labels).items())) or None
 
 
+def _fps(meta: dict) -> float | None:
+    """KEY.json's `fps` when it is a finite positive number, else None: an unusable frame rate never skips a sample;
+    its batch just carries no `fps` (and the evaluation reports no seconds)."""
+    value = meta.get("fps")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:  # an integer beyond float64
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
 def _clip_signatures(plan: Plan) -> Iterator[dict]:
     """What each clip of `plan` holds, as data_pipeline/sidecar.py's `signature`: the widths of its rows, the
     column names, `events`, the label names."""
@@ -274,9 +290,8 @@ def decode_clips(plan_chunks: Iterable[list[Plan]], reader: Reader) -> Iterator[
     """Decode + clip: for each planned sample, its clips from one decode of the union of their frames.
 
     Yields dicts with `frames` uint8 [T, H, W, C], optional `state` [T, S], `action` [T-1, A], `events` [T-1],
-    `labels` {name: int}, names, `key`, `start` and `fps` (KEY.json's, unchecked: any value or None; the batch keeps
-    it only when every clip has a finite positive number, batching._fps_if_all). Unusable samples are skipped and
-    counted.
+    `labels` {name: int}, names, `key`, `start` and `fps` (float, or None: see `_fps`). Unusable samples are skipped
+    and counted.
 
     A chunk of samples is decoded one after another, then its clips are yielded: running each step over a whole chunk
     keeps its code and data in the CPU caches, as in the decoder-only benchmark (interleaving read, plan and decode
@@ -313,5 +328,5 @@ def decode_clips(plan_chunks: Iterable[list[Plan]], reader: Reader) -> Iterator[
                     "action_names": meta.get("action_names"),
                     "key": plan.key,
                     "start": int(start),
-                    "fps": meta.get("fps"),
+                    "fps": plan.fps,
                 }

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The README's test command: sets up .venv on a fresh machine (pinned versions), then ruff (lint and format), lint-imports and pytest.
+# The README's test command: sets up .venv on a fresh machine (pinned versions), then ruff (lint and format),
+# lint-imports and pytest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/install.sh .venv all dev,pusht
