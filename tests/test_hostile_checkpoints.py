@@ -1,26 +1,24 @@
 """Checkpoints, run directories and the image context under hostile and careless input (issue "data-integrity").
 
-Real checkpoints only: written by `save_checkpoint` from a small real model, or by real tiny runs of train.py on the
-moving-digits shards, then damaged on disk the way a disk, a kill or a person does it. Every case ends in a clear
-error or in a warning and a fallback, never in a crash deep in a stack or in a silently changed model.
+Real checkpoints only: written by `save_checkpoint` from a small real model (real tiny runs of train.py on the
+moving-digits shards: test_hostile_checkpoints_runs.py), then damaged on disk the way a disk, a kill or a person does
+it. Every case ends in a clear error or in a warning and a fallback, never in a crash deep in a stack or in a silently
+changed model.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from hostile_helpers import flip_byte
 from safetensors.torch import load_file
-from test_docker import dockerignore_patterns, is_ignored
-from test_train import _args as train_args
+from test_docker_context import dockerignore_patterns, is_ignored
 from torch import nn
 
 from worldmodel.eval.pixel_decoder import (
@@ -43,7 +41,7 @@ from worldmodel.run.checkpoint import (
 )
 from worldmodel.run.config import load_config
 from worldmodel.run.manifest import MANIFEST, CheckpointError, read_manifest, verify_checkpoint
-from worldmodel.train.launch import EXIT_DIVERGED, EXIT_SOFTWARE, EXIT_STOPPED, EXIT_USAGE, ResumeError, resume_dir
+from worldmodel.train.launch import ResumeError, resume_dir
 from worldmodel.train.metrics_log import MetricsLog
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,15 +91,6 @@ def _two_checkpoints(run_dir: Path, keep: int = 3) -> tuple[Path, Path, dict]:
     return first, second, weights
 
 
-def _flip(path: Path, offset: int, mask: int = 0x01) -> None:
-    """XOR one byte in place: the same size, another content (what a bad sector or a cosmic ray leaves)."""
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)[0]
-        f.seek(offset)
-        f.write(bytes([byte ^ mask]))
-
-
 def _assert_auto_falls_back(run_dir: Path, bad: Path, good: Path, caplog, *expected: str) -> None:
     """--resume auto's decision: `good`, with a warning naming `bad` and what failed; `bad` moved aside."""
     with caplog.at_level(logging.WARNING):
@@ -119,7 +108,7 @@ def test_same_size_flip_in_the_newest_weights_falls_back_to_the_previous_checkpo
     weights = second / "model.safetensors"
     before = {k: v.clone() for k, v in load_file(weights).items()}  # copies: load_file may map the file
     size = weights.stat().st_size
-    _flip(weights, size - 3)  # in the tensor data: safetensors itself would load it without a word
+    flip_byte(weights, size - 3)  # in the tensor data: safetensors itself would load it without a word
     assert weights.stat().st_size == size
     assert any(not torch.equal(before[k], v) for k, v in load_file(weights).items()), "the flip changed no weight"
     assert "sha256" in verify_checkpoint(second)
@@ -135,7 +124,7 @@ def test_same_size_flip_in_the_newest_weights_falls_back_to_the_previous_checkpo
 def test_flip_in_the_optimizer_state_falls_back_and_load_refuses_it(tmp_path, caplog):
     first, second, _ = _two_checkpoints(tmp_path)
     optimizer_file = second / "optimizer.pt"
-    _flip(optimizer_file, optimizer_file.stat().st_size // 2)
+    flip_byte(optimizer_file, optimizer_file.stat().st_size // 2)
     model, optimizer, scheduler = _make()
     with pytest.raises(CheckpointError, match=r"incomplete or corrupt: optimizer\.pt does not match its sha256"):
         load_checkpoint(second, model=model, optimizer=optimizer, scheduler=scheduler, scaler=None, rank=0)
@@ -162,18 +151,18 @@ def test_every_single_bit_flip_of_the_manifest_is_detected_without_a_crash(tmp_p
     assert set(read_manifest(second)) == {p.name for p in second.iterdir()} - {MANIFEST}
     for offset in range(len(original)):
         manifest.write_bytes(original)
-        _flip(manifest, offset)
+        flip_byte(manifest, offset)
         problem = verify_checkpoint(second)  # returns a sentence, never raises
         assert problem, f"a flip of byte {offset} ({original[offset : offset + 1]!r}) went unnoticed"
     manifest.write_bytes(original)
     assert verify_checkpoint(second) is None
-    _flip(manifest, original.index(b'"sha256": "') + 12)  # a digest of the manifest itself
+    flip_byte(manifest, original.index(b'"sha256": "') + 12)  # a digest of the manifest itself
     _assert_auto_falls_back(tmp_path, second, first, caplog, "manifest.json")
 
 
 def test_every_checkpoint_corrupt_is_a_clear_error_and_nothing_is_moved(tmp_path):
     first, second, _ = _two_checkpoints(tmp_path)
-    _flip(first / "model.safetensors", 100)
+    flip_byte(first / "model.safetensors", 100)
     (second / MANIFEST).write_text("{")
     with pytest.raises(ResumeError) as err:
         resume_dir("auto", tmp_path)
@@ -248,7 +237,7 @@ def test_the_rename_gap_of_a_re_save_is_recovered_by_resume_and_by_the_next_save
 
 def test_a_fallback_with_keep_1_never_prunes_the_only_good_checkpoint(tmp_path, caplog):
     first, second, _ = _two_checkpoints(tmp_path, keep=2)
-    _flip(second / "model.safetensors", 200)
+    flip_byte(second / "model.safetensors", 200)
     _assert_auto_falls_back(tmp_path, second, first, caplog)
     model, optimizer, scheduler = _make(seed=2)
     saved = _save(tmp_path, 2, model, optimizer, scheduler, keep=1)  # the resumed run saves its next step
@@ -281,101 +270,6 @@ def test_a_torn_last_metrics_line_is_dropped_with_a_warning_and_the_file_rewritt
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
 
 
-# ---- real runs of train.py -------------------------------------------------------------------------------------
-
-
-def _args(run_dir: Path, shards: Path, *overrides: str, resume: str | None = None, script: str = "train.py"):
-    """The python command of test_train's train.py arguments."""
-    return [sys.executable, *train_args(run_dir, shards, *overrides, resume=resume, script=script)]
-
-
-def _run(args: list[str], **hooks: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", **hooks}
-    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-
-
-def _steps(run_dir: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(digits_shards, tmp_path_factory) -> Path:
-    """A finished real run: 4 steps, checkpoints at steps 2 and 4, metrics.jsonl with steps 1-4."""
-    run = tmp_path_factory.mktemp("hostile") / "run"
-    result = _run(_args(run, digits_shards, "train.steps=4", "train.checkpoint_every=2"))
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert [p.name for p in (run / "checkpoints").iterdir()] in (
-        ["step-00000002", "step-00000004"],
-        ["step-00000004", "step-00000002"],
-    )
-    return run
-
-
-@pytest.fixture
-def run_copy(tiny_run, tmp_path) -> Path:
-    copy = tmp_path / "run"
-    shutil.copytree(tiny_run, copy)
-    return copy
-
-
-def test_resume_auto_of_a_real_run_with_a_corrupt_newest_checkpoint_falls_back_and_finishes(run_copy, digits_shards):
-    newest = checkpoint_dir(run_copy, 4)
-    _flip(newest / "model.safetensors", newest.joinpath("model.safetensors").stat().st_size // 2)
-    result = _run(_args(run_copy, digits_shards, "train.steps=5", "train.checkpoint_every=2", resume="auto"))
-    assert result.returncode == 0, result.stderr[-4000:]
-    output = result.stdout + result.stderr
-    assert f"checkpoint {newest} fails verification (model.safetensors does not match its sha256" in output
-    assert f"resumed from {checkpoint_dir(run_copy, 2)}" in output
-    assert (run_copy / "checkpoints" / ".corrupt-step-00000004").is_dir()
-    assert verify_checkpoint(checkpoint_dir(run_copy, 4)) is None  # step 4 trained and saved again
-    assert latest_checkpoint(run_copy) == checkpoint_dir(run_copy, 5)
-    assert _steps(run_copy) == [1, 2, 3, 4, 5]  # the records after step 2 were the lost timeline's
-
-
-def test_an_explicit_resume_of_a_corrupt_checkpoint_or_of_none_intact_exits_2(run_copy, digits_shards):
-    bad = checkpoint_dir(run_copy, 4)
-    _flip(bad / "optimizer.pt", 64)
-    result = _run(_args(run_copy, digits_shards, "train.steps=6", resume=str(bad)))
-    assert result.returncode == EXIT_USAGE == 2, result.stderr[-4000:]
-    assert f"error: --resume {bad} is not a complete, intact checkpoint: optimizer.pt does not match" in result.stderr
-    assert "Traceback" not in result.stderr
-    _flip(checkpoint_dir(run_copy, 2) / "model.safetensors", 300)
-    result = _run(_args(run_copy, digits_shards, "train.steps=6", resume="auto"))
-    assert result.returncode == 2, result.stderr[-4000:]
-    assert "--resume auto: no checkpoint of" in result.stderr and "Traceback" not in result.stderr
-    assert checkpoint_dir(run_copy, 2).is_dir() and bad.is_dir()  # nothing moved, nothing trained over them
-
-
-def test_a_real_run_resumes_over_a_torn_metrics_line_and_a_rename_gap(run_copy, digits_shards):
-    metrics = run_copy / "metrics.jsonl"
-    metrics.write_bytes(metrics.read_bytes()[:-7])  # killed while writing step 4's record
-    step4 = checkpoint_dir(run_copy, 4)
-    step4.rename(step4.with_name(f".old-{step4.name}"))  # and a re-save of step 4 killed between its renames
-    result = _run(_args(run_copy, digits_shards, "train.steps=5", resume="auto"))
-    assert result.returncode == 0, result.stderr[-4000:]
-    output = result.stdout + result.stderr
-    assert "dropped its torn last line 4" in output
-    assert f"recovered {step4} from" in output and f"resumed from {step4}" in output
-    assert _steps(run_copy) == [1, 2, 3, 5]  # step 4's record was lost in the kill; nothing else
-    assert verify_checkpoint(checkpoint_dir(run_copy, 5)) is None
-
-
-def test_a_crash_exits_70_a_divergence_1_and_neither_is_taken_for_the_other(digits_shards, tmp_path):
-    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
-    train_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_script)
-    assert train_script.EXIT_SOFTWARE == EXIT_SOFTWARE == 70  # train.py's copy, kept before its heavy imports
-    assert len({0, EXIT_DIVERGED, EXIT_USAGE, EXIT_SOFTWARE, EXIT_STOPPED}) == 5
-    crash = _run(_args(tmp_path / "crash", digits_shards, script="tests/train_hooks.py"), HOOK_RAISE_AT_STEP="2")
-    assert crash.returncode == EXIT_SOFTWARE, crash.stderr[-4000:]
-    assert "OSError: HOOK_RAISE_AT_STEP: injected failure" in crash.stderr
-    assert f"error: unexpected failure (exit status {EXIT_SOFTWARE})" in crash.stderr
-    assert "non-finite loss" not in crash.stderr
-    nan = _run(_args(tmp_path / "nan", digits_shards, script="tests/train_hooks.py"), HOOK_NAN_AT_STEP="2")
-    assert nan.returncode == EXIT_DIVERGED == 1, nan.stderr[-4000:]
-    assert "non-finite loss at step 2" in nan.stdout + nan.stderr and "unexpected failure" not in nan.stderr
-
-
 # ---- the pixel decoder store and the image context -------------------------------------------------------------
 
 
@@ -394,12 +288,12 @@ def test_a_corrupt_decoder_store_is_trained_again(digits_shards, tmp_path, capsy
     good_weights, good_meta = weights.read_bytes(), meta_path.read_bytes()
     legacy_meta = json.dumps({k: v for k, v in json.loads(good_meta).items() if k != "sha256"}).encode()
     damage = [  # (what the warning says, the harm)
-        ("decoder.safetensors does not match the sha256", lambda: _flip(weights, len(good_weights) - 5)),
+        ("decoder.safetensors does not match the sha256", lambda: flip_byte(weights, len(good_weights) - 5)),
         ("decoder.safetensors does not match the sha256", lambda: weights.write_bytes(good_weights[:100])),
         ("decoder.json is unreadable", lambda: meta_path.write_bytes(good_meta[: len(good_meta) // 2])),
         # a store written before the digest: what does not load is caught all the same
         ("it does not load", lambda: (meta_path.write_bytes(legacy_meta), weights.write_bytes(good_weights[:100]))),
-        ("it does not load", lambda: (meta_path.write_bytes(legacy_meta), _flip(weights, 3, 0x40))),
+        ("it does not load", lambda: (meta_path.write_bytes(legacy_meta), flip_byte(weights, 3, 0x40))),
     ]
     for expected, harm in damage:
         weights.write_bytes(good_weights)
@@ -417,7 +311,7 @@ def test_a_corrupt_decoder_store_is_trained_again(digits_shards, tmp_path, capsy
     assert load_decoder(run, 4, CPU) is None and "is corrupt" in capsys.readouterr().err
 
     # what evaluate.py --pixels does with it: trains the decoder again and stores an intact one
-    _flip(weights, len(good_weights) - 5)
+    flip_byte(weights, len(good_weights) - 5)
     cfg = load_config(
         ROOT / "configs" / "tiny.yaml",
         [f"run_dir={run}", f"data.train_shards={digits_shards / 'train' / '*.tar'}", "pixel_decoder.steps=5"],
