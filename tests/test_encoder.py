@@ -109,6 +109,24 @@ def test_token_norm_layer_norms_after_subtracting_the_running_center():
     torch.testing.assert_close(norm(norm.center + c), F.layer_norm(c, (4,)))
 
 
+def test_running_token_scale_is_one_linear_map_for_every_frame():
+    """model.target_scale=running: centred tokens divided by one running RMS (over all dims and tokens), so the
+    normalised embedding is a linear map of the raw one (a linear probe of the raw coordinates stays linear) and,
+    unlike the per-frame layer norm, a frame whose tokens are all equal to the centre stays zero."""
+    norm = TokenNorm(4, momentum=0.5, scale="running")
+    tokens = torch.tensor([[1.0, 2.0, 3.0, 6.0], [3.0, 2.0, 1.0, 2.0]])
+    torch.testing.assert_close(norm(tokens), tokens)  # centre 0, mean square 1 before any update
+    norm.update(tokens)
+    centre = 0.5 * tokens.mean(0)
+    square = 0.5 + 0.5 * (tokens - 0.0).square().mean()  # the square is taken around the centre before the update
+    torch.testing.assert_close(norm.center, centre)
+    torch.testing.assert_close(norm.mean_square, square)
+    a, b = torch.tensor([0.5, -1.0, 2.0, 0.0]), torch.tensor([1.5, 0.0, -2.0, 4.0])
+    torch.testing.assert_close(norm(0.3 * a + 0.7 * b), 0.3 * norm(a) + 0.7 * norm(b))  # affine in the tokens
+    torch.testing.assert_close(norm(centre), torch.zeros(4))
+    assert "mean_square" not in dict(TokenNorm(4, 0.5).named_buffers())  # per-frame checkpoints keep their keys
+
+
 def test_keypoint_head_returns_the_expected_grid_position_of_each_keypoint():
     """model.frame_head=keypoints: one patch that dominates a keypoint's score puts that keypoint at the patch's
     (x = column, y = row) in [-1, 1]; a flat score puts it at the grid's centre; the encoder gives [B, T, 1, dim]."""

@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_model import tiny_cfg
 
+from worldmodel.model.encoder import preprocess
 from worldmodel.model.sigreg import gaussian_level
 from worldmodel.model.world_model import WorldModel, clip_contrast, within_clip_share
 from worlds.moving_digits import simulate
@@ -79,3 +80,24 @@ def test_sigreg_pulls_a_narrow_encoder_wider(frames):
         value.backward()
         optimiser.step()
     assert float(value.detach()) < 0.5 * first
+
+
+def test_smooth_term_is_acceleration_over_velocity_and_does_not_reward_stillness(frames):
+    """model.smooth_weight: the frame embedding's mean |acceleration| over its mean |velocity| within the clips; a
+    trajectory a constant-velocity guess extrapolates scores 0, and shrinking the motion does not lower it."""
+    torch.manual_seed(0)
+    model = WorldModel(tiny_cfg(latent="none", granularity="frame", smooth_weight=2.0))
+    model.train()
+    out = model(frames)
+    raw = model.encoder(preprocess(frames, model.cfg.img_size))  # [B, T, 1, D], before the TokenNorm
+    velocity = raw[:, 1:] - raw[:, :-1]
+    expected = (velocity[:, 1:] - velocity[:, :-1]).abs().mean() / (velocity.abs().mean() + 1e-6)
+    torch.testing.assert_close(out["terms"]["smooth"], expected)
+    torch.testing.assert_close(out["loss"], out["terms"]["pred"] + 2.0 * out["terms"]["smooth"])
+    out["terms"]["smooth"].backward()
+    assert model.encoder.head[-1].weight.grad.abs().sum() > 0  # it trains the encoder
+    # the scale-free ratio: the same trajectory at a tenth of the motion scores the same
+    with torch.no_grad():
+        model.encoder.head[-1].weight.mul_(0.1)
+        model.encoder.head[-1].bias.mul_(0.1)
+    torch.testing.assert_close(model(frames)["terms"]["smooth"], expected.detach(), rtol=1e-3, atol=1e-4)

@@ -20,6 +20,7 @@ FrameHead = Literal["linear", "keypoints"]  # model.frame_head (worldmodel/model
 Prediction = Literal["absolute", "residual"]  # model.prediction (worldmodel/model/predictor.py Predictor)
 Loss = Literal["l1", "smooth_l1"]  # model.loss (worldmodel/model/objectives.py jepa_loss)
 Target = Literal["ema", "online"]  # model.target (worldmodel/model/world_model.py)
+Scale = Literal["frame", "running"]  # model.target_scale (worldmodel/model/encoder.py TokenNorm)
 
 CHANNELS = 3  # frames are RGB: the decoders and the shard writer always give three channels
 LATENTS: tuple[str, ...] = get_args(Latent)
@@ -106,6 +107,12 @@ class ModelConfig:
     loss: Loss = "l1"
     rollout_steps: int = 0  # >0 adds a term where the predictor consumes its own predictions this many steps
     rollout_weight: float = 1.0
+    # weight of the frame embedding's mean |acceleration| over its mean |velocity| within the clips (before the
+    # TokenNorm): asks for motion a constant-velocity guess extrapolates, without rewarding less motion. 0 = off
+    smooth_weight: float = 0.0
+    # how the centred tokens are scaled: "frame", a layer norm per frame; "running", one running RMS over all dims
+    # (a linear map: keypoint coordinates stay linear in the positions they track)
+    target_scale: Scale = "frame"
     center_momentum: float = 0.9  # momentum of the running means the TokenNorms subtract (see encoder.TokenNorm)
     # Where the prediction's targets come from: "ema", the EMA target encoder under no gradient (BYOL, V-JEPA);
     # "online", the online encoder itself with gradient (LeWM: no EMA, no stop-gradient; needs sigreg_weight > 0,

@@ -286,20 +286,29 @@ class TokenNorm(nn.Module):
     parameters). Centred, because a plain layer norm without centring loses most dims (its effective rank falls to a
     small fraction of the width; docs/results.md, "The project model, one switch at a time").
 
+    scale="running" (model.target_scale) divides the centred tokens by one running RMS over all dims instead (a
+    buffer `mean_square`, updated like the centre): a linear map, so keypoint coordinates stay linear in the positions
+    they track (per frame, the layer norm divides them by a spread that depends on where the keypoints are).
+
     The running mean (`center`, a buffer [D]) is updated by `update` (momentum `momentum`, averaged over processes
     when torch.distributed is initialised). The model keeps one TokenNorm per token space (online and target), each
     with its own statistics: the two encoders' raw means differ.
     """
 
-    def __init__(self, dim: int, momentum: float):
+    def __init__(self, dim: int, momentum: float, scale: str = "frame"):
         super().__init__()
         self.momentum = momentum
         self.register_buffer("center", torch.zeros(dim))
+        self.per_frame = scale == "frame"
+        if not self.per_frame:  # one running mean square of the centred tokens, over all dims: a linear map
+            self.register_buffer("mean_square", torch.ones(()))
 
     def forward(self, tokens: Tensor) -> Tensor:
         """tokens: [..., D] -> normalised [..., D] (float32)."""
         x = tokens.float() - self.center
-        return F.layer_norm(x, x.shape[-1:])
+        if self.per_frame:
+            return F.layer_norm(x, x.shape[-1:])
+        return x * self.mean_square.clamp_min(1e-8).rsqrt()
 
     @torch.no_grad()
     def update(self, tokens: Tensor) -> None:
@@ -308,4 +317,10 @@ class TokenNorm(nn.Module):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(mean)
             mean /= torch.distributed.get_world_size()
+        if not self.per_frame:
+            square = (tokens.detach().float() - self.center).square().mean()
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(square)
+                square /= torch.distributed.get_world_size()
+            self.mean_square.mul_(self.momentum).add_(square, alpha=1.0 - self.momentum)
         self.center.mul_(self.momentum).add_(mean, alpha=1.0 - self.momentum)

@@ -109,8 +109,8 @@ class WorldModel(nn.Module):
         # bit, and their rollouts are compared in one latent space
         decoder_rng = torch.get_rng_state()
         num_tokens, width = output_shape(cfg)  # per frame: (1, frame_dim) or (patches, embed_dim)
-        self.norm = TokenNorm(width, cfg.center_momentum)  # target tokens
-        self.online_norm = TokenNorm(width, cfg.center_momentum)
+        self.norm = TokenNorm(width, cfg.center_momentum, cfg.target_scale)  # target tokens
+        self.online_norm = TokenNorm(width, cfg.center_momentum, cfg.target_scale)
         self.predictor = Predictor(
             embed_dim=width,
             num_patches=num_tokens,
@@ -211,8 +211,8 @@ class WorldModel(nn.Module):
         Returns {"loss": scalar, "terms": {name: scalar}, "monitors": {name: scalar}}; loss = pred + beta * reg
         (+ prior_mean_weight * pred_prior, the prediction with r at the prior mean, for inferred latents when
         model.prior_mean_weight > 0; + recon_weight * recon when model.recon_weight > 0; + sigreg_weight * sigreg
-        and clip_contrast * clip_contrast when those are > 0; + rollout_weight * rollout when
-        model.rollout_steps > 0).
+        and clip_contrast * clip_contrast when those are > 0; + smooth_weight * smooth when model.smooth_weight > 0;
+        + rollout_weight * rollout when model.rollout_steps > 0).
         """
         cfg = self.cfg
         x = preprocess(frames, cfg.img_size)
@@ -259,6 +259,10 @@ class WorldModel(nn.Module):
             # statistic to see a low-rank embedding (docs/results.md, "One recipe")
             terms["sigreg"] = sigreg(rearrange(frame_emb, "b t d -> 1 (b t) d"), seed=self.sigreg_seed)
             loss = loss + cfg.sigreg_weight * terms["sigreg"]
+        if cfg.smooth_weight > 0 and raw.shape[1] > 2:
+            velocity = (raw[:, 1:] - raw[:, :-1]).float()
+            terms["smooth"] = (velocity[:, 1:] - velocity[:, :-1]).abs().mean() / (velocity.abs().mean() + 1e-6)
+            loss = loss + cfg.smooth_weight * terms["smooth"]
         if cfg.rollout_steps > 0:
             terms["rollout"] = self._rollout_term(tokens, target, action)
             loss = loss + cfg.rollout_weight * terms["rollout"]

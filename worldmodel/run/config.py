@@ -165,6 +165,7 @@ def _check_choices(cfg: ExperimentConfig) -> None:
         "model.beta_warmup_steps": cfg.model.beta_warmup_steps,
         "model.prior_mean_weight": cfg.model.prior_mean_weight,
         "model.prior_anchor": cfg.model.prior_anchor,
+        "model.smooth_weight": cfg.model.smooth_weight,
     }
     for minimum, values in ((1, positive), (0, non_negative)):
         for key, value in values.items():
