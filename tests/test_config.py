@@ -63,12 +63,25 @@ def test_unknown_key_names_the_valid_keys():
         ("model.granularity=pixels", "model.granularity=.pixels. is not one of frame, tokens"),
         ("model.beta_warmup_steps=-1", "model.beta_warmup_steps=-1 must be >= 0"),
         ("model.beta=-0.1", "model.beta=-0.1 must be >= 0"),
+        ("model.smooth_weight=-1", "model.smooth_weight=-1.0 must be >= 0"),
+        ("model.target_scale=batch", "model.target_scale=.batch. is not one of frame, running"),
         ("lr", "must look like section.key=value"),
     ],
 )
 def test_bad_values_fail_with_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(CONFIGS / "tiny.yaml", [override])
+
+
+def test_the_smoothness_term_needs_clips_of_three_frames():
+    with pytest.raises(ConfigError, match="model.smooth_weight=0.5 weighs an acceleration.*at least 3 frames"):
+        load_config(
+            CONFIGS / "tiny.yaml",
+            ["model.smooth_weight=0.5", "data.num_context=1", "data.num_target=1", "eval.horizon=1"],
+        )
+    load_config(
+        CONFIGS / "tiny.yaml", ["model.smooth_weight=0.5", "data.num_context=2", "data.num_target=1", "eval.horizon=1"]
+    )
 
 
 def test_resolved_config_round_trips(tmp_path):

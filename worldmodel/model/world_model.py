@@ -260,7 +260,7 @@ class WorldModel(nn.Module):
             terms["sigreg"] = sigreg(rearrange(frame_emb, "b t d -> 1 (b t) d"), seed=self.sigreg_seed)
             loss = loss + cfg.sigreg_weight * terms["sigreg"]
         if cfg.smooth_weight > 0 and raw.shape[1] > 2:
-            velocity = (raw[:, 1:] - raw[:, :-1]).float()
+            velocity = raw[:, 1:].float() - raw[:, :-1].float()
             terms["smooth"] = (velocity[:, 1:] - velocity[:, :-1]).abs().mean() / (velocity.abs().mean() + 1e-6)
             loss = loss + cfg.smooth_weight * terms["smooth"]
         if cfg.rollout_steps > 0:

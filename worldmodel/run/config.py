@@ -187,6 +187,11 @@ def _check_choices(cfg: ExperimentConfig) -> None:
         )
     if cfg.eval.horizon > cfg.data.num_target:
         raise ConfigError(f"eval.horizon={cfg.eval.horizon} exceeds data.num_target={cfg.data.num_target}")
+    if cfg.model.smooth_weight > 0 and cfg.data.clip_length < 3:
+        raise ConfigError(
+            f"model.smooth_weight={cfg.model.smooth_weight} weighs an acceleration, which needs clips of at least 3 "
+            f"frames; data.num_context + data.num_target = {cfg.data.clip_length}: lengthen the clips or set it to 0"
+        )
     if cfg.model.rollout_steps >= cfg.data.clip_length:
         raise ConfigError(
             f"model.rollout_steps={cfg.model.rollout_steps} needs clips of more frames than that; data.num_context + "
