@@ -118,7 +118,7 @@ def test_running_token_scale_is_one_linear_map_for_every_frame():
     torch.testing.assert_close(norm(tokens), tokens)  # centre 0, mean square 1 before any update
     norm.update(tokens)
     centre = 0.5 * tokens.mean(0)
-    square = 0.5 + 0.5 * (tokens - 0.0).square().mean()  # the square is taken around the centre before the update
+    square = 0.5 + 0.5 * tokens.square().mean()  # around the centre before the update (0)
     torch.testing.assert_close(norm.center, centre)
     torch.testing.assert_close(norm.mean_square, square)
     a, b = torch.tensor([0.5, -1.0, 2.0, 0.0]), torch.tensor([1.5, 0.0, -2.0, 4.0])

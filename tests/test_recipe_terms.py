@@ -101,3 +101,5 @@ def test_smooth_term_is_acceleration_over_velocity_and_does_not_reward_stillness
         model.encoder.head[-1].weight.mul_(0.1)
         model.encoder.head[-1].bias.mul_(0.1)
     torch.testing.assert_close(model(frames)["terms"]["smooth"], expected.detach(), rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match="at least 3 frames, got T=2"):
+        model(frames[:, :2])

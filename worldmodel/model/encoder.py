@@ -312,15 +312,15 @@ class TokenNorm(nn.Module):
 
     @torch.no_grad()
     def update(self, tokens: Tensor) -> None:
-        """Move the running mean toward the mean of `tokens` [..., D]."""
-        mean = tokens.detach().float().reshape(-1, tokens.shape[-1]).mean(0)  # [D]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(mean)
-            mean /= torch.distributed.get_world_size()
+        """Move the running mean (and, scale="running", the mean square around the current centre) toward those of
+        `tokens` [..., D], averaged over processes in one all-reduce."""
+        flat = tokens.detach().float().reshape(-1, tokens.shape[-1])  # [M, D]
+        stats = flat.mean(0)  # [D]
         if not self.per_frame:
-            square = (tokens.detach().float() - self.center).square().mean()
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(square)
-                square /= torch.distributed.get_world_size()
-            self.mean_square.mul_(self.momentum).add_(square, alpha=1.0 - self.momentum)
-        self.center.mul_(self.momentum).add_(mean, alpha=1.0 - self.momentum)
+            stats = torch.cat([stats, (flat - self.center).square().mean()[None]])  # [D + 1]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(stats)
+            stats /= torch.distributed.get_world_size()
+        if not self.per_frame:
+            self.mean_square.mul_(self.momentum).add_(stats[-1], alpha=1.0 - self.momentum)
+        self.center.mul_(self.momentum).add_(stats[: len(self.center)], alpha=1.0 - self.momentum)

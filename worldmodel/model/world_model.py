@@ -259,7 +259,12 @@ class WorldModel(nn.Module):
             # statistic to see a low-rank embedding (docs/results.md, "One recipe")
             terms["sigreg"] = sigreg(rearrange(frame_emb, "b t d -> 1 (b t) d"), seed=self.sigreg_seed)
             loss = loss + cfg.sigreg_weight * terms["sigreg"]
-        if cfg.smooth_weight > 0 and raw.shape[1] > 2:
+        if cfg.smooth_weight > 0:
+            if x.shape[1] < 3:
+                raise ValueError(
+                    f"model.smooth_weight={cfg.smooth_weight} weighs an acceleration, which needs clips of at least 3 "
+                    f"frames, got T={x.shape[1]}; lengthen the clips or set it to 0"
+                )
             velocity = raw[:, 1:].float() - raw[:, :-1].float()
             terms["smooth"] = (velocity[:, 1:] - velocity[:, :-1]).abs().mean() / (velocity.abs().mean() + 1e-6)
             loss = loss + cfg.smooth_weight * terms["smooth"]
